@@ -1,0 +1,54 @@
+"""optimum-slm: depth compression passes for LLMs (Sliding-Window Merging and the depth-pruning baselines).
+
+The public API is imported lazily so that ``import optimum_slm`` (and ``optimum-cli``'s command discovery) stays
+cheap; torch and transformers load on first use of a name below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_EXPORTS = {
+    "CompressionPlan": "optimum_slm.plan",
+    "apply_plan": "optimum_slm.plan",
+    "model_fingerprint": "optimum_slm.plan",
+    "load_calibration": "optimum_slm.calibration",
+    "load_documents": "optimum_slm.calibration",
+    "load_model": "optimum_slm.loading",
+    "get_pass": "optimum_slm.registry",
+    "get_pass_class": "optimum_slm.registry",
+    "list_passes": "optimum_slm.registry",
+    "register_plugin": "optimum_slm.registry",
+    "CompressionPass": "optimum_slm.passes.base",
+    "PassParam": "optimum_slm.passes.base",
+    "ForwardEngine": "optimum_slm.engine",
+    "ArchAdapter": "optimum_slm.arch",
+    "SUPPORTED_MODEL_TYPES": "optimum_slm.arch",
+    "MERGE_RULES": "optimum_slm.merge",
+    "SLMCompressor": "optimum_slm.compressor",
+    "hookimpl": "optimum_slm.hookspecs",
+    "SLMError": "optimum_slm.errors",
+    "PlanError": "optimum_slm.errors",
+    "PassError": "optimum_slm.errors",
+    "CalibrationError": "optimum_slm.errors",
+    "UnsupportedArchitectureError": "optimum_slm.errors",
+    "ModelLoadError": "optimum_slm.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optimum_slm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

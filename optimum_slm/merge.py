@@ -1,0 +1,134 @@
+"""Merge rules: pure functions that collapse a window of decoder layers into one layer's tensors.
+
+A rule takes the window's layer states bottom to top (``states[0]`` is layer ``low``, ``states[-1]`` layer ``high``)
+and the kind of every tensor (``projection``, ``norm``, ``bias``, see ``arch.ArchAdapter.tensor_kinds``), and returns
+one state. ``anchor`` says which layer's slot (and therefore per-layer config such as the attention type) the merged
+layer takes.
+
+Formulas (θ_i = a layer's tensors, window l..h):
+
+* ``official``  projections: the running update of the official SLM.py, c ← c + w·(θ_i − c) for i = l..h with
+  w = 1, i.e. θ_h (the top layer's projections, bit-for-bit as the official code computes them); norms and biases:
+  θ_l (the bottom layer's). Anchor: bottom.
+* ``paper``     projections: θ_l + Σ_{i=l+1..h} (θ_i − θ_l) (the paper's figure, LaCo's RDSC); norms, biases: θ_l.
+* ``mean``      every tensor: (1/(h−l+1)) Σ_{i=l..h} θ_i.
+* ``keep-bottom`` every tensor: θ_l (plain deletion of layers l+1..h).
+* ``keep-top``  every tensor: θ_h, in θ_h's slot (plain deletion of layers l..h−1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .arch import NORM, PROJECTION
+from .errors import PassError
+
+State = Mapping[str, torch.Tensor]
+Kinds = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """A named merge rule: ``fn(states, kinds) -> state`` and the slot its result takes."""
+
+    name: str
+    fn: Callable[[Sequence[State], Kinds], dict[str, torch.Tensor]]
+    anchor: str  # "bottom" or "top"
+    description: str
+
+    def __call__(self, states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
+        if len(states) < 2:
+            raise ValueError("a merge window needs at least two layers")
+        return self.fn(states, kinds)
+
+    def anchor_index(self, low: int, high: int) -> int:
+        return high if self.anchor == "top" else low
+
+
+def merge_official(states: Sequence[State], kinds: Kinds, weight_factor: float = 1.0) -> dict[str, torch.Tensor]:
+    """The official SLM.py ``merge_layers_return_model``: an in-place running update of the projections only."""
+    out: dict[str, torch.Tensor] = {}
+    for name, kind in kinds.items():
+        if kind == PROJECTION:
+            c = states[0][name].clone()
+            for s in states:  # the official loop starts at i = low, a no-op step, kept for exactness
+                c = c + (s[name] - c) * weight_factor
+            out[name] = c
+        else:
+            out[name] = states[0][name].clone()
+    return out
+
+
+def merge_paper(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
+    """θ_l + Σ_{i>l}(θ_i − θ_l) on projections; norms and biases of the bottom layer."""
+    out: dict[str, torch.Tensor] = {}
+    for name, kind in kinds.items():
+        base = states[0][name]
+        if kind == PROJECTION:
+            acc = base.clone()
+            for s in states[1:]:
+                acc = acc + (s[name] - base)
+            out[name] = acc
+        else:
+            out[name] = base.clone()
+    return out
+
+
+def merge_mean(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
+    """Element-wise mean of every tensor over the window (computed in float32, cast back)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in kinds:
+        stack = torch.stack([s[name].float() for s in states])
+        out[name] = stack.mean(0).to(states[0][name].dtype)
+    return out
+
+
+def merge_keep_bottom(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
+    """The bottom layer unchanged."""
+    return {name: states[0][name].clone() for name in kinds}
+
+
+def merge_keep_top(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
+    """The top layer unchanged (its norms too)."""
+    return {name: states[-1][name].clone() for name in kinds}
+
+
+MERGE_RULES: dict[str, MergeRule] = {
+    r.name: r
+    for r in (
+        MergeRule("official", merge_official, "bottom", "official SLM.py: top layer's projections, bottom layer's norms"),
+        MergeRule("paper", merge_paper, "bottom", "paper formula θ_l + Σ(θ_i − θ_l) on projections"),
+        MergeRule("mean", merge_mean, "bottom", "mean of all window tensors"),
+        MergeRule("keep-bottom", merge_keep_bottom, "bottom", "bottom layer unchanged (delete the rest)"),
+        MergeRule("keep-top", merge_keep_top, "top", "top layer unchanged, norms included (delete the rest)"),
+    )
+}
+
+
+def register_merge_rule(rule: MergeRule) -> None:
+    """Add a merge rule (plugins use this from their ``register_passes`` hook)."""
+    MERGE_RULES[rule.name] = rule
+
+
+def get_merge_rule(name: str) -> MergeRule:
+    rule = MERGE_RULES.get(name)
+    if rule is None:
+        raise PassError(f"unknown merge rule {name!r}; available: {', '.join(sorted(MERGE_RULES))}")
+    return rule
+
+
+__all__ = [
+    "MergeRule",
+    "MERGE_RULES",
+    "get_merge_rule",
+    "register_merge_rule",
+    "merge_official",
+    "merge_paper",
+    "merge_mean",
+    "merge_keep_bottom",
+    "merge_keep_top",
+    "NORM",
+]

@@ -1,0 +1,162 @@
+"""The compression-pass interface: typed parameters, validation, and ``plan(model, calibration)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..calibration import describe_calibration
+from ..errors import PassError
+from ..plan import CompressionPlan
+
+
+def _parse_int_list(value: Any) -> list[int]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").strip("[]").split(",") if v]
+        out: list[int] = []
+        for v in value:
+            if "-" in v[1:]:  # ranges like 3-5
+                a, b = v.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(v))
+        return out
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise ValueError(f"expected a list of integers, got {value!r}")
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": _parse_bool,
+    "int_list": _parse_int_list,
+}
+
+
+@dataclass(frozen=True)
+class PassParam:
+    """One pass parameter: name, type (``int``, ``float``, ``str``, ``bool``, ``int_list``), default, help."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    choices: Sequence[str] | None = None
+
+    def parse(self, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            if self.type == "int" and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            parsed = PARSERS[self.type](value)
+        except (TypeError, ValueError) as exc:
+            raise PassError(f"parameter {self.name!r}: {exc}") from None
+        if self.choices is not None and parsed not in self.choices:
+            raise PassError(f"parameter {self.name!r} must be one of {', '.join(self.choices)}; got {parsed!r}")
+        return parsed
+
+
+#: the target-size parameters every depth pass takes
+RATIO = PassParam("ratio", "float", None, "fraction of decoder layers to remove, in (0, 1): round(ratio x L)")
+NUM_LAYERS = PassParam("num_layers", "int", None, "number of decoder layers to remove")
+PROTECT = PassParam("protect", "int_list", None, "base layer indices that are never removed or merged")
+
+
+class CompressionPass:
+    """Base class of every pass. Subclasses set ``name``, ``description``, ``params`` and implement ``plan``.
+
+    ``plan`` must leave the model's weights and structure unchanged and return a ``CompressionPlan``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[tuple[PassParam, ...]] = ()
+
+    def __init__(self, **params: Any):
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            valid = ", ".join(p.name for p in self.params) or "(none)"
+            raise PassError(f"pass {self.name!r} has no parameter {unknown[0]!r}; valid: {valid}")
+        self.config: dict[str, Any] = {}
+        for p in self.params:
+            self.config[p.name] = p.parse(params[p.name]) if params.get(p.name) is not None else p.default
+        self.validate()
+
+    def validate(self) -> None:
+        """Check parameter combinations (override; call super)."""
+        ratio = self.config.get("ratio")
+        if ratio is not None and not 0 < ratio < 1:
+            raise PassError(f"ratio must be in (0, 1), got {ratio}")
+        n = self.config.get("num_layers")
+        if n is not None and n < 1:
+            raise PassError(f"num_layers must be >= 1, got {n}")
+        if ratio is not None and n is not None:
+            raise PassError("give either ratio or num_layers, not both")
+
+    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def target_count(self, num_layers: int, required: bool = True) -> int | None:
+        """Layers to remove from ``ratio`` or ``num_layers``; None when neither is given and not ``required``."""
+        if self.config.get("num_layers") is not None:
+            n = int(self.config["num_layers"])
+        elif self.config.get("ratio") is not None:
+            n = int(round(self.config["ratio"] * num_layers))
+        elif required:
+            raise PassError(f"pass {self.name!r} needs ratio or num_layers")
+        else:
+            return None
+        if not 1 <= n < num_layers:
+            raise PassError(f"cannot remove {n} of {num_layers} layers")
+        return n
+
+    def public_params(self) -> dict[str, Any]:
+        """Parameters as given (defaults included) for the plan's ``params``."""
+        return {k: v for k, v in self.config.items() if v is not None}
+
+    def make_plan(
+        self,
+        model: nn.Module,
+        ops: list[dict[str, Any]],
+        calibration: torch.Tensor | None,
+        trace: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> CompressionPlan:
+        return CompressionPlan.for_model(
+            model,
+            method=self.name,
+            ops=ops,
+            params=self.public_params() if params is None else params,
+            calibration=describe_calibration(calibration) if calibration is not None else None,
+            trace=trace or {},
+        )
+
+    @staticmethod
+    def adapter(model: nn.Module) -> ArchAdapter:
+        return ArchAdapter(model)
+
+    def protected(self, num_layers: int) -> set[int]:
+        protect = self.config.get("protect") or []
+        bad = [i for i in protect if not 0 <= i < num_layers]
+        if bad:
+            raise PassError(f"protect: layer {bad[0]} out of range 0..{num_layers - 1}")
+        return set(protect)

@@ -88,7 +88,7 @@ def load_documents(source: str, text_field: str = "text") -> list[str]:
         return [doc for f in files for doc in _read_file(f, text_field)]
     if os.path.isfile(source):
         return _read_file(source, text_field)
-    if source.endswith(TEXT_SUFFIXES) or os.sep in source:
+    if source.endswith(TEXT_SUFFIXES) or source.startswith(("/", ".", "~")):
         raise CalibrationError(f"calibration source not found: {source}")
     return _load_hf_dataset(source, text_field)
 

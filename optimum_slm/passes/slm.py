@@ -244,7 +244,7 @@ class SLMPass(CompressionPass):
         lo = 0.72
         while count(lo) < target and lo > -1.0:
             hi = lo
-            lo = max(-1.0, lo - 0.1)
+            lo = max(-1.0, lo - 0.05)
         chosen = None
         if count(lo) == target:
             chosen = lo

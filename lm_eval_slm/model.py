@@ -1,0 +1,153 @@
+"""``SLMLM``: lm-eval's ``HFLM`` evaluating a base model compressed in memory by an optimum-slm pass or plan.
+
+``--model_args`` keys (lm-eval parses the values; commas separate keys, lists go in brackets):
+
+* ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``);
+  ``gguf_file``: a GGUF file inside ``base``. GGUF bases are converted once to a plain checkpoint in the user cache.
+* ``plan``: a plan file to apply (its base fingerprint must match), instead of computing one; or
+* ``method`` (default ``slm``) with ``ratio`` | ``num_layers`` | ``threshold``, ``merge``, and any other parameter
+  of that pass (``slm list`` shows them; an unknown key is refused with the valid ones listed);
+  ``calib`` (calibration source), ``calib_samples`` (10), ``calib_seq_len`` (128), ``seed`` (1234), ``text_field``.
+* ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache). A plan is keyed by
+  base fingerprint + method + parameters + calibration-ids hash + dtype, so a second run with the same arguments
+  reuses it (and logs that it did).
+* ``dtype`` (``auto``), ``peft`` (an adapter applied AFTER compression, so it must target the compressed model);
+  every other ``HFLM`` argument (``max_length``, ``trust_remote_code``, ...) is passed through. ``device`` and
+  ``batch_size`` come from lm-eval's own ``--device`` / ``--batch_size``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from optimum_slm.errors import ModelLoadError, PassError, SLMError
+
+# a child of lm-eval's logger, so the messages show with lm-eval's own formatting and verbosity
+logger = logging.getLogger("lm_eval.slm")
+
+#: HFLM arguments passed through unchanged; every other unknown key is a pass parameter
+HFLM_KEYS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs", "pretrained", "gguf_file",
+                                                                     "peft", "dtype"}
+
+
+@register_model("slm")
+class SLMLM(HFLM):
+    """An ``HFLM`` whose model is ``base`` compressed by optimum-slm (a computed, cached or given plan)."""
+
+    def __init__(
+        self,
+        base: str | None = None,
+        gguf_file: str | None = None,
+        method: str = "slm",
+        ratio: float | None = None,
+        num_layers: int | None = None,
+        threshold: float | None = None,
+        merge: str | None = None,
+        plan: str | None = None,
+        calib: str | None = None,
+        calib_samples: int = 10,
+        calib_seq_len: int = 128,
+        seed: int = 1234,
+        text_field: str = "text",
+        dtype: str = "auto",
+        peft: str | None = None,
+        plan_cache: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from optimum_slm.loading import resolve_model_path
+        from optimum_slm.registry import get_pass
+
+        if base is None or "pretrained" in kwargs:
+            raise ModelLoadError("the slm model needs base=<checkpoint, hub id, .gguf or alias> in --model_args "
+                                 "(not pretrained=)")
+        hf_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in HFLM_KEYS}
+        if hf_kwargs.get("parallelize") or hf_kwargs.get("tp_plan"):
+            raise SLMError("the slm model compresses a single-device model; parallelize/tp_plan are not supported")
+        params = {k: v for k, v in (("ratio", ratio), ("num_layers", num_layers), ("threshold", threshold),
+                                    ("merge", merge)) if v is not None}
+        params.update(kwargs)  # anything else is for the pass, which refuses unknown keys listing the valid ones
+        if plan is not None and (params or calib is not None):
+            given = ", ".join(sorted(params) + (["calib"] if calib is not None else []))
+            raise PassError(f"plan= applies a saved plan; drop the search arguments ({given})")
+        # validate the pass arguments before loading anything
+        self.slm_pass = None if plan is not None else get_pass(method, **params)
+        self.slm_base = str(base)
+        self.slm_method = method
+        self.slm_plan_file = plan
+        self.slm_calibration = {"source": calib, "n_samples": int(calib_samples), "seq_len": int(calib_seq_len),
+                                "seed": int(seed), "text_field": text_field}
+        self.slm_peft = peft
+        self.slm_plan_cache = plan_cache
+        self.slm_plan = None
+        self.slm_plan_reused = False
+        # HFLM loads a plain checkpoint folder (GGUF and aliases resolved here) and calls our _create_model
+        path = resolve_model_path(self.slm_base, gguf_file)
+        super().__init__(pretrained=path, dtype=dtype, **hf_kwargs)
+
+    # HFLM.__init__ calls this with the tokenizer already built; compress right after the base is loaded
+    def _create_model(self, pretrained: str, **kwargs: Any) -> None:
+        kwargs["peft"] = None  # adapters go on the compressed model, below
+        super()._create_model(pretrained, **kwargs)
+        self._compress()
+        if self.slm_peft:
+            from peft import PeftModel
+
+            self._model = PeftModel.from_pretrained(self._model, self.slm_peft)
+        # HFLM cached the base's AutoConfig; the compressed model's config has the new layer count
+        self._config = self._model.config
+
+    def _compress(self) -> None:
+        from optimum_slm.arch import ArchAdapter, param_count
+        from optimum_slm.plan import CompressionPlan, apply_plan
+
+        model = self._model
+        before = ArchAdapter(model).num_layers
+        params_before = param_count(model)
+        if self.slm_plan_file is not None:
+            plan = CompressionPlan.load(self.slm_plan_file)
+            origin = f"plan file {self.slm_plan_file}"
+        else:
+            plan, origin = self._cached_or_computed_plan(model)
+        apply_plan(model, plan, strict=True)
+        self.slm_plan = plan
+        after = ArchAdapter(model).num_layers
+        logger.info("slm: evaluating %s compressed by %s: %d -> %d layers, %s -> %s parameters (%s)",
+                    self.slm_base, plan.method, before, after, f"{params_before:,}", f"{param_count(model):,}",
+                    origin)
+        for line in plan.summary().splitlines():
+            logger.info("slm plan | %s", line)
+
+    def _cached_or_computed_plan(self, model) -> tuple[Any, str]:
+        from optimum_slm.calibration import describe_calibration, load_calibration
+        from optimum_slm.plan import model_fingerprint
+        from optimum_slm.plan_cache import PlanCache, plan_key
+
+        cal = self.slm_calibration
+        ids = None
+        if cal["source"] is not None:
+            ids = load_calibration(self.tokenizer, cal["source"], cal["n_samples"], cal["seq_len"], cal["seed"],
+                                   cal["text_field"])
+        dtype = str(next(model.parameters()).dtype)
+        key = plan_key(model_fingerprint(model), self.slm_method, self.slm_pass.public_params(),
+                       describe_calibration(ids)["sha256"] if ids is not None else None, dtype)
+        cache = PlanCache(self.slm_plan_cache)
+        plan = cache.get(key)
+        if plan is not None:
+            self.slm_plan_reused = True
+            logger.info("slm: reusing cached plan %s", cache.path(key))
+            return plan, f"cached plan {cache.path(key)}"
+        try:
+            plan = self.slm_pass.plan(model, ids)
+        except SLMError as exc:
+            if ids is None:
+                raise type(exc)(f"{exc} (give calib=<corpus> in --model_args)") from None
+            raise
+        plan.base["name_or_path"] = self.slm_base
+        path = cache.put(key, plan)
+        logger.info("slm: computed a %s plan, cached as %s", plan.method, path)
+        return plan, f"computed, cached as {path}"

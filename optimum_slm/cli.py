@@ -1,0 +1,297 @@
+"""The ``slm`` command line: one click group, also served as ``optimum-cli slm ...``.
+
+    slm compress --model smollm2-135m --ratio 0.2 --calib-data wiki-leads --output out
+    slm apply --model smollm2-135m --plan out/slm_plan.json --output rebuilt
+    slm list
+    slm inspect out/slm_plan.json
+
+The commands only turn options into calls of the Python API (``SLMCompressor``, ``CompressionPlan``, the pass
+registry) and print the results. Bad input surfaces as an ``SLMError``; the group turns it into one line
+``error: <message>`` on stderr and exit code 2. This module stays cheap to import (click only): ``optimum-cli``
+imports it to build its parser, so torch and transformers are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+import click
+
+from ._version import __version__
+from .errors import SLMError
+
+#: the model dtypes and devices the loaders accept
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+
+
+class SLMUsageError(click.ClickException):
+    """An ``SLMError`` shown the CLI way: ``error: <message>`` on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+class SLMGroup(click.Group):
+    """A click group that reports every ``SLMError`` raised by its commands as one line (exit code 2)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SLMError as exc:
+            # one line, whatever the message: a multi-line message would read as a traceback
+            raise SLMUsageError(" ".join(str(exc).split())) from None
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value:
+        return
+    from .progress import set_quiet
+
+    set_quiet(True)
+    # transformers' own bars (weight loading) too; before its import the hub's switch is read from the environment
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def quiet_option(func):
+    """``--quiet``: hide progress bars (accepted by the group and by every command)."""
+    return click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_quiet,
+        help="Hide progress bars.",
+    )(func)
+
+
+def model_options(func):
+    """The options that choose and load a base model (shared by ``compress`` and ``apply``)."""
+    decorators = [
+        click.option("--model", required=True, metavar="PATH_OR_ID",
+                     help="Base model: checkpoint folder, hub id (offline cache), .gguf file or alias "
+                          "(smollm2-135m)."),
+        click.option("--gguf-file", default=None, metavar="FILE",
+                     help="GGUF file inside --model (a folder) to load and convert."),
+        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+                     help="Load the base in this dtype (default: the checkpoint's)."),
+        click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                     help="Where to run the model."),
+    ]
+    for decorate in reversed(decorators):
+        func = decorate(func)
+    return func
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="'--param'")
+    return key, value.strip()
+
+
+def pass_params(named: dict[str, Any], extra: Iterable[str]) -> dict[str, Any]:
+    """Pass parameters from the dedicated options (those given) and ``--param KEY=VALUE`` pairs.
+
+    Values stay strings: the pass parses and validates them (an unknown key lists the valid ones).
+    """
+    params = {k: v for k, v in named.items() if v is not None}
+    for item in extra:
+        key, value = _parse_param(item)
+        if key in params:
+            raise click.UsageError(f"parameter {key!r} is given twice (an option and --param, or two --param)")
+        params[key] = value
+    return params
+
+
+def _echo_layers(where: str, plan) -> None:
+    click.echo(f"wrote {where}")
+    click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
+
+
+@click.group(cls=SLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="optimum-slm")
+@quiet_option
+def cli() -> None:
+    """Depth compression of LLMs: Sliding-Window Merging and depth-pruning passes, plain HF checkpoints."""
+
+
+@cli.command()
+@model_options
+@click.option("--method", default="slm", show_default=True, metavar="NAME",
+              help="Compression pass (see 'list').")
+@click.option("--ratio", type=float, default=None, help="Fraction of decoder layers to remove, in (0, 1).")
+@click.option("--num-layers", type=int, default=None, help="Number of decoder layers to remove.")
+@click.option("--threshold", type=float, default=None, help="Similarity threshold (threshold-driven passes).")
+@click.option("--merge", default=None, metavar="RULE", help="Merge rule of merging passes (e.g. official, paper).")
+@click.option("--calib-data", default=None, metavar="SOURCE",
+              help="Calibration corpus: .txt (blank-line separated), .jsonl/.json, a folder, wiki-leads, or a "
+                   "datasets name.")
+@click.option("--calib-samples", type=int, default=10, show_default=True, help="Calibration sequences.")
+@click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Calibration sampling seed.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.json/datasets rows.")
+@click.option("--output", "-o", required=True, metavar="DIR", help="Output folder (must be empty or new).")
+@click.option("--plan-only", is_flag=True, help="Write only DIR/slm_plan.json, no checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
+              help="A pass-specific parameter (repeatable); 'list' shows each pass's parameters.")
+@quiet_option
+def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, method: str, ratio: float | None,
+             num_layers: int | None, threshold: float | None, merge: str | None, calib_data: str | None,
+             calib_samples: int, calib_seq_len: int, seed: int, text_field: str, output: str, plan_only: bool,
+             overwrite: bool, extra_params: Sequence[str]) -> None:
+    """Compress a model with a pass.
+
+    Writes DIR: a plain checkpoint with fewer layers, slm_plan.json and a model card (--plan-only: the plan).
+    """
+    given = [name for name, value in (("--ratio", ratio), ("--num-layers", num_layers), ("--threshold", threshold))
+             if value is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"give only one of --ratio, --num-layers, --threshold (got {', '.join(given)})")
+    params = pass_params({"ratio": ratio, "num_layers": num_layers, "threshold": threshold, "merge": merge},
+                         extra_params)
+
+    from .compressor import PLAN_FILE, SLMCompressor, check_output_dir
+    from .registry import get_pass
+
+    # everything that can be checked without the model is checked before the (long) load and search
+    get_pass(method, **params)
+    target = check_output_dir(output, overwrite)
+    compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
+    plan = compressor.compress(target, method=method, calibration=calib_data, overwrite=overwrite,
+                               plan_only=plan_only, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed,
+                               text_field=text_field, **params)
+    click.echo(plan.summary())
+    where = f"{target}/{PLAN_FILE} (plan only)" if plan_only else f"{target} (checkpoint, {PLAN_FILE}, README.md)"
+    _echo_layers(where, plan)
+
+
+@cli.command()
+@model_options
+@click.option("--plan", "plan_file", required=True, metavar="PLAN.json", help="A plan made for this base.")
+@click.option("--output", "-o", required=True, metavar="DIR", help="Output folder (must be empty or new).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@quiet_option
+def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, plan_file: str, output: str,
+          overwrite: bool) -> None:
+    """Rebuild a compressed checkpoint from base + plan."""
+    from .compressor import SLMCompressor, check_output_dir
+    from .plan import CompressionPlan
+
+    plan = CompressionPlan.load(plan_file)
+    target = check_output_dir(output, overwrite)
+    compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
+    compressor.apply(plan, target, overwrite=overwrite)
+    _echo_layers(target, plan)
+
+
+def _format_default(value: Any) -> str:
+    return "-" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+@cli.command(name="list")
+@quiet_option
+def list_command() -> None:
+    """List the registered passes and their parameters."""
+    from .registry import pass_classes
+
+    classes = pass_classes()
+    for name, cls in classes.items():
+        click.echo(f"{name}: {cls.description}")
+        width = max((len(p.name) for p in cls.params), default=0)
+        for p in cls.params:
+            choices = f" [{'|'.join(p.choices)}]" if p.choices else ""
+            click.echo(f"    {p.name:<{width}}  {p.type:<8}  default {_format_default(p.default):<14}  "
+                       f"{p.help}{choices}")
+        click.echo()
+    click.echo("Parameters are given as --ratio/--num-layers/--threshold/--merge or --param KEY=VALUE.")
+
+
+def _window_similarities(trace: dict[str, Any]) -> dict[tuple[int, int], float]:
+    """The score each committed window had when it was last accepted (from an slm-style ``tried`` trace)."""
+    sims: dict[tuple[int, int], float] = {}
+    for entry in trace.get("tried") or []:
+        if isinstance(entry, dict) and entry.get("passed") and entry.get("sim") is not None:
+            window = entry.get("window")
+            if isinstance(window, list) and len(window) == 2:
+                sims[(window[0], window[1])] = entry["sim"]
+    return sims
+
+
+def _trace_lines(trace: dict[str, Any]) -> list[str]:
+    """Generic lines for trace entries other passes may record (scalars shown, long lists counted)."""
+    lines = []
+    for key in sorted(trace):
+        if key in ("tried", "windows"):
+            continue
+        value = trace[key]
+        if isinstance(value, (str, int, float, bool)):
+            lines.append(f"  {key}: {value}")
+        elif isinstance(value, list) and len(value) <= 40 and all(isinstance(v, (int, float)) for v in value):
+            lines.append(f"  {key}: " + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value))
+        elif isinstance(value, (list, dict)):
+            lines.append(f"  {key}: {len(value)} entries")
+    return lines
+
+
+@cli.command()
+@click.argument("plan_file", metavar="PLAN.json")
+@quiet_option
+def inspect(plan_file: str) -> None:
+    """Summarise a plan file.
+
+    Shows the windows, layers before/after, the similarities from the trace and the calibration.
+    """
+    from .plan import CompressionPlan
+
+    plan = CompressionPlan.load(plan_file)
+    click.echo(f"plan: {plan_file} ({plan.created_with or 'unknown version'})")
+    click.echo(plan.summary())
+    sims = _window_similarities(plan.trace)
+    if plan.windows:
+        click.echo("windows (base numbering):")
+        for low, high in plan.windows:
+            sim = sims.get((low, high))
+            score = f", similarity {sim:.4f}" if sim is not None else ""
+            click.echo(f"  {low}-{high}: {high - low + 1} layers -> 1{score}")
+    cal = plan.calibration
+    if cal:
+        digest = (cal.get("sha256") or "")[:12]
+        click.echo(f"calibration: {cal.get('source')}, {cal.get('n_samples')} x {cal.get('seq_len')} tokens, "
+                   f"seed {cal.get('seed')}" + (f", ids sha256 {digest}" if digest else ""))
+    else:
+        click.echo("calibration: none")
+    extra = _trace_lines(plan.trace)
+    if "tried" in plan.trace:
+        extra.insert(0, f"  windows scored: {len(plan.trace['tried'])}")
+    if extra:
+        click.echo("trace:")
+        for line in extra:
+            click.echo(line)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``slm``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="slm")
+
+
+# Commands defined elsewhere in the package (analysis and benchmarks) join the group when their module exists;
+# an error inside that module is a bug and surfaces, only its absence is tolerated.
+if importlib.util.find_spec(f"{__package__}.cli_eval") is not None:
+    from .cli_eval import register_commands
+
+    register_commands(cli)

@@ -1,0 +1,180 @@
+"""``lm_eval --model slm``: the HFLM subclass in process, and the real lm-eval CLI in a subprocess (start-up hook,
+plan cache reuse, ``python -m lm_eval_slm`` fallback with a saved plan)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CORPUS_WORDS, make_model, write_corpus
+from optimum_slm.errors import PassError, PlanError
+from optimum_slm.plan import CompressionPlan
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval_slm.model import SLMLM  # noqa: E402
+
+TASK = "slm_tiny_mc"
+BIN = os.path.dirname(sys.executable)
+SMALL_CALIB = {"calib_samples": 4, "calib_seq_len": 16}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.txt")
+
+
+def write_task(directory) -> str:
+    """A 3-way multiple-choice task over a JSONL file (absolute path: lm-eval resolves data_files from the CWD)."""
+    os.makedirs(directory, exist_ok=True)
+    data = os.path.join(directory, "mc.jsonl")
+    with open(data, "w", encoding="utf-8") as fh:
+        for i, word in enumerate(CORPUS_WORDS):
+            row = {"question": f"which words follow {word}", "choices": ["layer merge", "token window", "data state"],
+                   "label": i % 3}
+            fh.write(json.dumps(row) + "\n")
+    with open(os.path.join(directory, f"{TASK}.yaml"), "w", encoding="utf-8") as fh:
+        fh.write(
+            f"task: {TASK}\n"
+            "dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+            "output_type: multiple_choice\n"
+            "test_split: test\n"
+            'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+            'doc_to_choice: "{{choices}}"\n'
+            "doc_to_target: label\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 1.0\n"
+        )
+    return str(directory)
+
+
+def make_lm(base: str, **kwargs) -> SLMLM:
+    return SLMLM(base=base, device="cpu", batch_size=1, **kwargs)
+
+
+def layer_count(lm: SLMLM) -> int:
+    return len(lm.model.get_decoder().layers)
+
+
+# ------------------------------------------------------------------ in process
+def test_builds_the_compressed_model_and_reuses_the_cached_plan(tiny_checkpoint, corpus, tmp_path):
+    cache = str(tmp_path / "plans")
+    first = make_lm(tiny_checkpoint, num_layers=2, calib=corpus, plan_cache=cache, **SMALL_CALIB)
+    assert layer_count(first) == 4 and first.config.num_hidden_layers == 4
+    assert not first.slm_plan_reused and len(os.listdir(cache)) == 1
+    second = make_lm(tiny_checkpoint, num_layers=2, calib=corpus, plan_cache=cache, **SMALL_CALIB)
+    assert second.slm_plan_reused and second.slm_plan.ops == first.slm_plan.ops
+    # other calibration -> other key -> a new plan
+    third = make_lm(tiny_checkpoint, num_layers=2, calib=corpus, plan_cache=cache, seed=7, **SMALL_CALIB)
+    assert not third.slm_plan_reused and len(os.listdir(cache)) == 2
+    # a saved plan rebuilds the same weights
+    plan_file = tmp_path / "plan.json"
+    first.slm_plan.save(plan_file)
+    from_plan = make_lm(tiny_checkpoint, plan=str(plan_file))
+    a, b = first.model.state_dict(), from_plan.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extra_keys_go_to_the_pass(tiny_checkpoint, corpus, tmp_path):
+    lm = make_lm(tiny_checkpoint, ratio=0.34, max_window=2, calib=corpus, plan_cache=str(tmp_path), **SMALL_CALIB)
+    assert lm.slm_plan.params["max_window"] == 2
+    assert all(hi - lo == 1 for lo, hi in lm.slm_plan.windows)
+    with pytest.raises(PassError, match="has no parameter 'windowz'; valid: threshold"):
+        make_lm(tiny_checkpoint, ratio=0.3, windowz=3, calib=corpus)
+    with pytest.raises(PassError, match="unknown pass"):
+        make_lm(tiny_checkpoint, method="nope")
+    with pytest.raises(PassError, match="plan= applies a saved plan"):
+        make_lm(tiny_checkpoint, plan="p.json", ratio=0.2)
+    with pytest.raises(PassError, match="calib="):
+        make_lm(tiny_checkpoint, ratio=0.3, plan_cache=str(tmp_path))
+
+
+def test_plan_for_another_base_is_refused(tiny_checkpoint, tiny_tokenizer, corpus, tmp_path):
+    lm = make_lm(tiny_checkpoint, num_layers=1, calib=corpus, plan_cache=str(tmp_path / "c"), **SMALL_CALIB)
+    plan_file = tmp_path / "plan.json"
+    lm.slm_plan.save(plan_file)
+    other = tmp_path / "other"
+    make_model("llama", 6, seed=3).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    with pytest.raises(PlanError, match="another base"):
+        make_lm(str(other), plan=str(plan_file))
+
+
+def test_peft_adapter_is_applied_after_compression(tiny_checkpoint, corpus, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cache = str(tmp_path / "plans")
+    lm = make_lm(tiny_checkpoint, method="drop", layers=[1, 2], plan_cache=cache)
+    adapter = get_peft_model(lm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "lora")
+    with_lora = make_lm(tiny_checkpoint, method="drop", layers=[1, 2], plan_cache=cache, peft=str(tmp_path / "lora"))
+    assert isinstance(with_lora.model, PeftModel)
+    assert len(with_lora.model.get_base_model().model.layers) == 4
+
+
+# ------------------------------------------------------------------ the lm-eval command line (subprocesses)
+def _env(cache: str) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false", HF_HOME=os.path.join(cache, "hf"), OPTIMUM_SLM_CACHE=cache)
+
+
+def _results(output: str) -> dict:
+    files = sorted(glob.glob(os.path.join(output, "**", "results_*.json"), recursive=True))
+    assert files, f"no results JSON under {output}"
+    with open(files[-1], encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _lm_eval(argv: list[str], model_args: str, tasks: str, output: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [*argv, "--model", "slm", "--model_args", model_args, "--tasks", TASK, "--include_path", tasks,
+           "--limit", "8", "--device", "cpu", "--batch_size", "4", "--output_path", output]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_lm_eval_cli_model_slm_with_plan_cache(tiny_checkpoint, corpus, tmp_path):
+    tasks = write_task(tmp_path / "tasks")
+    cache = str(tmp_path / "cache")
+    env = _env(cache)
+    args = f"base={tiny_checkpoint},num_layers=2,calib={corpus},calib_samples=4,calib_seq_len=16"
+    first = _lm_eval([os.path.join(BIN, "lm_eval")], args, tasks, str(tmp_path / "r1"), env)
+    assert "computed a slm plan" in first.stderr and "6 -> 4 layers" in first.stderr
+    res1 = _results(str(tmp_path / "r1"))
+    assert TASK in res1["results"] and "acc,none" in res1["results"][TASK]
+    assert res1["config"]["model"] == "slm"
+
+    second = _lm_eval([os.path.join(BIN, "lm_eval")], args, tasks, str(tmp_path / "r2"), env)
+    assert "reusing cached plan" in second.stderr and "6 -> 4 layers" in second.stderr
+    assert _results(str(tmp_path / "r2"))["results"][TASK] == res1["results"][TASK]
+
+    # the fallback entry point, hook disabled, with the cached plan as plan=: the same numbers
+    (plan_file,) = glob.glob(os.path.join(cache, "plans", "*.json"))
+    fallback = _lm_eval([sys.executable, "-m", "lm_eval_slm"], f"base={tiny_checkpoint},plan={plan_file}", tasks,
+                        str(tmp_path / "r3"), dict(env, OPTIMUM_SLM_NO_LM_EVAL_HOOK="1"))
+    assert "6 -> 4 layers" in fallback.stderr
+    assert _results(str(tmp_path / "r3"))["results"][TASK] == res1["results"][TASK]
+
+
+def test_startup_hook_keeps_builtin_models_and_registers_slm_lazily():
+    probe = (
+        "import sys\n"
+        "assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules\n"
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "print(get_model('hf').__name__, 'slm' in model_registry)\n"
+        "print(get_model('slm').__name__ if 'slm' in model_registry else '-')\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    with_hook = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert with_hook.returncode == 0, with_hook.stderr
+    assert with_hook.stdout.split() == ["HFLM", "True", "SLMLM"]
+    env["OPTIMUM_SLM_NO_LM_EVAL_HOOK"] = "1"
+    without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert without.returncode == 0, without.stderr
+    assert without.stdout.split() == ["HFLM", "False", "-"]

@@ -1,0 +1,83 @@
+"""The speed benchmark on tiny models: sane numbers, the speedup column, the CLI table and JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from optimum_slm import bench
+from optimum_slm.cli_eval import bench_command
+from optimum_slm.compressor import SLMCompressor
+from optimum_slm.errors import SLMError
+from optimum_slm.registry import get_pass
+
+from conftest import make_model
+
+RUN = dict(batch_sizes=(1, 2), prompt_len=8, new_tokens=4, warmup=0, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def results():
+    base = make_model("llama", 6)
+    small = make_model("llama", 6)
+    small.model.layers = small.model.layers[:3]  # plain truncation is enough for timing; surgery is tested elsewhere
+    small.config.num_hidden_layers = 3
+    return bench.bench_models([("base", base, None), ("half", small, None)], **RUN)
+
+
+def test_results_are_sane(results):
+    assert [(r.name, r.batch_size) for r in results] == [("base", 1), ("half", 1), ("base", 2), ("half", 2)]
+    for r in results:
+        assert r.prefill_ms > 0 and r.decode_ms_per_token > 0 and r.generate_ms > r.prefill_ms * 0.5
+        assert r.decode_tokens_per_s == pytest.approx(r.batch_size * 1e3 / r.decode_ms_per_token)
+        assert r.e2e_tokens_per_s == pytest.approx(r.batch_size * r.new_tokens * 1e3 / r.generate_ms)
+        assert r.peak_memory_mib >= 0 and r.memory_kind.startswith("cpu")
+        assert len(r.samples["decode_ms_per_token"]) == 2
+    base, half = results[0], results[1]
+    assert base.num_layers == 6 and half.num_layers == 3 and half.params < base.params
+    assert base.speedup_decode == 1.0 and base.ideal_speedup == 1.0
+    assert half.ideal_speedup == 2.0 and half.speedup_decode > 0
+
+
+def test_table_and_json(results):
+    table = bench.format_table(results)
+    assert "decode ×" in table and "ideal L/L′" in table and "| half | 3 |" in table and "2.00×" in table
+    d = results[1].to_dict()
+    assert set(d["stats"]["prefill_ms"]) == {"mean", "std", "median"}
+    json.dumps(d)
+
+
+def test_prompt_ids_repeat_the_paper_prompt(tiny_tokenizer):
+    ids = bench.prompt_ids(tiny_tokenizer, 2, 20, 320)
+    assert ids.shape == (2, 20) and bool((ids[0] == ids[1]).all())
+    assert tiny_tokenizer.decode(ids[0]).startswith(bench.PAPER_PROMPT[:10])
+
+
+def test_bad_input():
+    m = make_model("llama", 2)
+    with pytest.raises(SLMError, match="new_tokens"):
+        bench.bench_models([("m", m, None)], new_tokens=1)
+    with pytest.raises(SLMError, match="repeats"):
+        bench.bench_models([("m", m, None)], repeats=0)
+    with pytest.raises(SLMError, match="at least one"):
+        bench.bench_models([])
+
+
+def test_cli_compare_prints_speedup_and_json(tmp_path, tiny_checkpoint):
+    compressor = SLMCompressor.from_pretrained(tiny_checkpoint)
+    plan = get_pass("drop", layers=[1, 2]).plan(compressor.model, None)
+    compressor.apply(plan, str(tmp_path / "small"))
+    args = ["--model", tiny_checkpoint, "--compare", str(tmp_path / "small"), "--batch-sizes", "1",
+            "--prompt-len", "6", "--new-tokens", "3", "--warmup", "0", "--repeats", "1", "--quiet"]
+    res = CliRunner().invoke(bench_command, args)
+    assert res.exit_code == 0, res.output
+    assert "decode ×" in res.output and "| small | 4 |" in res.output and "1.50×" in res.output
+    res = CliRunner().invoke(bench_command, args + ["--json"])
+    data = json.loads(res.output)
+    assert [r["num_layers"] for r in data] == [6, 4] and data[1]["ideal_speedup"] == 1.5
+    res = CliRunner().invoke(bench_command, ["--model", tiny_checkpoint, "--batch-sizes", "1,x"])
+    assert res.exit_code == 2
+    res = CliRunner().invoke(bench_command, ["--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and res.output.strip().startswith("error:")

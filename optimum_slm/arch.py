@@ -26,6 +26,28 @@ BIAS = "bias"
 
 
 @dataclass(frozen=True)
+class Branch:
+    """A residual branch of a decoder layer: ``module``'s output is added to the residual stream.
+
+    ``fold`` names where a per-channel output scale is folded so the checkpoint stays vanilla: ``rows`` scales the
+    output rows of the projection ``target`` (weight and bias); ``gemma-norm`` rescales a Gemma RMSNorm ``target``
+    whose output is x·(1 + w), so w ← (1 + w)·s − 1.
+    """
+
+    name: str
+    module: str
+    target: str
+    fold: str = "rows"
+
+
+LLAMA_BRANCHES = (Branch("attn", "self_attn", "self_attn.o_proj"), Branch("mlp", "mlp", "mlp.down_proj"))
+GEMMA_BRANCHES = (
+    Branch("attn", "post_attention_layernorm", "post_attention_layernorm", "gemma-norm"),
+    Branch("mlp", "post_feedforward_layernorm", "post_feedforward_layernorm", "gemma-norm"),
+)
+
+
+@dataclass(frozen=True)
 class Family:
     """How one model family lays out a decoder layer and its per-layer config fields."""
 
@@ -43,6 +65,8 @@ class Family:
     layer_count_fields: tuple[str, ...] = ()
     #: config fields that hold lists of layer indices, remapped to the new numbering
     layer_index_lists: tuple[str, ...] = ()
+    #: the residual branches in forward order (attention, then MLP)
+    branches: tuple[Branch, ...] = LLAMA_BRANCHES
 
 
 _LLAMA_PROJ = (
@@ -88,8 +112,17 @@ FAMILIES: tuple[Family, ...] = (
         per_layer_lists=("layer_types",),
         layer_count_fields=("max_window_layers",),
     ),
-    Family("gemma2", ("gemma2",), _LLAMA_PROJ, _GEMMA_NORMS, per_layer_lists=("layer_types",)),
-    Family("gemma3", ("gemma3_text",), _LLAMA_PROJ, _GEMMA_NORMS + _QK_NORMS, per_layer_lists=("layer_types",)),
+    Family(
+        "gemma2", ("gemma2",), _LLAMA_PROJ, _GEMMA_NORMS, per_layer_lists=("layer_types",), branches=GEMMA_BRANCHES
+    ),
+    Family(
+        "gemma3",
+        ("gemma3_text",),
+        _LLAMA_PROJ,
+        _GEMMA_NORMS + _QK_NORMS,
+        per_layer_lists=("layer_types",),
+        branches=GEMMA_BRANCHES,
+    ),
     Family(
         "phi3",
         ("phi3",),
@@ -184,6 +217,27 @@ class ArchAdapter:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def branch_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """The modules whose outputs a layer adds to its residual stream, by branch name."""
+        return {b.name: layer.get_submodule(b.module) for b in self.family.branches}
+
+    def fold_branch_scales(self, layer: nn.Module, scales: Mapping[str, torch.Tensor]) -> None:
+        """Multiply each branch's output by a per-channel scale, folded into the layer's weights."""
+        with torch.no_grad():
+            for b in self.family.branches:
+                if b.name not in scales:
+                    continue
+                target = layer.get_submodule(b.target)
+                s = scales[b.name].to(device=target.weight.device, dtype=torch.float32)
+                if b.fold == "rows":
+                    target.weight.copy_((target.weight.float() * s[:, None]).to(target.weight.dtype))
+                    if getattr(target, "bias", None) is not None:
+                        target.bias.copy_((target.bias.float() * s).to(target.bias.dtype))
+                elif b.fold == "gemma-norm":
+                    target.weight.copy_(((1.0 + target.weight.float()) * s - 1.0).to(target.weight.dtype))
+                else:  # pragma: no cover - families are data defined above
+                    raise ValueError(f"unknown fold {b.fold!r}")
 
     # ------------------------------------------------------------------ surgery
     def set_layers(self, slots: Sequence[tuple[int, nn.Module]]) -> None:

@@ -121,24 +121,52 @@ class ForwardEngine:
         slots: Sequence[Slot | tuple[nn.Module, int]],
         start: int | Batches,
         final_norm: bool = True,
+        slot_inputs: list[Batches] | None = None,
     ) -> Batches:
         """Run ``slots`` bottom to top on the recorded input of base layer ``start`` (or on given hidden states).
 
-        Returns the final post-norm hidden state per batch (``final_norm=False``: the raw residual stream).
+        Returns the final post-norm hidden state per batch (``final_norm=False``: the raw residual stream). With an
+        empty list as ``slot_inputs`` it also records the input of every slot, then the last slot's output, so a
+        pass can later resume a compressed stack from any of its slots.
         """
         self.record_layer_inputs()
         slots = [s if isinstance(s, Slot) else Slot(*s) for s in slots]
         hidden_in = self.inputs[start] if isinstance(start, int) else start
+        if slot_inputs is not None:
+            slot_inputs[:] = [[] for _ in range(len(slots) + 1)]
         outputs: Batches = []
         for b in range(self.num_batches):
             h = hidden_in[b].to(self.device)
-            for slot in slots:
+            for k, slot in enumerate(slots):
+                if slot_inputs is not None:
+                    slot_inputs[k].append(h.to(self.storage_device))
                 with self._on_device(slot.module):
                     h = self._call(slot.module, slot.type_index, b, h)
+            if slot_inputs is not None:
+                slot_inputs[-1].append(h.to(self.storage_device))
             if final_norm:
                 h = self.adapter.final_norm(h)
             outputs.append(h)
         return outputs
+
+    @torch.inference_mode()
+    def token_nll(self, final_hidden: Batches) -> tuple[float, int]:
+        """Summed next-token NLL of the calibration ids given a stack's post-norm final states, and the token count.
+
+        The language-model loss of a candidate model (``exp(total / count)`` is its calibration perplexity).
+        """
+        total, count = 0.0, 0
+        for ids, h in zip(self.batches(), final_hidden):
+            # the last position predicts nothing: leave it out before the vocabulary projection
+            logits = self.adapter.logits(h[:, :-1].to(self.device)).float()
+            labels = ids[:, 1:].to(logits.device)
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+                )
+            )
+            count += labels.numel()
+        return total, count
 
     def base_slots(self, start: int, stop: int | None = None) -> list[Slot]:
         """The base model's own layers ``start .. stop-1`` as slots."""

@@ -112,9 +112,13 @@ def _validate_merge(op: Mapping[str, Any], num_layers: int) -> None:
     if not isinstance(rule, str):
         raise PlanError(f"merge op 'rule' must be a string, got {rule!r}")
     try:
-        get_merge_rule(rule)
+        merge_rule = get_merge_rule(rule)
     except Exception as exc:
         raise PlanError(str(exc)) from None
+    args = op.get("args", {})
+    if not isinstance(args, dict):
+        raise PlanError(f"merge op 'args' must be an object, got {args!r}")
+    merge_rule.check_args(args, end - start + 1)
 
 
 def _validate_drop(op: Mapping[str, Any], num_layers: int) -> None:
@@ -357,10 +361,12 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
             rule = get_merge_rule(op.get("rule", "official"))
             states = [layer_state(layers[i]) for i in range(low, high + 1)]
             kinds = adapter.tensor_kinds(layers[low])
-            merged_state = rule(states, kinds)
+            merged_state = rule(states, kinds, **op.get("args", {}))
             anchor = rule.anchor_index(low, high)
             module = layers[anchor]
             load_layer_state(module, merged_state)
+            if op.get("scales"):
+                adapter.fold_branch_scales(module, _decode_scales(op, adapter))
             replacement[low] = (anchor, module)
             removed.update(i for i in range(low, high + 1) if i != low)
         else:  # validated plans only contain known ops
@@ -372,6 +378,25 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
         slots.append(replacement.get(i, (i, layers[i])))
     adapter.set_layers(slots)
     return model
+
+
+def _decode_scales(op: Mapping[str, Any], adapter: ArchAdapter) -> dict[str, torch.Tensor]:
+    from .calibrated import decode_vector
+
+    hidden = int(adapter.config.hidden_size)
+    known = {b.name for b in adapter.family.branches}
+    scales = {}
+    for name, text in op["scales"].items():
+        if name not in known:
+            raise PlanError(f"merge window {op['layers']}: unknown branch {name!r}; known: {', '.join(sorted(known))}")
+        try:
+            vec = decode_vector(text)
+        except ValueError:
+            raise PlanError(f"merge window {op['layers']}: scales[{name!r}] is not base64 float32") from None
+        if vec.numel() != hidden:
+            raise PlanError(f"merge window {op['layers']}: scales[{name!r}] has {vec.numel()} values, hidden size is {hidden}")
+        scales[name] = vec
+    return scales
 
 
 def clone_plan(plan: CompressionPlan) -> CompressionPlan:

@@ -1,4 +1,4 @@
-"""``slm``: Sliding-Window Merging (SLM/SWM), faithful to the official SLM.py control flow.
+"""``slm``: Sliding-Window Merging (SLM/SWM), faithful to the official SLM.py control flow, plus named variants.
 
 Official loop (L layers, 0-indexed; ``sim`` compares the CURRENT compressed candidate with the ORIGINAL model)::
 
@@ -14,12 +14,26 @@ Official loop (L layers, 0-indexed; ``sim`` compares the CURRENT compressed cand
 Speed: no model copy. Layers below a window are the base's, so a candidate runs from the recorded input of its bottom
 layer through the merged layer and the (already compressed) layers above it. Similarities are memoised by the
 candidate model's structure (its set of windows), which also makes the target-ratio search cheap.
+
+Variants (all off by default): ``similarity`` (see similarity.py), ``merge`` (any rule of merge.py, or
+``calibrated``: keep-top plus fitted branch scales, see calibrated.py), ``protect`` / ``max_window`` constraints,
+and ``search``:
+
+* ``official``: the loop above;
+* ``global``: score every window of 2..``max_window`` layers on its own (only it merged), then pick the
+  non-overlapping set that removes exactly the target count with the least total cost Σ −log(sim) (dynamic
+  programming). A keep-top window equals deleting the layers below its top, so this space contains ShortGPT's and
+  Shortened-LLM's choices;
+* ``greedy``: remove one layer per round: every round scores each way of growing the plan by one layer (a new
+  2-layer window, or an existing window extended up or down) with the committed windows in place, and keeps the
+  best. Candidates resume from the compressed model's recorded activations, so only the layers above the change run.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -27,10 +41,11 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, layer_state, load_layer_state
-from ..engine import ForwardEngine, Slot
+from ..calibrated import calibrate_window, encode_vector
+from ..engine import Batches, ForwardEngine, Slot
 from ..errors import PassError
 from ..hookspecs import hookimpl
-from ..merge import MERGE_RULES, MergeRule, get_merge_rule
+from ..merge import MERGE_RULES, get_merge_rule
 from ..plan import CompressionPlan, merge_op
 from ..progress import progress_bar
 from ..similarity import SIMILARITIES, get_similarity
@@ -39,81 +54,102 @@ from .base import NUM_LAYERS, RATIO, CompressionPass, PassParam
 logger = logging.getLogger(__name__)
 
 Window = tuple[int, int]
+CALIBRATED = "calibrated"
+SEARCHES = ("official", "global", "greedy")
 
 
 class WindowEvaluator:
-    """Scores candidate models "committed windows + one candidate window" against the base, memoised.
+    """Scores compressed candidates (a set of merged windows) against the base, memoised by the window set.
 
-    Holds the committed windows' merged layers and at most one extra (candidate) layer at a time.
+    Keeps the merged layers of the ``committed`` windows; any other window's layer is built for one call, so at most
+    one extra layer beyond the committed ones is alive at a time.
     """
 
-    def __init__(self, engine: ForwardEngine, rule: MergeRule, similarity: str, progress=None):
+    def __init__(self, engine: ForwardEngine, merge: str, similarity: str, progress=None):
         self.engine = engine
         self.adapter: ArchAdapter = engine.adapter
         self.layers = list(self.adapter.layers)
-        self.rule = rule
-        self.similarity_name = similarity
+        self.calibrate = merge == CALIBRATED
+        self.rule = get_merge_rule("keep-top" if self.calibrate else merge)
         self.similarity = get_similarity(similarity)
         self.kinds = self.adapter.tensor_kinds(self.layers[0])
         self.memo: dict[frozenset, float] = {}
         self.evaluations = 0
+        self.committed: set[Window] = set()
         self._merged: dict[Window, nn.Module] = {}
+        self._extras: dict[Window, dict[str, Any]] = {}
         self.progress = progress
 
+    # ------------------------------------------------------------------ building
     def merged_layer(self, low: int, high: int) -> nn.Module:
-        """A fresh module holding the merge of base layers low..high (the anchor's copy, merged weights)."""
+        """A fresh module holding the merge of base layers low..high (the anchor layer's copy, merged weights)."""
+        anchor = self.rule.anchor_index(low, high)
         states = [layer_state(self.layers[i]) for i in range(low, high + 1)]
-        module = copy.deepcopy(self.layers[self.rule.anchor_index(low, high)])
+        module = copy.deepcopy(self.layers[anchor])
         load_layer_state(module, self.rule(states, self.kinds))
+        if self.calibrate:
+            scales = calibrate_window(self.engine, module, anchor, low, high)
+            self._extras[(low, high)] = {"scales": {k: encode_vector(v) for k, v in scales.items()}}
         return module
 
-    def _slot_for_window(self, low: int, high: int, keep: bool) -> Slot:
-        if (low, high) in self._merged:
-            return Slot(self._merged[(low, high)], self.rule.anchor_index(low, high))
-        module = self.merged_layer(low, high)
-        if keep:
-            self._merged[(low, high)] = module
+    def slot(self, window: Window) -> Slot:
+        low, high = window
+        module = self._merged.get(window)
+        if module is None:
+            module = self.merged_layer(low, high)
+            if window in self.committed:
+                self._merged[window] = module
         return Slot(module, self.rule.anchor_index(low, high))
 
-    def stack(self, windows: list[Window], start: int, keep: bool = True) -> list[Slot]:
+    def stack(self, windows, start: int) -> list[Slot]:
         """Slots of the compressed model from base layer ``start`` up, for non-overlapping ``windows``."""
         by_low = {w[0]: w for w in windows}
         slots, i = [], start
         while i < self.adapter.num_layers:
             if i in by_low:
-                low, high = by_low[i]
-                slots.append(self._slot_for_window(low, high, keep))
-                i = high + 1
+                slots.append(self.slot(by_low[i]))
+                i = by_low[i][1] + 1
             else:
                 slots.append(Slot(self.layers[i], i))
                 i += 1
         return slots
 
-    def score(self, committed: list[Window], candidate: Window) -> float:
-        """Similarity of "committed + candidate" (a no-op candidate [k, k] scores the committed model)."""
-        low, high = candidate
-        windows = list(committed) + ([candidate] if low < high else [])
+    def commit(self, windows) -> None:
+        """Declare the windows whose merged layers are kept between calls (the others are freed)."""
+        self.committed = set(windows)
+        for w in list(self._merged):
+            if w not in self.committed:
+                del self._merged[w]
+
+    def op(self, window: Window) -> dict[str, Any]:
+        return merge_op(window[0], window[1], self.rule.name, **self._extras.get(window, {}))
+
+    # ------------------------------------------------------------------ scoring
+    def score_set(self, windows, start: int | None = None, start_hidden: Batches | None = None) -> float:
+        """Similarity of the base with ``windows`` merged. ``start``/``start_hidden`` resume from a given point."""
+        windows = [tuple(w) for w in windows]
         key = frozenset(windows)
         if key in self.memo:
             return self.memo[key]
-        if low < high:  # the candidate's layer lives for this call only; committed layers are kept
-            slots = [self._slot_for_window(low, high, keep=False)] + self.stack(list(committed), high + 1)
-        else:
-            slots = self.stack(list(committed), low)
-        value = self.similarity(self.engine, self.engine.run_layers(slots, low))
+        if start is None:
+            start = min((w[0] for w in windows), default=self.adapter.num_layers - 1)
+        slots = self.stack(windows, start)
+        final = self.engine.run_layers(slots, start if start_hidden is None else start_hidden)
+        value = float(self.similarity(self.engine, final))
         self.memo[key] = value
         self.evaluations += 1
         if self.progress is not None:
             self.progress.update(1)
         return value
 
-    def forget(self, keep: set[Window]) -> None:
-        """Drop merged layers of windows no longer committed (keeps memory at the committed set)."""
-        for w in list(self._merged):
-            if w not in keep:
-                del self._merged[w]
+    def score(self, committed: list[Window], candidate: Window) -> float:
+        """Similarity of "committed + candidate" (a no-op candidate [k, k] scores the committed model)."""
+        low, high = candidate
+        windows = list(committed) + ([candidate] if low < high else [])
+        return self.score_set(windows, start=low)
 
 
+# ---------------------------------------------------------------------------------------------- searches
 def official_window_loop(
     evaluator: WindowEvaluator,
     threshold: float,
@@ -149,7 +185,7 @@ def official_window_loop(
             low -= 1
         elif low + 1 != high:
             committed.append((low + 1, high))
-            evaluator.forget(set(committed))
+            evaluator.commit(committed)
             high = low
         else:
             high -= 1
@@ -157,74 +193,193 @@ def official_window_loop(
     return committed, tried
 
 
-def removed_by(windows: list[Window]) -> int:
+def _cost(sim: float) -> float:
+    return -math.log(max(sim, 1e-12))
+
+
+def best_window_set(costs: dict[Window, float], num_layers: int, target: int) -> list[Window] | None:
+    """Non-overlapping windows removing exactly ``target`` layers with the least total cost (dynamic programming)."""
+    inf = float("inf")
+    # best[i][k]: least cost over layers >= i with k layers removed there; choice[i][k]: window starting at i or None
+    best = [[inf] * (target + 1) for _ in range(num_layers + 1)]
+    choice: list[list[Window | None]] = [[None] * (target + 1) for _ in range(num_layers + 1)]
+    best[num_layers][0] = 0.0
+    by_low: dict[int, list[Window]] = {}
+    for w in costs:
+        by_low.setdefault(w[0], []).append(w)
+    for i in range(num_layers - 1, -1, -1):
+        for k in range(target + 1):
+            best[i][k] = best[i + 1][k]
+            for w in by_low.get(i, ()):
+                removed = w[1] - w[0]
+                if removed <= k and best[w[1] + 1][k - removed] + costs[w] < best[i][k]:
+                    best[i][k] = best[w[1] + 1][k - removed] + costs[w]
+                    choice[i][k] = w
+    if best[0][target] == inf:
+        return None
+    windows, i, k = [], 0, target
+    while i < num_layers:
+        w = choice[i][k]
+        if w is None:
+            i += 1
+        else:
+            windows.append(w)
+            k -= w[1] - w[0]
+            i = w[1] + 1
+    return sorted(windows, reverse=True)
+
+
+def global_window_search(
+    evaluator: WindowEvaluator, target: int, num_layers: int, protect: set[int], max_window: int
+) -> tuple[list[Window], list[dict[str, Any]]]:
+    """Score every allowed window alone, then the best non-overlapping set for the target count."""
+    candidates = [
+        (low, high)
+        for low in range(num_layers)
+        for high in range(low + 1, min(num_layers, low + max_window))
+        if high - low <= target and not any(i in protect for i in range(low, high + 1))
+    ]
+    tried = []
+    costs: dict[Window, float] = {}
+    for w in sorted(candidates, key=lambda w: (-w[0], w[1])):  # top first: short runs are cheap
+        s = evaluator.score_set([w])
+        costs[w] = _cost(s)
+        tried.append({"window": list(w), "sim": round(s, 6)})
+    windows = best_window_set(costs, num_layers, target)
+    if windows is None:
+        raise PassError(f"no set of allowed windows removes exactly {target} layers (check protect / max_window)")
+    return windows, tried
+
+
+def _free(i: int, windows, protect: set[int], num_layers: int) -> bool:
+    return 0 <= i < num_layers and i not in protect and not any(lo <= i <= hi for lo, hi in windows)
+
+
+def greedy_window_search(
+    evaluator: WindowEvaluator, target: int, num_layers: int, protect: set[int], max_window: int
+) -> tuple[list[Window], list[dict[str, Any]]]:
+    """Grow the plan one removed layer per round, keeping the best-scoring growth each time."""
+    engine = evaluator.engine
+    windows: list[Window] = []
+    tried: list[dict[str, Any]] = []
+    for round_no in range(target):
+        # activations of the current compressed stack, so candidates resume at their lowest changed layer
+        slot_inputs: list[Batches] = []
+        slots = evaluator.stack(windows, 0)
+        engine.run_layers(slots, 0, slot_inputs=slot_inputs)
+        starts, i = {}, 0
+        for k, slot in enumerate(slots):
+            starts[i] = slot_inputs[k]
+            i = next((w[1] + 1 for w in windows if w[0] == i), i + 1)
+        options: list[tuple[list[Window], int]] = []
+        for i in range(num_layers - 1):
+            if _free(i, windows, protect, num_layers) and _free(i + 1, windows, protect, num_layers):
+                options.append((windows + [(i, i + 1)], i))
+        for w in windows:
+            if w[1] - w[0] + 1 >= max_window:
+                continue
+            rest = [x for x in windows if x != w]
+            if _free(w[0] - 1, windows, protect, num_layers):
+                options.append((rest + [(w[0] - 1, w[1])], w[0] - 1))
+            if _free(w[1] + 1, windows, protect, num_layers):
+                options.append((rest + [(w[0], w[1] + 1)], w[0]))
+        if not options:
+            raise PassError(f"greedy search: nothing left to merge after removing {round_no} layers")
+        scored = []
+        for cand, start in options:
+            s = evaluator.score_set(cand, start=start, start_hidden=starts[start])
+            scored.append((s, cand))
+        best_s, best = max(scored, key=lambda t: (t[0], sorted(t[1])))
+        tried.append({"round": round_no, "windows": sorted([list(w) for w in best], reverse=True), "sim": round(best_s, 6),
+                      "candidates": len(options)})
+        windows = best
+        evaluator.commit(windows)
+    return sorted(windows, reverse=True), tried
+
+
+def removed_by(windows) -> int:
     return sum(h - l for l, h in windows)
 
 
+# ---------------------------------------------------------------------------------------------- the pass
 class SLMPass(CompressionPass):
     name = "slm"
     description = "Sliding-Window Merging (AAAI-26), faithful to the official SLM.py; threshold or target ratio."
     params = (
-        PassParam("threshold", "float", 0.72, "similarity threshold; sim > threshold grows the window"),
+        PassParam("threshold", "float", 0.72, "similarity threshold; sim > threshold grows the window (official search)"),
         RATIO,
         NUM_LAYERS,
-        PassParam("merge", "str", "official", "merge rule", choices=None),
+        PassParam("merge", "str", "official", f"merge rule: {', '.join(MERGE_RULES)} or {CALIBRATED}"),
         PassParam("similarity", "str", "final-cosine", "similarity criterion", choices=tuple(SIMILARITIES)),
+        PassParam("search", "str", "official", "window search: official, global or greedy", choices=SEARCHES),
         PassParam("protect", "int_list", None, "base layers never placed in a window"),
-        PassParam("max_window", "int", None, "largest window size in layers"),
+        PassParam("max_window", "int", None, "largest window size in layers (global/greedy default: 8)"),
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
     )
     runtime_params = ("batch_size",)
 
     def validate(self) -> None:
         super().validate()
-        get_merge_rule(self.config["merge"])
+        if self.config["merge"] != CALIBRATED:
+            get_merge_rule(self.config["merge"])
         if self.config["max_window"] is not None and self.config["max_window"] < 2:
             raise PassError(f"max_window must be >= 2, got {self.config['max_window']}")
+        if self.config["search"] != "official" and self.config["ratio"] is None and self.config["num_layers"] is None:
+            raise PassError(f"search={self.config['search']} needs ratio or num_layers")
 
     def public_params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().public_params().items() if k not in self.runtime_params}
+        params = {k: v for k, v in super().public_params().items() if k not in self.runtime_params}
+        if self.config["search"] != "official":
+            params.pop("threshold", None)
+        return params
+
+    def default_protect(self, num_layers: int) -> set[int]:
+        return set()
 
     def plan(self, model: nn.Module, calibration: torch.Tensor) -> CompressionPlan:
         if calibration is None:
-            raise PassError("pass 'slm' needs calibration token ids")
+            raise PassError(f"pass {self.name!r} needs calibration token ids")
         engine = ForwardEngine(model, calibration, batch_size=self.config["batch_size"])
         n = engine.num_layers
         if n < 4:
-            raise PassError(f"slm needs at least 4 decoder layers, the model has {n}")
+            raise PassError(f"{self.name} needs at least 4 decoder layers, the model has {n}")
         target = self.target_count(n, required=False)
-        protect = self.protected(n)
-        rule = get_merge_rule(self.config["merge"])
-        with progress_bar(desc=f"slm: scoring windows", unit="window") as bar:
-            engine.record_layer_inputs()
-            evaluator = WindowEvaluator(engine, rule, self.config["similarity"], progress=bar)
-            run = lambda t: official_window_loop(evaluator, t, n, protect, self.config["max_window"])
-            search: list[dict[str, Any]] = []
-            if target is None:
-                threshold = self.config["threshold"]
-                windows, tried = run(threshold)
-            else:
-                threshold, windows, tried, search = self._search_threshold(run, target, bar)
-            bar.set_postfix(committed=len(windows), removed=removed_by(windows))
+        protect = self.protected(n) if self.config["protect"] is not None else self.default_protect(n)
+        search = self.config["search"]
         params = self.public_params()
-        params["threshold"] = threshold
-        trace: dict[str, Any] = {
-            "tried": tried,
-            "windows": [list(w) for w in windows],
-            "similarity_evaluations": evaluator.evaluations,
-        }
+        trace: dict[str, Any] = {}
+        with progress_bar(desc=f"{self.name}: scoring windows", unit="window") as bar:
+            engine.record_layer_inputs()
+            evaluator = WindowEvaluator(engine, self.config["merge"], self.config["similarity"], progress=bar)
+            if search == "official":
+                run = lambda t: official_window_loop(evaluator, t, n, protect, self.config["max_window"])
+                if target is None:
+                    threshold = self.config["threshold"]
+                    windows, tried = run(threshold)
+                else:
+                    threshold, windows, tried, trace["search"] = self._search_threshold(run, target, bar)
+                params["threshold"] = threshold
+            else:
+                max_window = self.config["max_window"] or 8
+                fn = global_window_search if search == "global" else greedy_window_search
+                windows, tried = fn(evaluator, target, n, protect, max_window)
+            bar.set_postfix(committed=len(windows), removed=removed_by(windows))
+            ops = [evaluator.op(w) for w in windows]
+        trace.update(
+            {"tried": tried, "windows": [list(w) for w in windows], "similarity_evaluations": evaluator.evaluations}
+        )
+        if protect:
+            trace["protected"] = sorted(protect)
         if target is not None:
-            trace["search"] = search
             trace["target_removed"] = target
             got = removed_by(windows)
             if got != target:
                 msg = (
-                    f"slm: no threshold removes exactly {target} layers; using threshold {threshold} which removes "
-                    f"{got}"
+                    f"{self.name}: no threshold removes exactly {target} layers; using threshold "
+                    f"{params.get('threshold')} which removes {got}"
                 )
                 trace["note"] = msg
                 warnings.warn(msg, stacklevel=2)
-        ops = [merge_op(lo, hi, rule.name) for lo, hi in windows]
         return self.make_plan(model, ops, calibration, trace=trace, params=params)
 
     @staticmethod

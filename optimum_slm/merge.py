@@ -14,6 +14,11 @@ Formulas (θ_i = a layer's tensors, window l..h):
 * ``mean``      every tensor: (1/(h−l+1)) Σ_{i=l..h} θ_i.
 * ``keep-bottom`` every tensor: θ_l (plain deletion of layers l+1..h).
 * ``keep-top``  every tensor: θ_h, in θ_h's slot (plain deletion of layers l..h−1).
+* ``linear``    projections: Σ_{i=l..h} c_i·θ_i with the op's ``args.coefficients`` [c_l, …, c_h]; norms and biases:
+  θ_l. It expresses chained merges exactly, e.g. LaCo's RDSC applied again to an already merged layer
+  (``paper`` applied twice is not ``paper`` on the union window). Anchor: bottom.
+
+Rules that need arguments read them from the merge op's ``args`` object (``merge_op(l, h, rule, args={...})``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .arch import NORM, PROJECTION
-from .errors import PassError
+from .errors import PassError, PlanError
 
 State = Mapping[str, torch.Tensor]
 Kinds = Mapping[str, str]
@@ -35,14 +40,24 @@ class MergeRule:
     """A named merge rule: ``fn(states, kinds) -> state`` and the slot its result takes."""
 
     name: str
-    fn: Callable[[Sequence[State], Kinds], dict[str, torch.Tensor]]
+    fn: Callable[..., dict[str, torch.Tensor]]
     anchor: str  # "bottom" or "top"
     description: str
+    #: optional ``check(args, window_size)`` raising ``PlanError`` for bad op arguments (rules with arguments)
+    check: Callable[[Mapping, int], None] | None = None
 
-    def __call__(self, states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
+    def __call__(self, states: Sequence[State], kinds: Kinds, **args) -> dict[str, torch.Tensor]:
         if len(states) < 2:
             raise ValueError("a merge window needs at least two layers")
-        return self.fn(states, kinds)
+        self.check_args(args, len(states))
+        return self.fn(states, kinds, **args)
+
+    def check_args(self, args: Mapping, window_size: int) -> None:
+        """Validate a merge op's ``args`` for this rule (rules without a ``check`` take none)."""
+        if self.check is not None:
+            self.check(args, window_size)
+        elif args:
+            raise PlanError(f"merge rule {self.name!r} takes no args, got {sorted(args)}")
 
     def anchor_index(self, low: int, high: int) -> int:
         return high if self.anchor == "top" else low
@@ -77,6 +92,32 @@ def merge_paper(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor
     return out
 
 
+def _check_linear(args: Mapping, window_size: int) -> None:
+    coefficients = args.get("coefficients")
+    if set(args) != {"coefficients"} or not isinstance(coefficients, (list, tuple)):
+        raise PlanError("merge rule 'linear' needs args {'coefficients': [one number per window layer]}")
+    if len(coefficients) != window_size or not all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) for c in coefficients
+    ):
+        raise PlanError(f"merge rule 'linear': {window_size}-layer window needs {window_size} numeric coefficients")
+
+
+def merge_linear(states: Sequence[State], kinds: Kinds, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Σ_i c_i·θ_i on projections (accumulated in float64, cast back); norms and biases of the bottom layer."""
+    out: dict[str, torch.Tensor] = {}
+    for name, kind in kinds.items():
+        base = states[0][name]
+        if kind == PROJECTION:
+            acc = torch.zeros(base.shape, dtype=torch.float64, device=base.device)
+            for c, s in zip(coefficients, states):
+                if c:
+                    acc += float(c) * s[name].double()
+            out[name] = acc.to(base.dtype)
+        else:
+            out[name] = base.clone()
+    return out
+
+
 def merge_mean(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Tensor]:
     """Element-wise mean of every tensor over the window (computed in float32, cast back)."""
     out: dict[str, torch.Tensor] = {}
@@ -104,6 +145,9 @@ MERGE_RULES: dict[str, MergeRule] = {
         MergeRule("mean", merge_mean, "bottom", "mean of all window tensors"),
         MergeRule("keep-bottom", merge_keep_bottom, "bottom", "bottom layer unchanged (delete the rest)"),
         MergeRule("keep-top", merge_keep_top, "top", "top layer unchanged, norms included (delete the rest)"),
+        MergeRule(
+            "linear", merge_linear, "bottom", "Σ c_i θ_i on projections (op args.coefficients)", check=_check_linear
+        ),
     )
 }
 
@@ -130,5 +174,6 @@ __all__ = [
     "merge_mean",
     "merge_keep_bottom",
     "merge_keep_top",
+    "merge_linear",
     "NORM",
 ]

@@ -17,6 +17,11 @@ from . import hookspecs
 DEFAULT_PLUGINS = (
     "optimum_slm.passes.drop",
     "optimum_slm.passes.slm",
+    "optimum_slm.passes.shortgpt",
+    "optimum_slm.passes.angular",
+    "optimum_slm.passes.sleb",
+    "optimum_slm.passes.shortened",
+    "optimum_slm.passes.laco",
 )
 ENTRY_POINT_GROUP = "optimum_slm"
 

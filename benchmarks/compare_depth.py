@@ -1,0 +1,203 @@
+"""Every depth pass on SmolLM2-135M: removed layers, held-out perplexity, plan time; a markdown table and a chart.
+
+    OMP_NUM_THREADS=2 python benchmarks/compare_depth.py [--passes shortgpt,sleb] [--ratios 0.2,0.35]
+        [--output benchmarks/results/depth_smollm2.md]
+
+Setup: the ``smollm2-135m`` alias in fp32; one calibration set for every pass (10 x 128 tokens of the ``wiki-leads``
+split, seed 1234); perplexity on the held-out ``wiki-leads-test`` split (16 x 512 tokens, ``evaluate.heldout_ids``),
+which no pass sees. Each plan is applied to a deep copy of the base. By default every registered pass runs except
+``drop`` (which needs an explicit layer list), so a newly registered pass appears without editing this script;
+``slm`` runs once per merge rule and ``laco`` once per RDSC mode. The chart (same name, ``.png``) has one bar per pass
+and ratio on a log perplexity axis, with the dense model as a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OPTIMUM_SLM_QUIET", "1")
+
+import torch
+
+from optimum_slm import apply_plan, get_pass, list_passes, load_calibration, load_model
+from optimum_slm.errors import SLMError
+from optimum_slm.evaluate import heldout_ids, perplexity
+
+#: passes that run more than once, with these parameter sets (label suffix = the values)
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "slm": [{"merge": r} for r in ("official", "paper", "mean", "keep-bottom", "keep-top")],
+    "laco": [{"merge": "official"}, {"merge": "paper"}],
+}
+#: registered passes that cannot run from a ratio alone
+SKIP = {"drop"}
+
+
+def variants(names: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, pass name, extra params) for every run."""
+    out = []
+    for name in names:
+        for extra in VARIANTS.get(name, [{}]):
+            label = name + (f"[{','.join(str(v) for v in extra.values())}]" if extra else "")
+            out.append((label, name, extra))
+    return out
+
+
+def describe_ops(plan) -> str:
+    parts = []
+    for op in plan.ops:
+        lo = op["layers"]
+        if op["op"] == "drop":
+            parts.append("drop " + ",".join(map(str, lo)))
+        else:
+            parts.append(f"merge {lo[0]}-{lo[1]}" + (" (linear)" if op.get("rule") == "linear" else ""))
+    return "; ".join(parts)
+
+
+def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"pass": name, "params": extra, "ratio": ratio}
+    try:
+        start = time.perf_counter()
+        plan = get_pass(name, ratio=ratio, **extra).plan(model, calib)
+        row["plan_s"] = round(time.perf_counter() - start, 2)
+    except SLMError as exc:
+        row["error"] = str(exc)
+        return row
+    row["removed"] = plan.removed_layers
+    row["layers_after"] = plan.num_layers_after
+    row["ops"] = describe_ops(plan)
+    if "threshold" in plan.params and name in ("slm", "laco"):
+        row["threshold"] = plan.params["threshold"]
+    compressed = apply_plan(copy.deepcopy(model), plan)
+    start = time.perf_counter()
+    row["ppl"] = perplexity(compressed, heldout)
+    row["eval_s"] = round(time.perf_counter() - start, 1)
+    del compressed
+    return row
+
+
+def write_markdown(path: str, rows: list[dict[str, Any]], dense: float, command: str, setup: str) -> None:
+    lines = [
+        "# Depth passes on SmolLM2-135M (30 layers)",
+        "",
+        setup,
+        "",
+        f"Dense model: held-out perplexity **{dense:.2f}**.",
+        "",
+        "| pass | ratio | layers | removed / merged (base numbering) | held-out PPL | plan time (s) |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["ratio"], r.get("ppl", float("inf")))):
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['ratio']} | – | error: {r['error']} | – | – |")
+            continue
+        ops = r["ops"] + (f" (T={r['threshold']:.4g})" if "threshold" in r else "")
+        lines.append(
+            f"| {r['label']} | {r['ratio']} | {r['layers_after']} | {ops} | {r['ppl']:.2f} | {r['plan_s']:.1f} |"
+        )
+    lines += ["", "Rows are sorted by ratio, then perplexity (best first).", "", "Regenerate with:", "",
+              "```", command, "```", ""]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+
+
+def write_chart(path: str, rows: list[dict[str, Any]], dense: float, ratios: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "ppl" in r]
+    labels = list(dict.fromkeys(r["label"] for r in ok))
+    # order passes by their perplexity at the first ratio so the chart reads best to worst
+    first = {r["label"]: r["ppl"] for r in ok if r["ratio"] == ratios[0]}
+    labels.sort(key=lambda l: first.get(l, float("inf")))
+    width = 0.8 / max(len(ratios), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(labels) + 2), 5.5))
+    for k, ratio in enumerate(ratios):
+        values = {r["label"]: r["ppl"] for r in ok if r["ratio"] == ratio}
+        xs = [i + (k - (len(ratios) - 1) / 2) * width for i, l in enumerate(labels) if l in values]
+        ys = [values[l] for l in labels if l in values]
+        bars = ax.bar(xs, ys, width, label=f"ratio {ratio}")
+        for bar, y in zip(bars, ys):
+            ax.annotate(f"{y:.0f}" if y >= 100 else f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
+                        ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=9)
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title("SmolLM2-135M depth compression: held-out Wikipedia-leads perplexity (lower is better)")
+    ax.legend(fontsize=9)
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", default=None, help="comma-separated pass names (default: all registered but drop)")
+    parser.add_argument("--ratios", default="0.2,0.35", help="comma-separated removal ratios")
+    parser.add_argument("--output", default="benchmarks/results/depth_smollm2.md", help="markdown file; .png/.json next to it")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--redraw", action="store_true", help="rewrite the table and chart from the saved .json only")
+    args = parser.parse_args(argv)
+    base = os.path.splitext(args.output)[0]
+    if args.redraw:
+        with open(base + ".json", encoding="utf-8") as fh:
+            saved = json.load(fh)
+        ratios = list(dict.fromkeys(r["ratio"] for r in saved["rows"]))
+        write_markdown(args.output, saved["rows"], saved["dense_ppl"], saved["command"], saved["setup"])
+        write_chart(base + ".png", saved["rows"], saved["dense_ppl"], ratios)
+        return 0
+
+    registered = list(list_passes())
+    names = [p for p in args.passes.split(",") if p] if args.passes else [p for p in registered if p not in SKIP]
+    unknown = [p for p in names if p not in registered]
+    if unknown:
+        parser.error(f"unknown pass {unknown[0]!r}; registered: {', '.join(registered)}")
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/compare_depth.py " + " ".join(
+        shlex.quote(a) for a in argv
+    )
+
+    model, tokenizer = load_model(args.model, dtype="float32")
+    calib = load_calibration(tokenizer, "wiki-leads", n_samples=10, seq_len=128, seed=1234)
+    heldout = heldout_ids(tokenizer)
+    dense = perplexity(model, heldout)
+    setup = (
+        f"Model `{args.model}` (fp32, CPU, {torch.get_num_threads()} threads). Calibration for every pass: "
+        f"{calib.shape[0]} x {calib.shape[1]} tokens of `wiki-leads` (seed 1234). Perplexity: held-out "
+        f"`wiki-leads-test`, {heldout.shape[0]} x {heldout.shape[1]} tokens. Pass defaults unless named "
+        "(`slm[rule]`: merge rule, `laco[mode]`: RDSC mode; T = the threshold the target search chose)."
+    )
+    print(f"dense perplexity {dense:.3f}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for ratio in ratios:
+        for label, name, extra in variants(names):
+            row = run_one(model, calib, heldout, name, extra, ratio)
+            row["label"] = label
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_markdown(args.output, rows, dense, command, setup)
+            with open(base + ".json", "w", encoding="utf-8") as fh:
+                json.dump({"dense_ppl": dense, "rows": rows, "command": command, "setup": setup}, fh, indent=1)
+    write_chart(base + ".png", rows, dense, ratios)
+    print(f"wrote {args.output}, {base}.png, {base}.json")
+    return 0 if all("ppl" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

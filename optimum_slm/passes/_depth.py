@@ -1,0 +1,34 @@
+"""Helpers shared by the one-shot depth baselines: candidate sets, lowest-score selection, calibration checks."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import PassError
+
+
+def need_calibration(name: str, calibration: torch.Tensor | None) -> torch.Tensor:
+    """The calibration ids, or a one-line ``PassError`` when a data-driven pass got none."""
+    if calibration is None:
+        raise PassError(f"pass {name!r} needs calibration token ids")
+    if calibration.dim() != 2 or calibration.shape[1] < 2:
+        raise PassError(f"pass {name!r}: calibration ids must be [n_samples, seq_len >= 2], got {tuple(calibration.shape)}")
+    return calibration
+
+
+def select_lowest(name: str, scores: Mapping[int, float], count: int, excluded: set[int]) -> list[int]:
+    """The ``count`` layers with the lowest score among those not ``excluded`` (ties: lower index first, as a
+    stable ``argsort`` gives); sorted ascending."""
+    candidates = sorted((s, i) for i, s in scores.items() if i not in excluded)
+    if len(candidates) < count:
+        raise PassError(
+            f"{name}: only {len(candidates)} removable layers (protected: {sorted(excluded)}), cannot remove {count}"
+        )
+    return sorted(i for _, i in candidates[:count])
+
+
+def round_scores(scores: Mapping[int, float], digits: int = 6) -> dict[str, float]:
+    """Scores keyed by layer index as JSON-friendly strings, rounded for the plan trace."""
+    return {str(i): float(f"{s:.{digits}g}") for i, s in sorted(scores.items())}

@@ -1,0 +1,57 @@
+"""``shortgpt``: ShortGPT's Block Influence (Men et al. 2024), one-shot removal of the least influential layers.
+
+Official code (icip-cas/ShortGPT ``metrics.py`` / ``shortgpt.py``): with x_i = ``hidden_states[i]`` (the input of
+layer i) BI_i = Σ_{samples, tokens} (1 − cos(x_i,t, x_{i+1},t)), NaN cosines counted as 0.5; remove the n layers with
+the lowest BI (``argsort(importances)[:n]``), nothing protected. HF's ``hidden_states[L]`` is the final-norm output,
+so the official last-layer score compares a raw input with a normed output; ``last_layer_norm`` keeps that (default)
+or compares raw residual streams throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine import ForwardEngine
+from ..hookspecs import hookimpl
+from ..plan import CompressionPlan, drop_op
+from ._depth import need_calibration, round_scores, select_lowest
+from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam
+
+LAST_LAYER_NORM = PassParam(
+    "last_layer_norm",
+    "bool",
+    True,
+    "the last layer's output is taken after the final norm, like HF hidden_states[L] in the official code",
+)
+
+
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+    """Σ over all tokens of 1 − cos(x_in[t], x_out[t]) for [..., hidden] tensors; NaN cosines count as 0.5."""
+    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.to(x_in.device).double(), dim=-1)
+    return float((1.0 - cos).nan_to_num(nan=0.5).sum())
+
+
+class ShortGPTPass(CompressionPass):
+    name = "shortgpt"
+    description = "ShortGPT Block Influence: remove the layers with the lowest Σ(1 − cos(input, output)), one shot."
+    params = (RATIO, NUM_LAYERS, PROTECT, LAST_LAYER_NORM)
+
+    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
+        calibration = need_calibration(self.name, calibration)
+        engine = ForwardEngine(model, calibration).record_layer_inputs()
+        n = engine.num_layers
+        count = self.target_count(n)
+        protect = self.protected(n)
+        scores: dict[int, float] = {}
+        for i in range(n):
+            outputs = engine.reference if (i == n - 1 and self.config["last_layer_norm"]) else engine.inputs[i + 1]
+            scores[i] = sum(block_influence(x, y) for x, y in zip(engine.inputs[i], outputs))
+        removed = select_lowest(self.name, scores, count, protect)
+        trace = {"block_influence": round_scores(scores), "order": sorted(scores, key=lambda i: (scores[i], i))}
+        return self.make_plan(model, [drop_op(removed)], calibration, trace=trace)
+
+
+@hookimpl
+def register_passes(register):
+    register(ShortGPTPass)

@@ -1,0 +1,177 @@
+"""SLM variants: similarity criteria, calibrated merge, global (DP) and greedy window search."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import calib_ids, make_model
+from optimum_slm import ArchAdapter, CompressionPlan, apply_plan, get_pass
+from optimum_slm.calibrated import calibrate_window, decode_vector, encode_vector
+from optimum_slm.engine import ForwardEngine, Slot
+from optimum_slm.merge import MERGE_RULES
+from optimum_slm.passes.slm import best_window_set
+from optimum_slm.similarity import SIMILARITIES, linear_cka
+
+
+def test_similarities_are_one_for_the_base_and_lower_for_a_broken_model():
+    model = make_model("llama", 6)
+    engine = ForwardEngine(model, calib_ids(3, 12)).record_layer_inputs()
+    base = engine.run_layers(engine.base_slots(0), 0)
+    broken = engine.run_layers(engine.base_slots(0)[:2] + engine.base_slots(5), 0)
+    for name, fn in SIMILARITIES.items():
+        assert fn(engine, base) == pytest.approx(1.0, abs=1e-6), name
+        assert fn(engine, broken) < 0.999, name
+
+
+def test_linear_cka_formula_and_invariances():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    direct = (torch.linalg.norm(yc.T @ xc) ** 2 / (torch.linalg.norm(xc.T @ xc) * torch.linalg.norm(yc.T @ yc))).item()
+    assert linear_cka(x, y) == pytest.approx(direct, rel=1e-9)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_logit_kl_similarity_is_exp_of_minus_kl():
+    model = make_model("llama", 6)
+    engine = ForwardEngine(model, calib_ids(2, 8)).record_layer_inputs()
+    cand = engine.run_layers(engine.base_slots(0)[:1] + engine.base_slots(3), 0)
+    p = torch.log_softmax(torch.cat(engine.logits(engine.reference)).float(), -1)
+    q = torch.log_softmax(torch.cat(engine.logits(cand)).float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert SIMILARITIES["logit-kl"](engine, cand) == pytest.approx(math.exp(-kl), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_folded_scales_scale_the_branch_outputs(family):
+    model = make_model(family, 4)
+    adapter = ArchAdapter(model)
+    layer = adapter.layers[1]
+    engine = ForwardEngine(model, calib_ids(2, 8)).record_layer_inputs()
+    hidden = adapter.config.hidden_size
+    scales = {"attn": torch.rand(hidden) + 0.5, "mlp": torch.rand(hidden) + 0.5}
+
+    def branch_outputs(module):
+        out = {}
+        hooks = [
+            sub.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, (o[0] if isinstance(o, tuple) else o)))
+            for n, sub in adapter.branch_modules(module).items()
+        ]
+        engine.run_layers([Slot(module, 1)], 1, final_norm=False)
+        for h in hooks:
+            h.remove()
+        return out
+
+    before = branch_outputs(layer)
+    scaled = copy.deepcopy(layer)
+    adapter.fold_branch_scales(scaled, {"attn": scales["attn"]})
+    after = branch_outputs(scaled)
+    assert torch.allclose(after["attn"], before["attn"] * scales["attn"], atol=1e-5)
+    mlp_only = copy.deepcopy(layer)
+    adapter.fold_branch_scales(mlp_only, {"mlp": scales["mlp"]})
+    after = branch_outputs(mlp_only)
+    assert torch.allclose(after["attn"], before["attn"])
+    assert torch.allclose(after["mlp"], before["mlp"] * scales["mlp"], atol=1e-5)
+
+
+def test_calibrated_merge_fits_the_window_better_than_keep_top():
+    model = make_model("llama", 8)
+    engine = ForwardEngine(model, calib_ids(4, 16)).record_layer_inputs()
+    adapter = engine.adapter
+    low, high = 3, 5
+    kinds = adapter.tensor_kinds(adapter.layers[0])
+    states = [dict(adapter.layers[i].named_parameters()) for i in range(low, high + 1)]
+    keep_top = copy.deepcopy(adapter.layers[high])
+    keep_top.load_state_dict(MERGE_RULES["keep-top"]([{k: v.detach() for k, v in s.items()} for s in states], kinds))
+    calibrated = copy.deepcopy(keep_top)
+    scales = calibrate_window(engine, calibrated, high, low, high)
+    target = torch.cat(engine.inputs[high + 1])
+
+    def err(module):
+        out = torch.cat(engine.run_layers([Slot(module, high)], low, final_norm=False))
+        return (out - target).pow(2).mean().item()
+
+    assert err(calibrated) < err(keep_top)
+    assert set(scales) == {"attn", "mlp"} and scales["mlp"].shape == (64,)
+    assert torch.equal(decode_vector(encode_vector(scales["mlp"])), scales["mlp"])
+
+
+def test_calibrated_plan_rebuilds_without_calibration_data(tmp_path):
+    model = make_model("llama", 8)
+    ids = calib_ids(3, 12)
+    plan = get_pass("slm", num_layers=2, search="global", merge="calibrated").plan(model, ids)
+    assert all("scales" in op for op in plan.ops)
+    plan.save(tmp_path / "p.json")
+    a = apply_plan(copy.deepcopy(model), plan)
+    b = apply_plan(copy.deepcopy(model), CompressionPlan.load(tmp_path / "p.json"))
+    keep_top = copy.deepcopy(plan.to_dict())
+    for op in keep_top["ops"]:
+        op.pop("scales")
+    c = apply_plan(copy.deepcopy(model), CompressionPlan.from_dict(keep_top))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+        assert not torch.equal(a(ids).logits, c(ids).logits)
+
+
+def _brute_force(costs, n, target):
+    best, best_set = float("inf"), None
+    windows = list(costs)
+    for r in range(1, target + 1):
+        for combo in itertools.combinations(windows, r):
+            layers = [i for lo, hi in combo for i in range(lo, hi + 1)]
+            if len(layers) != len(set(layers)) or sum(hi - lo for lo, hi in combo) != target:
+                continue
+            total = sum(costs[w] for w in combo)
+            if total < best:
+                best, best_set = total, combo
+    return best, best_set
+
+
+def test_dynamic_programming_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(20):
+        n, target = 7, rng.randint(1, 4)
+        costs = {(lo, hi): rng.random() for lo in range(n) for hi in range(lo + 1, min(n, lo + 4))}
+        expect, _ = _brute_force(costs, n, target)
+        got = best_window_set(costs, n, target)
+        assert got is not None
+        assert sum(hi - lo for lo, hi in got) == target
+        assert sum(costs[w] for w in got) == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("search", ["global", "greedy"])
+def test_searches_remove_the_target_and_respect_protect(search):
+    model = make_model("llama", 8)
+    ids = calib_ids(3, 12)
+    plan = get_pass("slm", num_layers=3, search=search, similarity="token-cosine", merge="keep-top",
+                    protect=[0, 7], max_window=3).plan(model, ids)
+    assert plan.removed_layers == 3
+    for lo, hi in plan.windows:
+        assert hi - lo + 1 <= 3 and lo > 0 and hi < 7
+    assert plan.trace["similarity_evaluations"] > 0 and "threshold" not in plan.params
+
+
+def test_greedy_first_round_picks_the_best_single_window():
+    model = make_model("llama", 8)
+    ids = calib_ids(3, 12)
+    plan = get_pass("slm", num_layers=1, search="greedy", similarity="token-cosine", merge="keep-top").plan(model, ids)
+    engine = ForwardEngine(model, ids).record_layer_inputs()
+    best = None
+    for i in range(7):  # keep-top window [i, i+1] == deleting layer i
+        slots = [s for s in engine.base_slots(0) if s.type_index != i]
+        s = SIMILARITIES["token-cosine"](engine, engine.run_layers(slots, 0))
+        best = max(best or (s, i), (s, i))
+    assert plan.windows == [(best[1], best[1] + 1)]
+
+
+def test_searches_need_a_target():
+    with pytest.raises(Exception, match="needs ratio or num_layers"):
+        get_pass("slm", search="global")

@@ -1,0 +1,43 @@
+"""``slm-plus``: the SLM variant that wins on our benchmarks, as the recommended default for users.
+
+Same machinery as ``slm`` (windows of merged layers, the same engine and plan ops), with the choices that won the
+ablation in ``benchmarks/results/ablation_smollm2.md``: a greedy window search scored by the next-token KL against
+the base model, and the calibrated merge (keep the window's top layer, refit its branch output scales). See the
+README's Results section for the evidence.
+"""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from .base import NUM_LAYERS, RATIO, PassParam
+from .slm import CALIBRATED, SEARCHES, SLMPass
+from ..similarity import SIMILARITIES
+
+
+class SLMPlusPass(SLMPass):
+    name = "slm-plus"
+    description = "Recommended: SLM windows found by greedy KL-scored search, calibrated keep-top merge."
+    params = (
+        RATIO,
+        NUM_LAYERS,
+        PassParam("merge", "str", CALIBRATED, "merge rule (see slm)"),
+        PassParam("similarity", "str", "logit-kl", "similarity criterion", choices=tuple(SIMILARITIES)),
+        PassParam("search", "str", "greedy", "window search: global or greedy", choices=SEARCHES[1:]),
+        PassParam("protect", "int_list", None, "base layers never placed in a window"),
+        PassParam("max_window", "int", None, "largest window size in layers (default 8)"),
+        PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
+    )
+
+    def validate(self) -> None:
+        self.config.setdefault("threshold", None)
+        super().validate()
+
+    def public_params(self):
+        params = super().public_params()
+        params.pop("threshold", None)
+        return params
+
+
+@hookimpl
+def register_passes(register):
+    register(SLMPlusPass)

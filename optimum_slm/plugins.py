@@ -17,6 +17,7 @@ from . import hookspecs
 DEFAULT_PLUGINS = (
     "optimum_slm.passes.drop",
     "optimum_slm.passes.slm",
+    "optimum_slm.passes.slm_plus",
     "optimum_slm.passes.shortgpt",
     "optimum_slm.passes.angular",
     "optimum_slm.passes.sleb",

@@ -35,7 +35,6 @@ HFLM_KEYS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "k
                                                                      "peft", "dtype"}
 
 
-@register_model("slm")
 class SLMLM(HFLM):
     """An ``HFLM`` whose model is ``base`` compressed by optimum-slm (a computed, cached or given plan)."""
 
@@ -151,3 +150,16 @@ class SLMLM(HFLM):
         path = cache.put(key, plan)
         logger.info("slm: computed a %s plan, cached as %s", plan.method, path)
         return plan, f"computed, cached as {path}"
+
+
+def _register() -> None:
+    """Register ``slm`` (upgrading the start-up hook's lazy placeholder to this class)."""
+    try:
+        register_model("slm")(SLMLM)
+    except ValueError:
+        # already registered lazily by another route (an lm-eval that reads the ``lm_eval.models`` entry point
+        # keeps its own placeholder); the registry loads this very class from it
+        logger.debug("lm-eval model 'slm' was already registered; keeping that registration")
+
+
+_register()

@@ -232,6 +232,13 @@ def _window_similarities(trace: dict[str, Any]) -> dict[tuple[int, int], float]:
     return sims
 
 
+def _is_small_table(value: Any) -> bool:
+    """A short list of flat records (e.g. a threshold search), worth printing in full."""
+    return (isinstance(value, list) and 0 < len(value) <= 12
+            and all(isinstance(row, dict) and len(row) <= 4
+                    and all(isinstance(v, (str, int, float, bool)) for v in row.values()) for row in value))
+
+
 def _trace_lines(trace: dict[str, Any]) -> list[str]:
     """Generic lines for trace entries other passes may record (scalars shown, long lists counted)."""
     lines = []
@@ -243,6 +250,9 @@ def _trace_lines(trace: dict[str, Any]) -> list[str]:
             lines.append(f"  {key}: {value}")
         elif isinstance(value, list) and len(value) <= 40 and all(isinstance(v, (int, float)) for v in value):
             lines.append(f"  {key}: " + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value))
+        elif _is_small_table(value):
+            rows = (" ".join(f"{k}={v}" for k, v in row.items()) for row in value)
+            lines.append(f"  {key}: " + " | ".join(rows))
         elif isinstance(value, (list, dict)):
             lines.append(f"  {key}: {len(value)} entries")
     return lines
@@ -277,7 +287,7 @@ def inspect(plan_file: str) -> None:
         click.echo("calibration: none")
     extra = _trace_lines(plan.trace)
     if "tried" in plan.trace:
-        extra.insert(0, f"  windows scored: {len(plan.trace['tried'])}")
+        extra.insert(0, f"  windows tried in the final run: {len(plan.trace['tried'])}")
     if extra:
         click.echo("trace:")
         for line in extra:

@@ -296,7 +296,11 @@ def inspect(plan_file: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``slm``)."""
-    cli.main(args=list(argv) if argv is not None else None, prog_name="slm")
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="slm")
+    except SLMError as exc:  # the group converts its commands' errors; this catches any raised outside them
+        SLMUsageError(" ".join(str(exc).split())).show()
+        sys.exit(SLMUsageError.exit_code)
 
 
 # Commands defined elsewhere in the package (analysis and benchmarks) join the group when their module exists;

@@ -188,6 +188,21 @@ def test_bridge_picks_up_commands_added_to_the_group():
         cli.commands.pop("hello-test")
 
 
+def test_bridge_survives_a_broken_package(monkeypatch, capsys):
+    """An import error in optimum_slm must not break optimum-cli; 'optimum-cli slm' reports it in one line."""
+    import optimum.commands.register.register_optimum_slm as register
+
+    monkeypatch.setitem(sys.modules, "optimum_slm.cli", None)  # makes the import fail
+    monkeypatch.setattr(register, "load_error", None)
+    root = argparse.ArgumentParser(prog="optimum-cli")
+    register.SLMCommand(root.add_subparsers())
+    args = root.parse_args(["slm"])
+    with pytest.raises(SystemExit) as done:
+        args.func(args).run()
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith("error: optimum-slm cannot be loaded (ModuleNotFoundError")
+
+
 def test_optimum_cli_help_and_list():
     env = subprocess_env()
     top = subprocess.run([OPTIMUM_CLI, "--help"], capture_output=True, text=True, env=env, timeout=120)

@@ -37,11 +37,18 @@ def _parse_batch_sizes(_ctx, _param, value: str) -> list[int]:
     return sizes
 
 
-def _quiet_transformers(quiet: bool) -> None:
+def _resolve_quiet(quiet: bool) -> bool:
+    """The command's ``--quiet`` or the group's ``slm -q``; when set, also silence transformers' load bars."""
+    from .progress import is_quiet, set_quiet
+
+    if quiet:
+        set_quiet(True)
+    quiet = is_quiet()
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    return quiet
 
 
 def _short_name(path: str) -> str:
@@ -76,10 +83,8 @@ def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples
     from .calibration import load_calibration
     from .loading import load_model
     from .plan import CompressionPlan
-    from .progress import set_quiet
 
-    set_quiet(quiet)
-    _quiet_transformers(quiet)
+    quiet = _resolve_quiet(quiet)
     _pyplot()  # before loading anything: a missing matplotlib is reported at once
     if batch_size < 1:
         raise SLMError(f"--batch-size must be positive, got {batch_size}")
@@ -124,7 +129,7 @@ def bench_command(model_path, compare, batch_sizes, prompt_len, new_tokens, warm
     from .bench import bench_models, format_table
     from .loading import load_model
 
-    _quiet_transformers(quiet)
+    quiet = _resolve_quiet(quiet)
     models = []
     for k, path in enumerate([model_path, *compare]):
         model, tok = load_model(path, gguf_file=gguf_file if k == 0 else None, dtype=dtype, device=device)

@@ -13,8 +13,9 @@ standard deviations are in the JSON.
 * decode tokens/s = batch × (new_tokens − 1) / decode time; end-to-end tokens/s = batch × new_tokens / generate time
   (the official script's throughput);
 * peak memory: CUDA ``torch.cuda.max_memory_allocated`` during generation (weights included); on CPU the peak
-  resident-set growth during generation above the resident set before it (Linux ``VmHWM`` after resetting it via
-  ``/proc/self/clear_refs``; elsewhere a 2 ms RSS sampler), i.e. KV cache + activations, weights excluded.
+  resident-set growth during generation above the resident set before it (freed heap returned to the OS first with
+  glibc ``malloc_trim``; Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``, elsewhere a 2 ms RSS
+  sampler), i.e. KV cache + activations + allocator slack, weights excluded.
 
 Defaults: CUDA 10 warm-ups and 20 repeats as the official script; CPU 1 warm-up and 3 repeats.
 """
@@ -106,6 +107,7 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        _release_free_memory()  # else pages freed by earlier runs are reused unseen and the delta reads ~0
         self.base = _rss_kib("VmRSS")
         self._stop = threading.Event()
         self._sampled = self.base
@@ -135,6 +137,18 @@ class _PeakMemory:
             peak = _rss_kib("VmHWM")
         self.peak_mib = max(0.0, (peak - self.base) / 1024)
         return False
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``) so RSS growth measures the next run only."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the delta may under-count reused memory
+        pass
 
 
 _HWM_OK: bool | None = None

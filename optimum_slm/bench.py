@@ -5,7 +5,7 @@ tokens (``min_new_tokens = max_new_tokens``), after warm-up runs that are not ti
 Differences, chosen for a fair layer-count comparison: decoding is greedy (the official script samples with top-k 50
 / top-p 0.95, whose vocabulary sort is a fixed cost unrelated to depth), the prompt is the official one repeated to
 exactly ``prompt_len`` tokens, and models are measured interleaved (model A, B, A, B, ...) so that load from other
-processes on a shared machine hits all of them alike. Summary numbers are medians over the repeats; means and
+processes on a shared machine hits all of them alike. Summary numbers (memory included) are medians over the repeats; means and
 standard deviations are in the JSON.
 
 * prefill latency: one forward of the ``[batch, prompt_len]`` prompt with a KV cache (time to first logits);
@@ -294,7 +294,7 @@ def bench_models(
                 device=str(device), prefill_ms=med["prefill_ms"], decode_ms_per_token=med["decode_ms_per_token"],
                 decode_tokens_per_s=batch * 1e3 / med["decode_ms_per_token"],
                 e2e_tokens_per_s=batch * new_tokens * 1e3 / med["generate_ms"], generate_ms=med["generate_ms"],
-                peak_memory_mib=max(s["peak_memory_mib"]), memory_kind=kind, samples=s,
+                peak_memory_mib=med["peak_memory_mib"], memory_kind=kind, samples=s,
             ))
         base = results[-len(models)]
         for res in results[-len(models):]:

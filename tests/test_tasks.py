@@ -131,12 +131,16 @@ def test_ppl_task_generator_and_tiny_end_to_end(tmp_path, tiny_tokenizer, monkey
 
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=6, words=30)
     out = tmp_path / "gen"
-    assert tasks_main(["ppl", "--corpus", corpus, "--out", str(out), "--name", "my_ppl"]) == 0
+    assert tasks_main(["ppl", "--corpus", corpus, "--out", str(out), "--name", "my_ppl", "--with-suite"]) == 0
     with open(out / "my_ppl.yaml") as fh:
         text = fh.read()
     assert f'"{os.path.abspath(corpus)}"' in text and "task: my_ppl" in text
     monkeypatch.chdir(tmp_path / "gen")  # paths in the YAML are absolute: any CWD works
-    tm = slm_tasks.task_manager(str(out))
+    from lm_eval.tasks import TaskManager
+
+    # the generated folder alone (as lm-eval's single --include_path) knows the ppl task AND the suite
+    tm = TaskManager(include_path=str(out), include_defaults=False)
+    assert {"my_ppl", slm_tasks.GROUP, *slm_tasks.TASKS} <= set(tm.all_tasks)
     tasks = ["my_ppl"] + (["slm_piqa", "slm_winogrande"] if HAVE_DATA else [])
     lm = HFLM(pretrained=make_model("llama", 2), tokenizer=tiny_tokenizer, batch_size=4, max_length=256)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=3, bootstrap_iters=0)

@@ -32,6 +32,7 @@ __all__ = [
     "task_manager",
     "tasks_dir",
     "write_ppl_task",
+    "write_suite_stubs",
 ]
 
 GROUP = "slm_commonsense7"
@@ -118,6 +119,22 @@ def write_ppl_task(corpus: str, out_dir: str, name: str = "slm_ppl_corpus") -> s
             f"dataset_kwargs:\n  corpus: {_yaml_str(corpus)}\n"
         )
     return path
+
+
+def write_suite_stubs(out_dir: str) -> list[str]:
+    """Write one-line ``include:`` stubs of the 7 tasks and the group into ``out_dir``.
+
+    lm-eval's CLI takes a single ``--include_path``; with the stubs beside a generated perplexity task, one folder
+    serves ``--tasks slm_commonsense7,<ppl task>``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for task in (*TASKS, GROUP):
+        path = os.path.join(out_dir, f"{task}.yaml")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(f"include: {_yaml_str(os.path.join(tasks_dir(), f'{task}.yaml'))}\n")
+        written.append(path)
+    return written
 
 
 def _yaml_str(value: str) -> str:

@@ -15,13 +15,14 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPTIMUM_SLM_QUIET", "1")
 
 
-def _measure(kind: str, threshold: float | None, ratio: float | None) -> dict:
+def _measure(kind: str, threshold: float | None, ratio: float | None, plan_path: str | None = None) -> dict:
     import torch
 
     import optimum_slm as slm
@@ -35,7 +36,10 @@ def _measure(kind: str, threshold: float | None, ratio: float | None) -> dict:
         params = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
         plan = slm.get_pass("slm", **params).plan(model, ids)
         windows = [list(w) for w in plan.windows]
-        extra = {"evaluations": plan.trace["similarity_evaluations"], "threshold": plan.params["threshold"]}
+        extra = {"evaluations": plan.trace["similarity_evaluations"], "threshold": plan.params["threshold"],
+                 "removed": plan.removed_layers}
+        if plan_path:
+            plan.save(plan_path)
     else:
         found, tried = official_slm_windows(model, ids, threshold)
         windows = [list(w) for w in found]
@@ -55,8 +59,10 @@ def _measure(kind: str, threshold: float | None, ratio: float | None) -> dict:
     }
 
 
-def _run_child(kind: str, threshold: float | None, ratio: float | None) -> dict:
+def _run_child(kind: str, threshold: float | None, ratio: float | None, plan_path: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind]
+    if plan_path:
+        cmd += ["--plan-path", plan_path]
     if threshold is not None:
         cmd += ["--threshold", str(threshold)]
     if ratio is not None:
@@ -72,10 +78,12 @@ def main() -> None:
     ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "slm_cost.md"))
     ap.add_argument("--child", choices=["fast", "slow"], help=argparse.SUPPRESS)
     ap.add_argument("--threshold", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--plan-path", help=argparse.SUPPRESS)
+    ap.add_argument("--target-ratios", default="0.2,0.35", help="ratios checked for exact counts and byte-identical reruns")
     args = ap.parse_args()
     if args.child:
         ratio = args.ratio if args.threshold is None else None
-        print(json.dumps(_measure(args.child, args.threshold, ratio)))
+        print(json.dumps(_measure(args.child, args.threshold, ratio, args.plan_path)))
         return
 
     rows = []
@@ -87,6 +95,17 @@ def main() -> None:
         print(f"threshold {t}: fast {fast['seconds']} s, slow {slow['seconds']} s, "
               f"x{slow['seconds'] / fast['seconds']:.1f}, same windows: {same} {fast['windows']}", flush=True)
     search = _run_child("fast", None, args.ratio) if args.ratio else None
+    reruns = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in [float(x) for x in args.target_ratios.split(",") if x]:
+            a, b = os.path.join(tmp, f"{r}-a.json"), os.path.join(tmp, f"{r}-b.json")
+            first = _run_child("fast", None, r, a)
+            _run_child("fast", None, r, b)
+            with open(a, "rb") as fa, open(b, "rb") as fb:
+                identical = fa.read() == fb.read()
+            reruns.append((r, first, identical))
+            print(f"ratio {r}: removed {first['removed']}, threshold {first['threshold']}, rerun byte-identical: "
+                  f"{identical}", flush=True)
 
     lines = [
         "# `slm` pass cost on SmolLM2-135M",
@@ -116,6 +135,12 @@ def main() -> None:
             f"Target-ratio mode `ratio={args.ratio}`: threshold {search['threshold']} found by bisection, windows "
             f"{search['windows']}, {search['evaluations']} windows scored in {search['seconds']} s{ratio_note}.",
         ]
+    if reruns:
+        lines += ["", "| target ratio | removed of 30 | threshold found | windows | plan s | rerun byte-identical |",
+                  "|---|---|---|---|---|---|"]
+        for r, first, identical in reruns:
+            lines.append(f"| {r} | {first['removed']} | {first['threshold']} | {first['windows']} | "
+                         f"{first['seconds']} | {'yes' if identical else 'NO'} |")
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as fh:

@@ -39,15 +39,20 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 #: registered passes that cannot run from a ratio alone
 SKIP = {"drop"}
+#: greedy passes whose k-layer plan is the first k rounds of any longer run (trace key of the removal order);
+#: with --reuse-greedy they run once at the largest ratio and the smaller ratios take the prefix
+GREEDY = {"sleb": "removal_order"}
 
 
 def variants(names: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, pass name, extra params) for every run."""
+    """(label, pass name, extra params) for every run; a name such as ``slm[mean]`` selects one variant."""
     out = []
-    for name in names:
+    for entry in names:
+        name = entry.split("[", 1)[0]
         for extra in VARIANTS.get(name, [{}]):
             label = name + (f"[{','.join(str(v) for v in extra.values())}]" if extra else "")
-            out.append((label, name, extra))
+            if entry in (name, label):
+                out.append((label, name, extra))
     return out
 
 
@@ -74,6 +79,8 @@ def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: floa
     row["removed"] = plan.removed_layers
     row["layers_after"] = plan.num_layers_after
     row["ops"] = describe_ops(plan)
+    if name in GREEDY:
+        row["_plan"] = plan
     if "threshold" in plan.params and name in ("slm", "laco"):
         row["threshold"] = plan.params["threshold"]
     compressed = apply_plan(copy.deepcopy(model), plan)
@@ -82,6 +89,39 @@ def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: floa
     row["eval_s"] = round(time.perf_counter() - start, 1)
     del compressed
     return row
+
+
+def prefix_rows(model, calib, heldout, name: str, ratios: list[float]) -> list[dict[str, Any]]:
+    """Rows of a greedy pass for all ``ratios`` from ONE run at the largest: the smaller plans are prefixes of its
+    removal order, their plan time the sum of their rounds' times (plus the shared recording, in round 1)."""
+    from optimum_slm.plan import CompressionPlan, drop_op
+
+    top = max(ratios)
+    big = run_one(model, calib, heldout, name, {}, top)
+    rows = [big]
+    if "error" in big:
+        return rows
+    full = big.pop("_plan")
+    order = full.trace[GREEDY[name]]
+    L = full.num_layers
+    for ratio in sorted(r for r in ratios if r != top):
+        k = get_pass(name, ratio=ratio).target_count(L)
+        rounds = full.trace["rounds"][:k]
+        sub = CompressionPlan.for_model(model, name, [drop_op(order[:k])], params={"ratio": ratio},
+                                        trace={GREEDY[name]: order[:k], "rounds": rounds})
+        row = {"pass": name, "params": {}, "ratio": ratio, "removed": k, "layers_after": L - k,
+               "ops": describe_ops(sub), "plan_s": round(sum(r["seconds"] for r in rounds), 2),
+               "prefix_of": top}
+        compressed = apply_plan(copy.deepcopy(model), sub)
+        start = time.perf_counter()
+        row["ppl"] = perplexity(compressed, heldout)
+        row["eval_s"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+    return rows
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
 
 
 def write_markdown(path: str, rows: list[dict[str, Any]], dense: float, command: str, setup: str) -> None:
@@ -100,8 +140,10 @@ def write_markdown(path: str, rows: list[dict[str, Any]], dense: float, command:
             lines.append(f"| {r['label']} | {r['ratio']} | – | error: {r['error']} | – | – |")
             continue
         ops = r["ops"] + (f" (T={r['threshold']:.4g})" if "threshold" in r else "")
+        if "prefix_of" in r:
+            ops += f" (first {r['removed']} rounds of the ratio-{r['prefix_of']} run)"
         lines.append(
-            f"| {r['label']} | {r['ratio']} | {r['layers_after']} | {ops} | {r['ppl']:.2f} | {r['plan_s']:.1f} |"
+            f"| {r['label']} | {r['ratio']} | {r['layers_after']} | {ops} | {_ppl(r['ppl'])} | {r['plan_s']:.1f} |"
         )
     lines += ["", "Rows are sorted by ratio, then perplexity (best first).", "", "Regenerate with:", "",
               "```", command, "```", ""]
@@ -128,16 +170,18 @@ def write_chart(path: str, rows: list[dict[str, Any]], dense: float, ratios: lis
         ys = [values[l] for l in labels if l in values]
         bars = ax.bar(xs, ys, width, label=f"ratio {ratio}")
         for bar, y in zip(bars, ys):
-            ax.annotate(f"{y:.0f}" if y >= 100 else f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
+            ax.annotate(f"{y:.3g}" if y >= 1e4 else f"{y:.0f}" if y >= 100 else f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
                         ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
     ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=dense / 2)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=9)
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title("SmolLM2-135M depth compression: held-out Wikipedia-leads perplexity (lower is better)")
     ax.legend(fontsize=9)
-    ax.margins(y=0.15)
+    top = max([r["ppl"] for r in ok] + [dense])
+    ax.set_ylim(top=top * 3000)  # room for the rotated value labels on a log axis
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -150,10 +194,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", default="0.2,0.35", help="comma-separated removal ratios")
     parser.add_argument("--output", default="benchmarks/results/depth_smollm2.md", help="markdown file; .png/.json next to it")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--reuse-greedy", action="store_true",
+        help="run greedy passes (sleb) once at the largest ratio; smaller ratios use the first rounds of that run",
+    )
+    parser.add_argument("--note", default="", help="a sentence appended to the setup paragraph")
+    parser.add_argument("--dense-ppl", type=float, default=None, help="reuse a dense perplexity measured before")
     parser.add_argument("--redraw", action="store_true", help="rewrite the table and chart from the saved .json only")
+    parser.add_argument(
+        "--combine", default=None, help="with --redraw: comma-separated .json files of partial runs to join first"
+    )
     args = parser.parse_args(argv)
     base = os.path.splitext(args.output)[0]
     if args.redraw:
+        if args.combine:
+            parts = []
+            for path in args.combine.split(","):
+                with open(path, encoding="utf-8") as fh:
+                    parts.append(json.load(fh))
+            latest = {(r["label"], r["ratio"]): r for part in parts for r in part["rows"]}  # later files win
+            saved = dict(parts[-1], rows=list(latest.values()))
+            saved["command"] = parts[-1]["command"].split(" python ")[0] + " python benchmarks/compare_depth.py"
+            with open(base + ".json", "w", encoding="utf-8") as fh:
+                json.dump(saved, fh, indent=1)
         with open(base + ".json", encoding="utf-8") as fh:
             saved = json.load(fh)
         ratios = list(dict.fromkeys(r["ratio"] for r in saved["rows"]))
@@ -163,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     registered = list(list_passes())
     names = [p for p in args.passes.split(",") if p] if args.passes else [p for p in registered if p not in SKIP]
-    unknown = [p for p in names if p not in registered]
+    unknown = [p for p in names if p.split("[", 1)[0] not in registered]
     if unknown:
         parser.error(f"unknown pass {unknown[0]!r}; registered: {', '.join(registered)}")
     ratios = [float(r) for r in args.ratios.split(",") if r]
@@ -176,24 +239,35 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype="float32")
     calib = load_calibration(tokenizer, "wiki-leads", n_samples=10, seq_len=128, seed=1234)
     heldout = heldout_ids(tokenizer)
-    dense = perplexity(model, heldout)
+    dense = perplexity(model, heldout) if args.dense_ppl is None else args.dense_ppl
     setup = (
-        f"Model `{args.model}` (fp32, CPU, {torch.get_num_threads()} threads). Calibration for every pass: "
+        f"Model `{args.model}` (fp32, CPU, torch threads: {torch.get_num_threads()}). Calibration for every pass: "
         f"{calib.shape[0]} x {calib.shape[1]} tokens of `wiki-leads` (seed 1234). Perplexity: held-out "
         f"`wiki-leads-test`, {heldout.shape[0]} x {heldout.shape[1]} tokens. Pass defaults unless named "
-        "(`slm[rule]`: merge rule, `laco[mode]`: RDSC mode; T = the threshold the target search chose)."
-    )
+        "(`slm[rule]`: merge rule, `laco[mode]`: RDSC mode; T = the threshold the target search chose). "
+        + args.note
+    ).strip()
     print(f"dense perplexity {dense:.3f}", flush=True)
     rows: list[dict[str, Any]] = []
-    for ratio in ratios:
-        for label, name, extra in variants(names):
-            row = run_one(model, calib, heldout, name, extra, ratio)
+
+    def record(new_rows: list[dict[str, Any]], label: str) -> None:
+        for row in new_rows:
+            row.pop("_plan", None)
             row["label"] = label
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write_markdown(args.output, rows, dense, command, setup)
-            with open(base + ".json", "w", encoding="utf-8") as fh:
-                json.dump({"dense_ppl": dense, "rows": rows, "command": command, "setup": setup}, fh, indent=1)
+        write_markdown(args.output, rows, dense, command, setup)
+        with open(base + ".json", "w", encoding="utf-8") as fh:
+            json.dump({"dense_ppl": dense, "rows": rows, "command": command, "setup": setup}, fh, indent=1)
+
+    runs = variants(names)
+    if args.reuse_greedy:
+        for label, name, extra in [v for v in runs if v[1] in GREEDY and not v[2]]:
+            record(prefix_rows(model, calib, heldout, name, ratios), label)
+        runs = [v for v in runs if not (v[1] in GREEDY and not v[2])]
+    for ratio in ratios:
+        for label, name, extra in runs:
+            record([run_one(model, calib, heldout, name, extra, ratio)], label)
     write_chart(base + ".png", rows, dense, ratios)
     print(f"wrote {args.output}, {base}.png, {base}.json")
     return 0 if all("ppl" in r for r in rows) else 1

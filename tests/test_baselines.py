@@ -270,7 +270,7 @@ def test_bad_params_raise_pass_error(name, params):
         ("shortgpt", {"num_layers": L}),
         ("angular", {"num_layers": 2, "protect": list(range(L))}),
         ("sleb", {"num_layers": L - 1}),
-        ("shortened-magnitude", {"num_layers": 2}),  # the default '+' heuristic keeps 6 of 8 blocks... and 2 remain
+        ("shortened-magnitude", {"num_layers": 2}),  # the default '+' heuristic keeps 6 of 8 blocks: 2 removable
         ("shortened-ppl", {"num_layers": 3}),
         ("laco", {"num_layers": 2, "merge_layers": L}),
         ("laco", {"num_layers": 2, "highest_layer": L}),
@@ -278,7 +278,7 @@ def test_bad_params_raise_pass_error(name, params):
     ],
 )
 def test_infeasible_requests_raise_pass_error(model, ids, name, params):
-    if name == "shortened-magnitude":  # 2 removable blocks remain: that works, 3 does not
+    if name == "shortened-magnitude":  # removing the 2 removable blocks works, a third does not
         assert get_pass(name, **params).plan(model, None).removed_layers == 2
         params = {"num_layers": 3}
     with pytest.raises(PassError):

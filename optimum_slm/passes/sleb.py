@@ -17,6 +17,7 @@ both choose the same blocks and ``benchmarks/sleb_speed.py`` times them.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import torch
@@ -66,6 +67,7 @@ def sleb_fast(
     removed: list[int] = []
     rounds: list[dict[str, Any]] = []
     for _ in range(count):
+        started = time.perf_counter()
         losses: dict[int, float] = {}
         for j in _round_candidates(alive, early_barrier, latter_barrier, protect):
             above = [Slot(layers[i], i) for i in alive[j + 1 :]]
@@ -83,6 +85,7 @@ def sleb_fast(
         recorded: list[Batches] = []
         engine.run_layers(above, states[k], final_norm=False, slot_inputs=recorded)
         states = states[:k] + recorded
+        rounds[-1]["seconds"] = round(time.perf_counter() - started, 3)
     return removed, rounds
 
 

@@ -175,3 +175,16 @@ def test_greedy_first_round_picks_the_best_single_window():
 def test_searches_need_a_target():
     with pytest.raises(Exception, match="needs ratio or num_layers"):
         get_pass("slm", search="global")
+
+
+def test_lazy_greedy_matches_exhaustive_greedy_with_fewer_scores():
+    from optimum_slm.engine import ForwardEngine
+    from optimum_slm.passes.slm import WindowEvaluator, greedy_window_search
+
+    for seed in (0, 1):
+        model = make_model("llama", 8, seed=seed)
+        engine = ForwardEngine(model, calib_ids(3, 12)).record_layer_inputs()
+        full = greedy_window_search(WindowEvaluator(engine, "keep-top", "token-cosine"), 4, 8, set(), 8, lazy=False)
+        lazy = greedy_window_search(WindowEvaluator(engine, "keep-top", "token-cosine"), 4, 8, set(), 8, lazy=True)
+        assert lazy[0] == full[0]
+        assert sum(r["scored"] for r in lazy[1]) < sum(r["scored"] for r in full[1])

@@ -256,12 +256,23 @@ def _free(i: int, windows, protect: set[int], num_layers: int) -> bool:
 
 
 def greedy_window_search(
-    evaluator: WindowEvaluator, target: int, num_layers: int, protect: set[int], max_window: int
+    evaluator: WindowEvaluator,
+    target: int,
+    num_layers: int,
+    protect: set[int],
+    max_window: int,
+    lazy: bool = True,
 ) -> tuple[list[Window], list[dict[str, Any]]]:
-    """Grow the plan one removed layer per round, keeping the best-scoring growth each time."""
+    """Grow the plan one removed layer per round, keeping the best-scoring growth each time.
+
+    ``lazy``: a growth's score from an earlier round bounds its score now (more merged layers never make the model
+    more similar to the base, in practice), so candidates are scored in order of that bound and a round stops once
+    no remaining bound beats the best score found; new growths are always scored. ``lazy=False`` scores all.
+    """
     engine = evaluator.engine
     windows: list[Window] = []
     tried: list[dict[str, Any]] = []
+    bounds: dict[tuple, float] = {}
     for round_no in range(target):
         # activations of the current compressed stack, so candidates resume at their lowest changed layer
         slot_inputs: list[Batches] = []
@@ -271,27 +282,36 @@ def greedy_window_search(
         for k, slot in enumerate(slots):
             starts[i] = slot_inputs[k]
             i = next((w[1] + 1 for w in windows if w[0] == i), i + 1)
-        options: list[tuple[list[Window], int]] = []
+        # (change key, candidate windows, first changed layer)
+        options: list[tuple[tuple, list[Window], int]] = []
         for i in range(num_layers - 1):
             if _free(i, windows, protect, num_layers) and _free(i + 1, windows, protect, num_layers):
-                options.append((windows + [(i, i + 1)], i))
+                options.append((("add", (i, i + 1)), windows + [(i, i + 1)], i))
         for w in windows:
             if w[1] - w[0] + 1 >= max_window:
                 continue
             rest = [x for x in windows if x != w]
             if _free(w[0] - 1, windows, protect, num_layers):
-                options.append((rest + [(w[0] - 1, w[1])], w[0] - 1))
+                grown = (w[0] - 1, w[1])
+                options.append((("grow", w, grown), rest + [grown], w[0] - 1))
             if _free(w[1] + 1, windows, protect, num_layers):
-                options.append((rest + [(w[0], w[1] + 1)], w[0]))
+                grown = (w[0], w[1] + 1)
+                options.append((("grow", w, grown), rest + [grown], w[0]))
         if not options:
             raise PassError(f"greedy search: nothing left to merge after removing {round_no} layers")
-        scored = []
-        for cand, start in options:
+        inf = float("inf")
+        order = sorted(options, key=lambda o: -(bounds.get(o[0], inf) if lazy else inf))
+        best_s, best, scored = -inf, None, 0
+        for key, cand, start in order:
+            if lazy and key in bounds and bounds[key] <= best_s:
+                break
             s = evaluator.score_set(cand, start=start, start_hidden=starts[start])
-            scored.append((s, cand))
-        best_s, best = max(scored, key=lambda t: (t[0], sorted(t[1])))
-        tried.append({"round": round_no, "windows": sorted([list(w) for w in best], reverse=True), "sim": round(best_s, 6),
-                      "candidates": len(options)})
+            bounds[key] = s
+            scored += 1
+            if best is None or (s, sorted(cand)) > (best_s, sorted(best)):
+                best_s, best = s, cand
+        tried.append({"round": round_no, "windows": sorted([list(w) for w in best], reverse=True),
+                      "sim": round(best_s, 6), "candidates": len(options), "scored": scored})
         windows = best
         evaluator.commit(windows)
     return sorted(windows, reverse=True), tried

@@ -33,6 +33,8 @@ CONFIGS: dict[str, dict] = {
     "greedy/logit-kl/keep-top": {"search": "greedy", "similarity": "logit-kl", "merge": "keep-top"},
     "greedy/logit-kl/calibrated": {"search": "greedy", "similarity": "logit-kl", "merge": "calibrated"},
     "greedy/token-cosine/calibrated": {"search": "greedy", "similarity": "token-cosine", "merge": "calibrated"},
+    "greedy/nll/calibrated": {"search": "greedy", "similarity": "nll", "merge": "calibrated"},
+    "greedy/nll/keep-top": {"search": "greedy", "similarity": "nll", "merge": "keep-top"},
 }
 
 

@@ -7,10 +7,13 @@ state per batch, and returns one float.
 * ``token-cosine``: cosine of every token's hidden vector; mean over all tokens.
 * ``logit-kl``: exp(−KL(p_base ‖ p_candidate)) of the next-token distributions, KL averaged over tokens; in (0, 1].
 * ``cka``: linear CKA between the base and candidate final states, tokens pooled (columns centred).
+* ``nll``: exp(NLL_base − NLL_candidate) of the calibration tokens' next-token loss (SLEB's criterion as a
+  similarity; 1 for the base, can exceed 1 for a candidate with a lower loss).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -69,11 +72,21 @@ def cka(engine: ForwardEngine, candidate: Batches) -> float:
     return linear_cka(x, y)
 
 
+def nll(engine: ForwardEngine, candidate: Batches) -> float:
+    base = getattr(engine, "_base_nll", None)
+    if base is None:
+        total, count = engine.token_nll(engine.reference)
+        base = engine._base_nll = total / count
+    total, count = engine.token_nll(candidate)
+    return math.exp(min(base - total / count, 700.0))
+
+
 SIMILARITIES: dict[str, Similarity] = {
     "final-cosine": final_cosine,
     "token-cosine": token_cosine,
     "logit-kl": logit_kl,
     "cka": cka,
+    "nll": nll,
 }
 
 

@@ -22,7 +22,6 @@ Defaults: CUDA 10 warm-ups and 20 repeats as the official script; CPU 1 warm-up 
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time

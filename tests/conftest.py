@@ -97,6 +97,22 @@ def write_corpus(path, n_docs: int = 40, words: int = 60, seed: int = 0) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _loud_again():
+    """``--quiet`` flips process-wide switches; restore them so each test sees the defaults."""
+    yield
+    from optimum_slm.progress import set_quiet
+    from transformers.utils import logging as hf_logging
+
+    set_quiet(False)
+    hf_logging.enable_progress_bar()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.txt")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer trained in-process (vocab 320), saved to a folder."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import torch
 import transformers
 from click.testing import CliRunner
 
-from conftest import write_corpus
+
 from optimum_slm.cli import cli
 from optimum_slm.plan import CompressionPlan
 
@@ -23,21 +22,6 @@ OPTIMUM_CLI = shutil.which("optimum-cli") or os.path.join(os.path.dirname(sys.ex
 # 4 x 16-token crops keep the slm search on the tiny model well under a second
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
 
-
-@pytest.fixture(autouse=True)
-def _loud_again():
-    """``--quiet`` flips process-wide switches; restore them so each test sees the defaults."""
-    yield
-    from optimum_slm.progress import set_quiet
-    from transformers.utils import logging as hf_logging
-
-    set_quiet(False)
-    hf_logging.enable_progress_bar()
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus.txt")
 
 
 def run(*args: str):

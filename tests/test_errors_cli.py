@@ -9,25 +9,11 @@ import pytest
 import transformers
 from click.testing import CliRunner
 
-from conftest import make_model, write_corpus
+from conftest import make_model
 from optimum_slm.cli import cli
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
 
-
-@pytest.fixture(autouse=True)
-def _loud_again():
-    yield
-    from optimum_slm.progress import set_quiet
-    from transformers.utils import logging as hf_logging
-
-    set_quiet(False)
-    hf_logging.enable_progress_bar()
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus.txt")
 
 
 def fails(*args: str, message: str) -> None:

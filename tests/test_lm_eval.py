@@ -14,7 +14,6 @@ import torch
 
 from conftest import CORPUS_WORDS, make_model, write_corpus
 from optimum_slm.errors import PassError, PlanError
-from optimum_slm.plan import CompressionPlan
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval_slm.model import SLMLM  # noqa: E402

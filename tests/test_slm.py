@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import calib_ids, make_model
-from optimum_slm import CompressionPlan, apply_plan, get_pass
+from optimum_slm import apply_plan, get_pass
 from optimum_slm.passes.slm import WindowEvaluator
 from optimum_slm.reference import official_slm_windows
 

@@ -88,6 +88,8 @@ class CompressionPass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params: ClassVar[tuple[PassParam, ...]] = ()
+    #: parameters that change how a plan is computed, not which plan (left out of the plan's ``params``)
+    runtime_params: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     def __init__(self, **params: Any):
         known = {p.name: p for p in self.params}
@@ -130,8 +132,8 @@ class CompressionPass:
         return n
 
     def public_params(self) -> dict[str, Any]:
-        """Parameters as given (defaults included) for the plan's ``params``."""
-        return {k: v for k, v in self.config.items() if v is not None}
+        """Parameters as given (defaults included) for the plan's ``params``, run-time settings left out."""
+        return {k: v for k, v in self.config.items() if v is not None and k not in self.runtime_params}
 
     def make_plan(
         self,

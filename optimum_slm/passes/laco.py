@@ -203,9 +203,6 @@ class LaCoPass(CompressionPass):
         if self.config["lowest_layer"] < 0:
             raise PassError(f"lowest_layer (L) must be >= 0, got {self.config['lowest_layer']}")
 
-    def public_params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().public_params().items() if k != "batch_size"}
-
     def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
         calibration = need_calibration(self.name, calibration)
         engine = ForwardEngine(model, calibration, batch_size=self.config["batch_size"])

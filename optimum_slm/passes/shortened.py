@@ -150,9 +150,6 @@ class ShortenedTaylorPass(_ShortenedPass):
         PassParam("batch_size", "int", None, "calibration samples per backward batch (official: all 10 at once)"),
     )
 
-    def public_params(self):
-        return {k: v for k, v in super().public_params().items() if k != "batch_size"}
-
     def scores(self, model: nn.Module, calibration: torch.Tensor | None) -> dict[int, float]:
         return taylor_scores(model, need_calibration(self.name, calibration), self.config["batch_size"])
 

@@ -177,9 +177,6 @@ class SLEBPass(CompressionPass):
             if self.config[key] < 0:
                 raise PassError(f"{key} must be >= 0, got {self.config[key]}")
 
-    def public_params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().public_params().items() if k != "batch_size"}
-
     def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
         calibration = need_calibration(self.name, calibration)
         engine = ForwardEngine(model, calibration, batch_size=self.config["batch_size"])

@@ -336,7 +336,6 @@ class SLMPass(CompressionPass):
         PassParam("max_window", "int", None, "largest window size in layers (global/greedy default: 8)"),
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
     )
-    runtime_params = ("batch_size",)
 
     def validate(self) -> None:
         super().validate()
@@ -348,7 +347,7 @@ class SLMPass(CompressionPass):
             raise PassError(f"search={self.config['search']} needs ratio or num_layers")
 
     def public_params(self) -> dict[str, Any]:
-        params = {k: v for k, v in super().public_params().items() if k not in self.runtime_params}
+        params = super().public_params()
         if self.config["search"] != "official":
             params.pop("threshold", None)
         return params

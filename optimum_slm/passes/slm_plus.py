@@ -32,11 +32,6 @@ class SLMPlusPass(SLMPass):
         self.config.setdefault("threshold", None)
         super().validate()
 
-    def public_params(self):
-        params = super().public_params()
-        params.pop("threshold", None)
-        return params
-
 
 @hookimpl
 def register_passes(register):

@@ -32,3 +32,11 @@ def select_lowest(name: str, scores: Mapping[int, float], count: int, excluded: 
 def round_scores(scores: Mapping[int, float], digits: int = 6) -> dict[str, float]:
     """Scores keyed by layer index as JSON-friendly strings, rounded for the plan trace."""
     return {str(i): float(f"{s:.{digits}g}") for i, s in sorted(scores.items())}
+
+
+def stream_state(engine, i: int, post_norm_last: bool):
+    """The residual stream entering base layer ``i`` per batch; ``i = L`` is the stack's output, after the final norm
+    when ``post_norm_last`` (as HF ``hidden_states[L]``, which ShortGPT and angular distance read)."""
+    if i == engine.num_layers and post_norm_last:
+        return engine.reference
+    return engine.inputs[i]

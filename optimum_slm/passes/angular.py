@@ -18,7 +18,7 @@ from ..engine import ForwardEngine
 from ..errors import PassError
 from ..hookspecs import hookimpl
 from ..plan import CompressionPlan, drop_op
-from ._depth import need_calibration, round_scores
+from ._depth import stream_state, need_calibration, round_scores
 from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass
 from .shortgpt import LAST_LAYER_NORM
 
@@ -42,9 +42,7 @@ class AngularPass(CompressionPass):
         protect = self.protected(L)
 
         def state(i: int) -> list[torch.Tensor]:
-            if i == L and self.config["last_layer_norm"]:
-                return engine.reference
-            return engine.inputs[i]
+            return stream_state(engine, i, self.config["last_layer_norm"])
 
         distances: dict[int, float] = {}
         for start in range(0, L - block + 1):

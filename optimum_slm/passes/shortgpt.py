@@ -15,7 +15,7 @@ from torch import nn
 from ..engine import ForwardEngine
 from ..hookspecs import hookimpl
 from ..plan import CompressionPlan, drop_op
-from ._depth import need_calibration, round_scores, select_lowest
+from ._depth import stream_state, need_calibration, round_scores, select_lowest
 from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam
 
 LAST_LAYER_NORM = PassParam(
@@ -45,7 +45,7 @@ class ShortGPTPass(CompressionPass):
         protect = self.protected(n)
         scores: dict[int, float] = {}
         for i in range(n):
-            outputs = engine.reference if (i == n - 1 and self.config["last_layer_norm"]) else engine.inputs[i + 1]
+            outputs = stream_state(engine, i + 1, self.config["last_layer_norm"])
             scores[i] = sum(block_influence(x, y) for x, y in zip(engine.inputs[i], outputs))
         removed = select_lowest(self.name, scores, count, protect)
         trace = {"block_influence": round_scores(scores), "order": sorted(scores, key=lambda i: (scores[i], i))}

@@ -4,7 +4,8 @@
 
 Every configuration plans on the same 10 x 128 ``wiki-leads`` calibration tokens (seed 1234) and is scored by
 perplexity on 16 x 512 held-out ``wiki-leads-test`` tokens. Results are appended to a JSONL cache next to the output
-(so an interrupted run resumes), then the markdown table is written from it.
+(so an interrupted run resumes), then the markdown table is written from it; a hand-written
+``<output stem>_note.md``, when present, is appended (it survives regeneration).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     rows = run(configs, ratios, os.path.splitext(args.output)[0] + ".jsonl")
     text = table(rows, ratios)
+    note = os.path.splitext(args.output)[0] + "_note.md"
+    if os.path.exists(note):
+        with open(note, encoding="utf-8") as fh:
+            text += "\n" + fh.read().strip() + "\n"
     with open(args.output, "w", encoding="utf-8") as fh:
         fh.write(text)
     print(text)

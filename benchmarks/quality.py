@@ -12,7 +12,8 @@ applied without any healing, and evaluated on
     python benchmarks/quality.py --limit full          # the full task sets (about 1.5-2 h per model on 2 cores)
 
 Results are cached per configuration in ``<output>.json`` and reused when the settings match (``--fresh`` to
-recompute), so an interrupted run resumes; configurations whose plans are identical share one evaluation. Writes
+recompute), so an interrupted run resumes; plans are reused when only the evaluation settings (``--limit``,
+``--batch-size``) changed; configurations whose plans are identical share one evaluation. Writes
 ``<output>`` (markdown) and ``<output stem>.png``; a hand-written ``<output stem>_note.md``, when present, is
 appended as the closing note.
 """
@@ -112,6 +113,8 @@ def paper_metrics(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return {task: scores[task][metric] for task, metric in PAPER_METRICS.items()}
 
 
+#: the settings a plan depends on; a cache that differs only elsewhere (limit, batch size) lends its plans
+PLAN_SETTINGS = ("model", "calib_data", "calib_samples", "calib_seq_len", "seed")
 EVAL_KEYS = ("ppl", "tasks", "paper", "avg", "eval_s")
 
 
@@ -121,10 +124,12 @@ def ops_key(ops: list[dict[str, Any]] | None) -> str:
 
 
 def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
-               done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+               done: dict[str, dict[str, Any]], known_ops: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Plan (unless dense), apply, evaluate; returns one result row.
 
     ``done`` maps ``ops_key`` to an already evaluated row: a plan identical to an earlier one reuses its scores.
+    ``known_ops``: the plan's ops from an earlier run on the same base, pass, ratio and calibration (only the
+    evaluation settings differed), applied instead of searching again.
     """
     from optimum_slm.arch import ArchAdapter, param_count
     from optimum_slm.compressor import SLMCompressor
@@ -136,8 +141,14 @@ def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
     if name == "dense":
         model = compressor.model
     else:
-        plan = compressor.plan(name, calibration=ids, ratio=ratio)
-        row["plan_s"] = round(time.time() - t0, 1)
+        if known_ops is not None:
+            from optimum_slm.plan import CompressionPlan
+
+            plan = CompressionPlan.for_model(compressor.model, name, known_ops, params={"ratio": ratio})
+            row["plan_reused"] = True
+        else:
+            plan = compressor.plan(name, calibration=ids, ratio=ratio)
+            row["plan_s"] = round(time.time() - t0, 1)
         row["ops"] = plan.ops
         twin = done.get(ops_key(plan.ops))
         if twin is not None:
@@ -210,7 +221,8 @@ def write_markdown(path: str, rows: list[dict[str, Any]], settings: dict[str, An
     for r in ok:
         if r["pass"] != "dense":
             same = f"; same plan as `{r['same_as']}`, scores shared" if r.get("same_as") else ""
-            lines.append(f"* `{r['pass']}` @ {r['ratio']}: {fmt_ops(r['ops'])} (planning {r.get('plan_s', '?')} s{same})")
+            made = "plan from the previous run's cache" if r.get("plan_reused") else f"planning {r.get('plan_s', '?')} s"
+            lines.append(f"* `{r['pass']}` @ {r['ratio']}: {fmt_ops(r['ops'])} ({made}{same})")
     lines += ["", "## Findings", ""]
     lines += findings(ok, dense, limit)
     # the human-written interpretation lives beside the results and survives regeneration
@@ -337,11 +349,16 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": args.batch_size}
     cache_path = os.path.splitext(args.output)[0] + ".json"
     cache: dict[str, Any] = {}
+    known_plans: dict[str, list[dict[str, Any]]] = {}
     if os.path.exists(cache_path) and not args.fresh:
         with open(cache_path, encoding="utf-8") as fh:
             saved = json.load(fh)
         if saved.get("settings") == settings:
             cache = saved.get("rows", {})
+            known_plans = saved.get("plans", {})
+        elif all(saved.get("settings", {}).get(k) == settings[k] for k in PLAN_SETTINGS):
+            # only the evaluation settings changed (e.g. --limit): the searches would find the same plans again
+            known_plans = {k: r["ops"] for k, r in saved.get("rows", {}).items() if "ops" in r}
 
     _, tokenizer = load_model(args.model)
     ids = load_calibration(tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed)
@@ -365,13 +382,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[quality] {key}: running", flush=True)
             done = {ops_key(r.get("ops")): r for r in cache.values() if "avg" in r and "same_as" not in r}
             try:
-                row = run_config(name, ratio, args, ids, heldout, limit, done)
+                row = run_config(name, ratio, args, ids, heldout, limit, done, known_plans.get(key))
             except Exception as exc:  # one failing pass must not sink the table; the error is recorded
                 traceback.print_exc()
                 row = {"pass": name, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
             cache[key] = row
+            plans = {**known_plans, **{k: r["ops"] for k, r in cache.items() if "ops" in r}}
             with open(cache_path, "w", encoding="utf-8") as fh:
-                json.dump({"settings": settings, "rows": cache}, fh, indent=1)
+                json.dump({"settings": settings, "rows": cache, "plans": plans}, fh, indent=1)
             if "avg" in row:
                 print(f"[quality] {key}: AVE {100 * row['avg']:.1f} PPL {row['ppl']:.2f} "
                       f"({row.get('plan_s', 0)} s plan, {row['eval_s']} s eval"

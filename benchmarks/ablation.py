@@ -30,6 +30,8 @@ CONFIGS: dict[str, dict] = {
     "global/token-cosine/keep-top": {"search": "global", "similarity": "token-cosine", "merge": "keep-top"},
     "global/logit-kl/keep-top": {"search": "global", "similarity": "logit-kl", "merge": "keep-top"},
     "global/logit-kl/calibrated": {"search": "global", "similarity": "logit-kl", "merge": "calibrated"},
+    "global/token-cosine/calibrated": {"search": "global", "similarity": "token-cosine", "merge": "calibrated"},
+    "global/nll/calibrated": {"search": "global", "similarity": "nll", "merge": "calibrated"},
     "greedy/token-cosine/keep-top": {"search": "greedy", "similarity": "token-cosine", "merge": "keep-top"},
     "greedy/logit-kl/keep-top": {"search": "greedy", "similarity": "logit-kl", "merge": "keep-top"},
     "greedy/logit-kl/calibrated": {"search": "greedy", "similarity": "logit-kl", "merge": "calibrated"},

@@ -188,3 +188,19 @@ def test_lazy_greedy_matches_exhaustive_greedy_with_fewer_scores():
         lazy = greedy_window_search(WindowEvaluator(engine, "keep-top", "token-cosine"), 4, 8, set(), 8, lazy=True)
         assert lazy[0] == full[0]
         assert sum(r["scored"] for r in lazy[1]) < sum(r["scored"] for r in full[1])
+
+
+def test_slm_plus_is_the_documented_slm_configuration():
+    """slm-plus = slm with the ablation's winning search, criterion and calibrated merge (and nothing else)."""
+    from optimum_slm.passes.slm_plus import SLMPlusPass
+
+    model = make_model("llama", 8)
+    ids = calib_ids(3, 12)
+    plus = get_pass("slm-plus", num_layers=3).plan(model, ids)
+    defaults = {p.name: p.default for p in SLMPlusPass.params if p.name in ("search", "similarity", "merge")}
+    assert defaults["merge"] == "calibrated"
+    same = get_pass("slm", num_layers=3, **defaults).plan(model, ids)
+    assert plus.removed_layers == 3 and plus.ops == same.ops
+    assert all(op["op"] == "merge" and op["rule"] == "keep-top" and "scales" in op for op in plus.ops)
+    with pytest.raises(Exception, match="needs ratio or num_layers"):
+        get_pass("slm-plus").plan(model, ids)

@@ -1,6 +1,7 @@
 """Ablation of the SLM variants on SmolLM2-135M: search x similarity criterion x merge rule, at 20% and 35%.
 
     python benchmarks/ablation.py [--ratios 0.2,0.35] [--configs NAME,...] [--output benchmarks/results/ablation_smollm2.md]
+    python benchmarks/ablation.py --redraw      # the table from the cached rows only
 
 Every configuration plans on the same 10 x 128 ``wiki-leads`` calibration tokens (seed 1234) and is scored by
 perplexity on 16 x 512 held-out ``wiki-leads-test`` tokens. Results are appended to a JSONL cache next to the output
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.35")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "ablation_smollm2.md"))
+    ap.add_argument("--redraw", action="store_true", help="only rewrite the table from the JSONL cache")
     args = ap.parse_args()
     ratios = [float(x) for x in args.ratios.split(",")]
     configs = [c for c in args.configs.split(",") if c]
@@ -109,7 +111,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown configuration {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    rows = run(configs, ratios, os.path.splitext(args.output)[0] + ".jsonl")
+    rows = run([] if args.redraw else configs, ratios, os.path.splitext(args.output)[0] + ".jsonl")
     text = table(rows, ratios)
     note = os.path.splitext(args.output)[0] + "_note.md"
     if os.path.exists(note):

@@ -198,7 +198,7 @@ def test_slm_plus_is_the_documented_slm_configuration():
     ids = calib_ids(3, 12)
     plus = get_pass("slm-plus", num_layers=3).plan(model, ids)
     defaults = {p.name: p.default for p in SLMPlusPass.params if p.name in ("search", "similarity", "merge")}
-    assert defaults["merge"] == "calibrated"
+    assert defaults == {"search": "greedy", "similarity": "token-cosine", "merge": "calibrated"}  # as the README says
     same = get_pass("slm", num_layers=3, **defaults).plan(model, ids)
     assert plus.removed_layers == 3 and plus.ops == same.ops
     assert all(op["op"] == "merge" and op["rule"] == "keep-top" and "scales" in op for op in plus.ops)

@@ -63,6 +63,9 @@ class ForwardEngine:
         self.inputs: list[Batches] = []
         self.layer_kwargs: list[list[dict[str, Any]]] = []
         self.reference: Batches = []
+        #: quantities derived from ``reference`` (e.g. the base's next-token log-probs), computed once by whoever needs
+        #: them and valid for the engine's lifetime, since the recording happens once
+        self.derived: dict[str, Any] = {}
         self._recorded = False
 
     # ---------------------------------------------------------------------------------------------- recording

@@ -14,7 +14,7 @@ state per batch, and returns one float.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -37,13 +37,19 @@ def token_cosine(engine: ForwardEngine, candidate: Batches) -> float:
     return total / count
 
 
+def _of_base(engine: ForwardEngine, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per engine: a quantity of the base model's reference states, reused by every candidate."""
+    if key not in engine.derived:
+        engine.derived[key] = compute()
+    return engine.derived[key]
+
+
 def _reference_logprobs(engine: ForwardEngine) -> Batches:
-    cached = getattr(engine, "_ref_logprobs", None)
-    if cached is None:
+    def compute() -> Batches:
         with torch.inference_mode():
-            cached = [torch.log_softmax(engine.adapter.logits(h.to(engine.device)).float(), -1) for h in engine.reference]
-        engine._ref_logprobs = cached
-    return cached
+            return [torch.log_softmax(engine.adapter.logits(h.to(engine.device)).float(), -1) for h in engine.reference]
+
+    return _of_base(engine, "logprobs", compute)
 
 
 def logit_kl(engine: ForwardEngine, candidate: Batches) -> float:
@@ -73,12 +79,12 @@ def cka(engine: ForwardEngine, candidate: Batches) -> float:
 
 
 def nll(engine: ForwardEngine, candidate: Batches) -> float:
-    base = getattr(engine, "_base_nll", None)
-    if base is None:
-        total, count = engine.token_nll(engine.reference)
-        base = engine._base_nll = total / count
-    total, count = engine.token_nll(candidate)
-    return math.exp(min(base - total / count, 700.0))
+    def mean_nll(states: Batches) -> float:
+        total, count = engine.token_nll(states)
+        return total / count
+
+    base = _of_base(engine, "nll", lambda: mean_nll(engine.reference))
+    return math.exp(min(base - mean_nll(candidate), 700.0))
 
 
 SIMILARITIES: dict[str, Similarity] = {

@@ -83,11 +83,15 @@ def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: floa
         row["_plan"] = plan
     if "threshold" in plan.params and name in ("slm", "laco"):
         row["threshold"] = plan.params["threshold"]
+    return measure_perplexity(row, model, plan, heldout)
+
+
+def measure_perplexity(row: dict[str, Any], model, plan, heldout) -> dict[str, Any]:
+    """``row`` with the held-out perplexity of ``plan`` applied to a copy of ``model`` and its time."""
     compressed = apply_plan(copy.deepcopy(model), plan)
     start = time.perf_counter()
     row["ppl"] = perplexity(compressed, heldout)
     row["eval_s"] = round(time.perf_counter() - start, 1)
-    del compressed
     return row
 
 
@@ -112,11 +116,7 @@ def prefix_rows(model, calib, heldout, name: str, ratios: list[float]) -> list[d
         row = {"pass": name, "params": {}, "ratio": ratio, "removed": k, "layers_after": L - k,
                "ops": describe_ops(sub), "plan_s": round(sum(r["seconds"] for r in rounds), 2),
                "prefix_of": top}
-        compressed = apply_plan(copy.deepcopy(model), sub)
-        start = time.perf_counter()
-        row["ppl"] = perplexity(compressed, heldout)
-        row["eval_s"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
+        rows.append(measure_perplexity(row, model, sub, heldout))
     return rows
 
 

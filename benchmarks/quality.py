@@ -118,6 +118,11 @@ PLAN_SETTINGS = ("model", "calib_data", "calib_samples", "calib_seq_len", "seed"
 EVAL_KEYS = ("ppl", "tasks", "paper", "avg", "eval_s")
 
 
+def plans_of(rows: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The plan ops of every planned row, by configuration key."""
+    return {k: r["ops"] for k, r in rows.items() if "ops" in r}
+
+
 def ops_key(ops: list[dict[str, Any]] | None) -> str:
     """Identical plans give identical models: their evaluations are shared (``same_as``)."""
     return json.dumps(ops or [], sort_keys=True)
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             known_plans = saved.get("plans", {})
         elif all(saved.get("settings", {}).get(k) == settings[k] for k in PLAN_SETTINGS):
             # only the evaluation settings changed (e.g. --limit): the searches would find the same plans again
-            known_plans = {k: r["ops"] for k, r in saved.get("rows", {}).items() if "ops" in r}
+            known_plans = plans_of(saved.get("rows", {}))
 
     _, tokenizer = load_model(args.model)
     ids = load_calibration(tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed)
@@ -387,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 row = {"pass": name, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
             cache[key] = row
-            plans = {**known_plans, **{k: r["ops"] for k, r in cache.items() if "ops" in r}}
+            plans = {**known_plans, **plans_of(cache)}
             with open(cache_path, "w", encoding="utf-8") as fh:
                 json.dump({"settings": settings, "rows": cache, "plans": plans}, fh, indent=1)
             if "avg" in row:

@@ -90,21 +90,46 @@ def _task_manager():
     return task_manager()
 
 
-def evaluate_tasks(model, tokenizer, limit: int | None, batch_size: int) -> dict[str, dict[str, float]]:
-    """The 7 tasks with lm-eval's ``simple_evaluate`` on an in-memory model: {task: {acc, acc_norm}}."""
+def evaluate_tasks(model, tokenizer, limit: int | None, batch_size: int
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """The 7 tasks with lm-eval's ``simple_evaluate`` on an in-memory model.
+
+    Returns ``({task: {acc, acc_norm}}, {task: per-document correctness})``; the second is the paper metric of each
+    document in ``doc_id`` order as a string of 0/1, so two passes can be compared on the same documents.
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from lm_eval_slm.tasks import TASKS
+    from lm_eval_slm.tasks import PAPER_METRICS, TASKS
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=_task_manager(), limit=limit,
-                                  bootstrap_iters=0, log_samples=False)
-    scores = {}
+                                  bootstrap_iters=0, log_samples=True)
+    scores, correct = {}, {}
     for task in TASKS:
         row = out["results"][task]
         scores[task] = {m: float(row[f"{m},none"]) for m in ("acc", "acc_norm") if f"{m},none" in row}
-    return scores
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        correct[task] = "".join("1" if s[PAPER_METRICS[task]] > 0.5 else "0" for s in samples)
+    return scores, correct
+
+
+def paired_difference(a: dict[str, str], b: dict[str, str]) -> tuple[float, float]:
+    """AVE(a) − AVE(b) ×100 and its standard error, pairing the two passes' answers document by document.
+
+    AVE is the mean of the per-task accuracies, so its difference is the mean over tasks of the per-task mean
+    difference d_i = correct_a − correct_b, with variance (1/T²)·Σ_t var(d)/n_t. Pairing removes the documents both
+    passes get right (or wrong), which is most of the noise of two independent ±SE.
+    """
+    means, variances = [], []
+    for task in a:
+        d = [int(x) - int(y) for x, y in zip(a[task], b[task], strict=True)]
+        n = len(d)
+        mean = sum(d) / n
+        means.append(mean)
+        variances.append(sum((x - mean) ** 2 for x in d) / max(1, n - 1) / n)
+    t = len(means)
+    return 100 * sum(means) / t, 100 * sum(variances) ** 0.5 / t
 
 
 def paper_metrics(scores: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -115,7 +140,7 @@ def paper_metrics(scores: dict[str, dict[str, float]]) -> dict[str, float]:
 
 #: the settings a plan depends on; a cache that differs only elsewhere (limit, batch size) lends its plans
 PLAN_SETTINGS = ("model", "calib_data", "calib_samples", "calib_seq_len", "seed")
-EVAL_KEYS = ("ppl", "tasks", "paper", "avg", "eval_s")
+EVAL_KEYS = ("ppl", "tasks", "correct", "paper", "avg", "eval_s")
 
 
 def plans_of(rows: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -165,7 +190,7 @@ def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
     row["params"] = param_count(model)
     t1 = time.time()
     row["ppl"] = perplexity(model, heldout)
-    row["tasks"] = evaluate_tasks(model, compressor.tokenizer, limit, args.batch_size)
+    row["tasks"], row["correct"] = evaluate_tasks(model, compressor.tokenizer, limit, args.batch_size)
     row["paper"] = paper_metrics(row["tasks"])
     row["avg"] = sum(row["paper"].values()) / len(row["paper"])
     row["eval_s"] = round(time.time() - t1, 1)
@@ -265,6 +290,7 @@ def findings(rows: list[dict[str, Any]], dense: dict[str, Any] | None, limit: in
         slm = next((k for k, r in enumerate(group) if r["pass"] == "slm"), None)
         if slm is not None:
             out.append(f"  SLM ranks {slm + 1} of {len(group)} on AVE at this ratio.")
+        out += paired_lines(group)
     if dense:
         if limit:
             task_se, ave_se = 50 / limit ** 0.5, 50 / (7 * limit) ** 0.5
@@ -279,6 +305,29 @@ def findings(rows: list[dict[str, Any]], dense: dict[str, Any] | None, limit: in
                    "pruning shifts that bias, so BoolQ swings far more than the model's quality does (AVE above "
                    "100% of dense comes from there). The \"AVE w/o BoolQ\" column removes that artefact.")
     return out
+
+
+#: the pass every other one is compared with, document by document
+REFERENCE_PASS = "slm-plus"
+
+
+def paired_lines(group: list[dict[str, Any]]) -> list[str]:
+    """``REFERENCE_PASS`` against every other pass of one ratio: paired AVE difference ± SE (rows that have the
+    per-document answers only, i.e. evaluated with this script's current version)."""
+    ref = next((r for r in group if r["pass"] == REFERENCE_PASS and r.get("correct")), None)
+    if ref is None:
+        return []
+    parts = []
+    for r in group:
+        if r is ref or not r.get("correct"):
+            continue
+        diff, se = paired_difference(ref["correct"], r["correct"])
+        verdict = "resolved" if abs(diff) > 2 * se else "not resolved"
+        parts.append(f"`{r['pass']}` {diff:+.1f} ± {se:.1f} ({verdict})")
+    if not parts:
+        return []
+    return [f"  `{REFERENCE_PASS}` minus each pass, paired over the same documents (AVE points ± SE; resolved = "
+            f"beyond 2 SE): " + ", ".join(parts) + "."]
 
 
 def write_plot(path: str, rows: list[dict[str, Any]]) -> None:

@@ -39,6 +39,10 @@ CONFIGS: dict[str, dict] = {
     "greedy/token-cosine/calibrated": {"search": "greedy", "similarity": "token-cosine", "merge": "calibrated"},
     "greedy/nll/calibrated": {"search": "greedy", "similarity": "nll", "merge": "calibrated"},
     "greedy/nll/keep-top": {"search": "greedy", "similarity": "nll", "merge": "keep-top"},
+    # the slm-plus configuration with the top layers kept out of every window (they are the critical ones in
+    # ShortGPT's and Gromov et al.'s analyses; slm-plus at 35% merges 26-27)
+    "greedy/token-cosine/calibrated/protect-27-29": {"search": "greedy", "similarity": "token-cosine",
+                                                     "merge": "calibrated", "protect": [27, 28, 29]},
 }
 
 

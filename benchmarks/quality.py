@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "quality_smollm2.md")
-#: documents per task: 200 gives ±1.3 points of standard error on AVE (±1.4 on a paired difference of two passes,
+#: documents per task: 200 gives ±1.3 points of standard error on AVE (±0.7-1.7 on a paired difference of two passes,
 #: against ±2.7 at 50). One unit (a document of each task) is ~22 loglikelihood requests; a 20-layer model takes
 #: ~4 min, dense ~5 min on 2 free cores at batch 16, so 19 configurations with cached plans take about 75 min
 DEFAULT_LIMIT = 200

@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--fresh", action="store_true", help="ignore cached results in <output>.json")
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense reference row (saves its evaluation)")
     return p.parse_args(argv)
 
 
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             known_plans = saved.get("plans", {})
         elif all(saved.get("settings", {}).get(k) == settings[k] for k in PLAN_SETTINGS):
             # only the evaluation settings changed (e.g. --limit): the searches would find the same plans again
-            known_plans = plans_of(saved.get("rows", {}))
+            known_plans = {**saved.get("plans", {}), **plans_of(saved.get("rows", {}))}
 
     _, tokenizer = load_model(args.model)
     ids = load_calibration(tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed)
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     # variants go first, at later ratios last (their window searches are the slowest planners, and grow with ratio)
     slm_first = sorted(passes, key=lambda p: (not p.startswith("slm"), p))
     slm_last = sorted(passes, key=lambda p: (p.startswith("slm"), p))
-    configs = [("dense", None)] + [(p, r) for k, r in enumerate(ratios) for p in (slm_first if k == 0 else slm_last)]
+    configs = ([] if args.no_dense else [("dense", None)]) + [(p, r) for k, r in enumerate(ratios) for p in (slm_first if k == 0 else slm_last)]
     command = " ".join(["python benchmarks/quality.py"] + [shlex.quote(a) for a in (argv if argv is not None
                                                                                      else sys.argv[1:])])
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     # variants go first, at later ratios last (their window searches are the slowest planners, and grow with ratio)
     slm_first = sorted(passes, key=lambda p: (not p.startswith("slm"), p))
     slm_last = sorted(passes, key=lambda p: (p.startswith("slm"), p))
-    configs = ([] if args.no_dense else [("dense", None)]) + [(p, r) for k, r in enumerate(ratios) for p in (slm_first if k == 0 else slm_last)]
+    configs = [] if args.no_dense else [("dense", None)]
+    configs += [(p, r) for k, r in enumerate(ratios) for p in (slm_first if k == 0 else slm_last)]
     command = " ".join(["python benchmarks/quality.py"] + [shlex.quote(a) for a in (argv if argv is not None
                                                                                      else sys.argv[1:])])
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

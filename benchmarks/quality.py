@@ -410,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             saved = json.load(fh)
         if saved.get("settings") == settings:
             cache = saved.get("rows", {})
-            known_plans = saved.get("plans", {})
-        elif all(saved.get("settings", {}).get(k) == settings[k] for k in PLAN_SETTINGS):
-            # only the evaluation settings changed (e.g. --limit): the searches would find the same plans again
+        if all(saved.get("settings", {}).get(k) == settings[k] for k in PLAN_SETTINGS):
+            # the plans depend on the planning settings only: a run that differed in --limit / --batch-size found
+            # the same plans, so they are reused instead of searched again
             known_plans = {**saved.get("plans", {}), **plans_of(saved.get("rows", {}))}
 
     _, tokenizer = load_model(args.model)

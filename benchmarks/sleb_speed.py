@@ -20,7 +20,7 @@ import torch
 
 from optimum_slm import load_calibration, load_model
 from optimum_slm.engine import ForwardEngine
-from optimum_slm.passes.sleb import sleb_fast, sleb_naive
+from optimum_slm.passes.depth.sleb import sleb_fast, sleb_naive
 
 
 def main(argv: list[str] | None = None) -> int:

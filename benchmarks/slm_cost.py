@@ -26,7 +26,7 @@ def _measure(kind: str, threshold: float | None, ratio: float | None, plan_path:
     import torch
 
     import optimum_slm as slm
-    from optimum_slm.reference import official_slm_windows
+    from optimum_slm.passes.depth.slm_official_port import official_slm_windows
 
     model, tok = slm.load_model("smollm2-135m", dtype="float32")
     ids = slm.load_calibration(tok, "wiki-leads", n_samples=10, seq_len=128, seed=1234)

@@ -8,9 +8,10 @@
 * ``method`` (default ``slm``) with ``ratio`` | ``num_layers`` | ``threshold``, ``merge``, and any other parameter
   of that pass (``slm list`` shows them; an unknown key is refused with the valid ones listed);
   ``calib`` (calibration source), ``calib_samples`` (10), ``calib_seq_len`` (128), ``seed`` (1234), ``text_field``.
-* ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache). A plan is keyed by
-  base fingerprint + method + parameters + calibration-ids hash + dtype, so a second run with the same arguments
-  reuses it (and logs that it did).
+* ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache, shared with
+  ``slm compress`` and the Python API). A plan is keyed by base fingerprint + method + parameters +
+  calibration-ids hash + dtype, so a run with the same arguments as an earlier one (from any front door) reuses it
+  and logs that it did; ``plan_cache=none`` computes without the cache.
 * ``dtype`` (``auto``), ``peft`` (an adapter applied AFTER compression, so it must target the compressed model);
   every other ``HFLM`` argument (``max_length``, ``trust_remote_code``, ...) is passed through. ``device`` and
   ``batch_size`` come from lm-eval's own ``--device`` / ``--batch_size``.
@@ -122,34 +123,26 @@ class SLMLM(HFLM):
             logger.info("slm plan | %s", line)
 
     def _cached_or_computed_plan(self, model) -> tuple[Any, str]:
-        from optimum_slm.calibration import describe_calibration, load_calibration
-        from optimum_slm.plan import model_fingerprint
-        from optimum_slm.plan_cache import PlanCache, plan_key
+        from optimum_slm.calibration import CalibrationConfig
+        from optimum_slm.pipeline import compress
 
         cal = self.slm_calibration
-        ids = None
-        if cal["source"] is not None:
-            ids = load_calibration(self.tokenizer, cal["source"], cal["n_samples"], cal["seq_len"], cal["seed"],
-                                   cal["text_field"])
-        dtype = str(next(model.parameters()).dtype)
-        key = plan_key(model_fingerprint(model), self.slm_method, self.slm_pass.public_params(),
-                       describe_calibration(ids)["sha256"] if ids is not None else None, dtype)
-        cache = PlanCache(self.slm_plan_cache)
-        plan = cache.get(key)
-        if plan is not None:
-            self.slm_plan_reused = True
-            logger.info("slm: reusing cached plan %s", cache.path(key))
-            return plan, f"cached plan {cache.path(key)}"
+        calibration = CalibrationConfig(**cal) if cal["source"] is not None else None
+        cache = True if self.slm_plan_cache is None else (
+            False if str(self.slm_plan_cache).lower() == "none" else self.slm_plan_cache)
         try:
-            plan = self.slm_pass.plan(model, ids)
+            plan = compress(model, self.slm_pass, calibration, tokenizer=self.tokenizer, cache=cache,
+                            name_or_path=self.slm_base)
         except SLMError as exc:
-            if ids is None:
+            if calibration is None:
                 raise type(exc)(f"{exc} (give calib=<corpus> in --model_args)") from None
             raise
-        plan.base["name_or_path"] = self.slm_base
-        path = cache.put(key, plan)
-        logger.info("slm: computed a %s plan, cached as %s", plan.method, path)
-        return plan, f"computed, cached as {path}"
+        if plan.reused_from:
+            self.slm_plan_reused = True
+            logger.info("slm: reusing cached plan %s", plan.reused_from)
+            return plan, f"cached plan {plan.reused_from}"
+        logger.info("slm: computed a %s plan", plan.method)
+        return plan, "computed"
 
 
 def _register() -> None:

@@ -1,5 +1,8 @@
 """optimum-slm: depth compression passes for LLMs (Sliding-Window Merging and the depth-pruning baselines).
 
+    plan = optimum_slm.compress(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
+    optimum_slm.apply_plan(model, plan)
+
 The public API is imported lazily so that ``import optimum_slm`` (and ``optimum-cli``'s command discovery) stays
 cheap; torch and transformers load on first use of a name below.
 """
@@ -12,9 +15,14 @@ from typing import Any
 from ._version import __version__
 
 _EXPORTS = {
+    "compress": "optimum_slm.pipeline",
+    "CalibrationConfig": "optimum_slm.calibration",
     "CompressionPlan": "optimum_slm.plan",
+    "Stage": "optimum_slm.plan",
+    "OpKind": "optimum_slm.plan",
     "apply_plan": "optimum_slm.plan",
     "model_fingerprint": "optimum_slm.plan",
+    "fingerprint_files": "optimum_slm.plan",
     "load_calibration": "optimum_slm.calibration",
     "load_documents": "optimum_slm.calibration",
     "load_model": "optimum_slm.loading",
@@ -24,10 +32,12 @@ _EXPORTS = {
     "register_plugin": "optimum_slm.registry",
     "CompressionPass": "optimum_slm.passes.base",
     "PassParam": "optimum_slm.passes.base",
+    "PassResult": "optimum_slm.passes.base",
     "ForwardEngine": "optimum_slm.engine",
     "ArchAdapter": "optimum_slm.arch",
     "SUPPORTED_MODEL_TYPES": "optimum_slm.arch",
     "MERGE_RULES": "optimum_slm.merge",
+    "MergeRule": "optimum_slm.merge",
     "SLMCompressor": "optimum_slm.compressor",
     "hookimpl": "optimum_slm.hookspecs",
     "SLMError": "optimum_slm.errors",

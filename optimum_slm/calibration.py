@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
@@ -161,6 +162,45 @@ def load_calibration(
     ids = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed)
     ids.slm_calibration = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
     return ids
+
+
+#: upper bounds on a calibration request, refused before any text is read
+MAX_SAMPLES = 1_000_000
+MAX_SEQ_LEN = 1_000_000
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration token ids come from and how many: the one description every front door passes on.
+
+    ``source``: a corpus (see ``load_calibration``); ``n_samples`` sequences of ``seq_len`` tokens, sampled with
+    ``seed``; ``text_field`` names the text of .jsonl/.json/datasets rows.
+    """
+
+    source: str | None = None
+    n_samples: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        for name, value, low, high in (("n_samples", self.n_samples, 1, MAX_SAMPLES),
+                                       ("seq_len", self.seq_len, 2, MAX_SEQ_LEN)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise CalibrationError(f"calibration {name} must be an integer in {low}..{high}, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise CalibrationError(f"calibration seed must be an integer, got {self.seed!r}")
+
+    def load(self, tokenizer) -> torch.Tensor:
+        """The token ids ``[n_samples, seq_len]`` (with ``.slm_calibration`` describing them)."""
+        if self.source is None:
+            raise CalibrationError("no calibration source given (--calib-data / CalibrationConfig(source=...))")
+        if tokenizer is None:
+            raise CalibrationError("a tokenizer is needed to build calibration data from text")
+        return load_calibration(tokenizer, self.source, self.n_samples, self.seq_len, self.seed, self.text_field)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def describe_calibration(ids: torch.Tensor) -> dict[str, Any]:

@@ -3,29 +3,28 @@
     compressor = SLMCompressor.from_pretrained("path/or/alias")
     plan = compressor.compress("out/", method="slm", calibration="wiki-leads", ratio=0.2)
 
-``out/`` then holds a vanilla checkpoint (safetensors + config + tokenizer) with fewer layers, ``slm_plan.json`` and a
-model card ``README.md``. Writes are atomic: a temp folder beside the target, renamed into place at the end.
+``out/`` then holds a vanilla checkpoint (safetensors + config + tokenizer) with fewer layers, ``slm_plan.json`` (and
+``slm_plan.safetensors`` when the plan has fitted tensors) and a model card ``README.md``. Planning goes through
+``optimum_slm.pipeline.compress`` (plan cache included). Writes are atomic: a temp folder beside the target, renamed
+into place at the end.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from typing import Any
 
-import torch
 from torch import nn
 
 from .arch import ArchAdapter, param_count
-from .calibration import load_calibration
+from .calibration import CalibrationConfig
 from .errors import SLMError
 from .loading import load_model
+from .pipeline import CacheSpec, compress
 from .plan import CompressionPlan, apply_plan
-from .registry import get_pass
-
-PLAN_FILE = "slm_plan.json"
+from .reports.card import PLAN_FILE, model_card
 
 
 def check_output_dir(save_directory: str | os.PathLike, overwrite: bool = False) -> str:
@@ -64,44 +63,6 @@ class _AtomicDir:
         return False
 
 
-def model_card(plan: CompressionPlan, params_before: int, params_after: int) -> str:
-    """A generated README.md for a compressed checkpoint."""
-    windows = ", ".join(f"{a}–{b}" for a, b in plan.windows) or "none"
-    dropped = [i for op in plan.ops if op["op"] == "drop" for i in op["layers"]]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [optimum-slm, depth-pruning, layer-merging]",
-        f"base_model: {plan.base.get('name_or_path')}",
-        "---",
-        "",
-        f"# {plan.method} compression of {plan.base.get('name_or_path')}",
-        "",
-        "Made with [optimum-slm](https://pypi.org/project/optimum-slm/). A plain transformers checkpoint: load it with",
-        "`AutoModelForCausalLM.from_pretrained(<this folder>)`.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base | `{plan.base.get('name_or_path')}` ({plan.base['model_type']}) |",
-        f"| method | `{plan.method}` |",
-        f"| params | `{json.dumps(plan.params, sort_keys=True)}` |",
-        f"| merged windows (base layer numbering) | {windows} |",
-        f"| dropped layers | {dropped or 'none'} |",
-        f"| layers | {plan.num_layers} → {plan.num_layers_after} |",
-        f"| parameters | {params_before:,} → {params_after:,} ({100.0 * params_after / params_before:.1f}%) |",
-        f"| base fingerprint | `{plan.base['fingerprint']}` |",
-        "",
-        f"`{PLAN_FILE}` rebuilds this model from the base: `slm apply --model <base> --plan {PLAN_FILE} --output DIR`.",
-        "",
-    ]
-    if plan.calibration:
-        c = plan.calibration
-        lines.insert(-2, f"Calibration: `{c.get('source')}`, {c.get('n_samples')} × {c.get('seq_len')} tokens, "
-                         f"seed {c.get('seed')}.")
-        lines.insert(-2, "")
-    return "\n".join(lines)
-
-
 def save_compressed(
     model: nn.Module,
     tokenizer,
@@ -116,7 +77,7 @@ def save_compressed(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        plan.save(os.path.join(tmp, PLAN_FILE))
+        plan.save(os.path.join(tmp, PLAN_FILE))  # and slm_plan.safetensors when the plan has tensors
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
             fh.write(model_card(plan, params_before, param_count(model)))
     return target
@@ -156,28 +117,18 @@ class SLMCompressor:
             self._consumed = False
         return self.model
 
-    def calibration_ids(self, calibration: Any, n_samples: int = 10, seq_len: int = 128, seed: int = 1234,
-                        text_field: str = "text") -> torch.Tensor:
-        if isinstance(calibration, torch.Tensor):
-            return calibration
-        if calibration is None:
-            raise SLMError("calibration data is required (a token-id tensor or a corpus source)")
-        if self.tokenizer is None:
-            raise SLMError("a tokenizer is needed to build calibration data from text")
-        return load_calibration(self.tokenizer, calibration, n_samples, seq_len, seed, text_field)
-
     def plan(self, method: str = "slm", calibration: Any = None, *, n_samples: int = 10, seq_len: int = 128,
-             seed: int = 1234, text_field: str = "text", **params: Any) -> CompressionPlan:
-        """Run pass ``method`` and return its plan (the model is left unchanged)."""
-        compression_pass = get_pass(method, **params)
+             seed: int = 1234, text_field: str = "text", cache: CacheSpec = True, **params: Any) -> CompressionPlan:
+        """Run pass ``method`` through the pipeline and return its plan (the model is left unchanged).
+
+        ``calibration``: a corpus source (sampled by ``n_samples``/``seq_len``/``seed``/``text_field``), a
+        ``CalibrationConfig``, or token ids. ``cache``: see ``optimum_slm.compress``.
+        """
         model = self._fresh_model()
-        ids = None
-        if calibration is not None or method != "drop":
-            ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)
-        plan = compression_pass.plan(model, ids)
-        if self._source:
-            plan.base["name_or_path"] = self._source
-        return plan
+        if isinstance(calibration, str):
+            calibration = CalibrationConfig(calibration, n_samples, seq_len, seed, text_field)
+        return compress(model, method, calibration, tokenizer=self.tokenizer, cache=cache, name_or_path=self._source,
+                        **params)
 
     def apply(self, plan: CompressionPlan, save_directory: str | os.PathLike | None = None, overwrite: bool = False,
               strict: bool = True) -> nn.Module:
@@ -194,11 +145,12 @@ class SLMCompressor:
 
     def compress(self, save_directory: str | os.PathLike, method: str = "slm", calibration: Any = None, *,
                  overwrite: bool = False, plan_only: bool = False, n_samples: int = 10, seq_len: int = 128,
-                 seed: int = 1234, text_field: str = "text", **params: Any) -> CompressionPlan:
+                 seed: int = 1234, text_field: str = "text", cache: CacheSpec = True,
+                 **params: Any) -> CompressionPlan:
         """Plan with ``method`` and write ``save_directory`` (checkpoint + plan + card; ``plan_only``: the plan)."""
         check_output_dir(save_directory, overwrite)
         plan = self.plan(method, calibration, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                         text_field=text_field, **params)
+                         text_field=text_field, cache=cache, **params)
         if plan_only:
             save_plan_only(plan, save_directory, overwrite)
         else:

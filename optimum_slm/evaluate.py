@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .calibration import load_documents
 from .errors import CalibrationError
+from .metrics import next_token_nll, perplexity_of
 
 
 def heldout_ids(tokenizer, source: str = "wiki-leads-test", n_windows: int = 16, seq_len: int = 512) -> torch.Tensor:
@@ -32,11 +31,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> floa
     total, count = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += batch[:, 1:].numel()
-    mean = total / count
-    return math.exp(mean) if mean < 700 else float("inf")
+        batch_total, batch_count = next_token_nll(model(batch, use_cache=False).logits, batch)
+        total += batch_total
+        count += batch_count
+    return perplexity_of(total / count)

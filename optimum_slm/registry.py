@@ -6,27 +6,12 @@ from typing import Any
 
 from .errors import PassError
 from .passes.base import CompressionPass
-from .plugins import load_plugins, pm
-
-
-def _collect() -> dict[str, type[CompressionPass]]:
-    load_plugins()
-    found: dict[str, type[CompressionPass]] = {}
-
-    def register(pass_cls: type[CompressionPass]) -> None:
-        if not (isinstance(pass_cls, type) and issubclass(pass_cls, CompressionPass)) or not pass_cls.name:
-            raise PassError(f"register() takes a named CompressionPass subclass, got {pass_cls!r}")
-        if pass_cls.name in found and found[pass_cls.name] is not pass_cls:
-            raise PassError(f"two plugins register a pass named {pass_cls.name!r}")
-        found[pass_cls.name] = pass_cls
-
-    pm.hook.register_passes(register=register)
-    return found
+from .plugins import collect, load_plugins, plugins_changed, pm
 
 
 def pass_classes() -> dict[str, type[CompressionPass]]:
     """Every registered pass class by name (sorted)."""
-    return dict(sorted(_collect().items()))
+    return dict(sorted(collect("register_passes", CompressionPass, "CompressionPass subclass", PassError).items()))
 
 
 def get_pass_class(name: str) -> type[CompressionPass]:
@@ -37,7 +22,7 @@ def get_pass_class(name: str) -> type[CompressionPass]:
 
 
 def get_pass(name: str, **params: Any) -> CompressionPass:
-    """An instance of pass ``name`` with validated parameters; ``.plan(model, calibration)`` makes a plan."""
+    """An instance of pass ``name`` with validated parameters (``optimum_slm.compress`` runs it)."""
     return get_pass_class(name)(**params)
 
 
@@ -47,10 +32,12 @@ def list_passes() -> dict[str, str]:
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
-    """Register a plugin object (a module or instance with ``@hookimpl register_passes``) at run time."""
+    """Register a plugin object (a module or instance with ``@hookimpl`` hooks) at run time."""
     load_plugins()
     pm.register(plugin, name)
+    plugins_changed()
 
 
 def unregister_plugin(plugin: object) -> None:
     pm.unregister(plugin)
+    plugins_changed()

@@ -1,7 +1,8 @@
 """Similarity criteria between the base model's output and a compressed candidate's, higher = more similar.
 
-Every criterion gets the engine (for the base model's recorded reference) and the candidate's final post-norm hidden
-state per batch, and returns one float.
+Every criterion gets the engine (for the base model's recorded final states, ``engine.base_final``) and the
+candidate's final post-norm hidden state per batch, and returns one float. Built-ins are registered through the
+``register_similarities`` plugin hook like third-party criteria.
 
 * ``final-cosine`` (official): per sample, cosine of the flattened [seq × hidden] final states; mean over samples.
 * ``token-cosine``: cosine of every token's hidden vector; mean over all tokens.
@@ -18,27 +19,24 @@ from typing import Any, Callable
 
 import torch
 
-from .engine import Batches, ForwardEngine, per_sample_cosine
+from .engine import Batches, ForwardEngine
 from .errors import PassError
+from .hookspecs import hookimpl
+from .metrics import linear_cka, mean_token_cosine, per_sample_cosine
 
 Similarity = Callable[[ForwardEngine, Batches], float]
 
 
 def final_cosine(engine: ForwardEngine, candidate: Batches) -> float:
-    return float(per_sample_cosine(candidate, engine.reference).mean())
+    return float(per_sample_cosine(candidate, engine.base_final).mean())
 
 
 def token_cosine(engine: ForwardEngine, candidate: Batches) -> float:
-    total, count = 0.0, 0
-    for x, y in zip(candidate, engine.reference):
-        cos = torch.nn.functional.cosine_similarity(x.double(), y.to(x.device).double(), dim=-1)
-        total += float(cos.sum())
-        count += cos.numel()
-    return total / count
+    return mean_token_cosine(candidate, engine.base_final)
 
 
 def _of_base(engine: ForwardEngine, key: str, compute: Callable[[], Any]) -> Any:
-    """``compute()``, once per engine: a quantity of the base model's reference states, reused by every candidate."""
+    """``compute()``, once per engine: a quantity of the base model's final states, reused by every candidate."""
     if key not in engine.derived:
         engine.derived[key] = compute()
     return engine.derived[key]
@@ -47,7 +45,7 @@ def _of_base(engine: ForwardEngine, key: str, compute: Callable[[], Any]) -> Any
 def _reference_logprobs(engine: ForwardEngine) -> Batches:
     def compute() -> Batches:
         with torch.inference_mode():
-            return [torch.log_softmax(engine.adapter.logits(h.to(engine.device)).float(), -1) for h in engine.reference]
+            return [torch.log_softmax(engine.adapter.logits(h.to(engine.device)).float(), -1) for h in engine.base_final]
 
     return _of_base(engine, "logprobs", compute)
 
@@ -64,16 +62,8 @@ def logit_kl(engine: ForwardEngine, candidate: Batches) -> float:
     return float(torch.exp(torch.tensor(-total / count)))
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two [n, d] matrices (rows are examples)."""
-    x = x.double() - x.double().mean(0, keepdim=True)
-    y = y.double() - y.double().mean(0, keepdim=True)
-    hsic = (y.T @ x).pow(2).sum()
-    return float(hsic / ((x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()))
-
-
 def cka(engine: ForwardEngine, candidate: Batches) -> float:
-    x = torch.cat([h.reshape(-1, h.shape[-1]) for h in engine.reference])
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h in engine.base_final])
     y = torch.cat([h.reshape(-1, h.shape[-1]).to(x.device) for h in candidate])
     return linear_cka(x, y)
 
@@ -83,10 +73,11 @@ def nll(engine: ForwardEngine, candidate: Batches) -> float:
         total, count = engine.token_nll(states)
         return total / count
 
-    base = _of_base(engine, "nll", lambda: mean_nll(engine.reference))
+    base = _of_base(engine, "nll", lambda: mean_nll(engine.base_final))
     return math.exp(min(base - mean_nll(candidate), 700.0))
 
 
+#: the built-in criteria (``similarities()`` adds those of plugins)
 SIMILARITIES: dict[str, Similarity] = {
     "final-cosine": final_cosine,
     "token-cosine": token_cosine,
@@ -96,8 +87,22 @@ SIMILARITIES: dict[str, Similarity] = {
 }
 
 
+@hookimpl
+def register_similarities(register) -> None:
+    for name, fn in SIMILARITIES.items():
+        register(name, fn)
+
+
+def similarities() -> dict[str, Similarity]:
+    """Every registered similarity criterion by name (built-ins and plugins)."""
+    from .plugins import collect
+
+    return collect("register_similarities", None, "similarity", PassError)
+
+
 def get_similarity(name: str) -> Similarity:
-    fn = SIMILARITIES.get(name)
+    found = similarities()
+    fn = found.get(name)
     if fn is None:
-        raise PassError(f"unknown similarity {name!r}; available: {', '.join(SIMILARITIES)}")
+        raise PassError(f"unknown similarity {name!r}; available: {', '.join(found)}")
     return fn

@@ -8,9 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys
+
 import pytest
 import torch
 import transformers
+
+# the v1 plan fixtures' helpers (weights_digest, smollm2_shaped) are shared by several tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "plans_v1"))
 
 FAMILY_CONFIGS = {
     "llama": lambda n: transformers.LlamaConfig(
@@ -95,6 +100,12 @@ def write_corpus(path, n_docs: int = 40, words: int = 60, seed: int = 0) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n\n".join(docs) + "\n")
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _own_plan_cache(tmp_path, monkeypatch):
+    """Each test gets an empty plan cache: a plan cached by one test must not answer another's request."""
+    monkeypatch.setenv("OPTIMUM_SLM_PLAN_CACHE", str(tmp_path / "plan-cache"))
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,11 @@ import torch
 from click.testing import CliRunner
 
 from optimum_slm import analysis
-from optimum_slm.cli_eval import analyze_command
+from optimum_slm.reports import plots
+from optimum_slm.cli.analysis import analyze_command
 from optimum_slm.errors import SLMError
 from optimum_slm.plan import CompressionPlan, drop_op, merge_op
-from optimum_slm.similarity import linear_cka
+from optimum_slm.metrics import linear_cka
 
 from conftest import calib_ids, make_model, write_corpus
 
@@ -139,4 +140,4 @@ def test_analyze_cli_rejects_a_plan_for_another_model(tmp_path, tiny_checkpoint)
 def test_missing_matplotlib_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SLMError, match=r"optimum-slm\[plots\]"):
-        analysis._pyplot()
+        plots._pyplot()

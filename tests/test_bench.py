@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from optimum_slm import bench
-from optimum_slm.cli_eval import bench_command
+from optimum_slm.cli.analysis import bench_command
 from optimum_slm.compressor import SLMCompressor
 from optimum_slm.errors import SLMError
 from optimum_slm.registry import get_pass

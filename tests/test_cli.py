@@ -72,7 +72,7 @@ def test_compress_inspect_apply_roundtrip(tiny_checkpoint, corpus, tmp_path):
     assert shown.exit_code == 0
     assert "layers: 6 -> 4" in shown.output
     for low, high in plan.windows:
-        assert f"{low}-{high}: {high - low + 1} layers -> 1, similarity" in shown.output
+        assert f"merge {low}-{high} (rule official): {high - low + 1} layers -> 1, similarity" in shown.output
     assert f"calibration: {corpus}, 4 x 16 tokens, seed 1234" in shown.output
 
     rebuilt = tmp_path / "rebuilt"

@@ -111,7 +111,8 @@ def test_plan_with_overlapping_ops(tiny_checkpoint, tmp_path, corpus):
     CliRunner().invoke(cli, ["-q", *compress_args(tiny_checkpoint, plan_dir, corpus, "--num-layers", "1",
                                                   "--plan-only")])
     data = json.loads((plan_dir / "slm_plan.json").read_text())
-    data["ops"] = [{"op": "drop", "layers": [1, 2]}, {"op": "drop", "layers": [2]}]
+    data["stages"][0]["ops"] = [{"op": "drop", "layers": [1, 2]}, {"op": "drop", "layers": [2]}]
+    data.pop("shape_after")
     data["num_layers_after"] = 3
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))

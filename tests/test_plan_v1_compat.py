@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -14,8 +13,7 @@ from optimum_slm import CompressionPlan, apply_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "plans_v1")
-sys.path.insert(0, FIXTURES)
-from weights import smollm2_shaped, weights_digest  # noqa: E402
+from weights import smollm2_shaped, weights_digest  # noqa: E402  (tests/fixtures/plans_v1, on the path via conftest)
 
 with open(os.path.join(FIXTURES, "expected.json"), encoding="utf-8") as _fh:
     EXPECTED = json.load(_fh)

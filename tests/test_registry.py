@@ -6,7 +6,7 @@ import pytest
 
 from conftest import make_model
 from optimum_slm import PassError, get_pass, hookimpl, list_passes, register_plugin
-from optimum_slm.passes.base import CompressionPass, PassParam
+from optimum_slm.passes.base import CompressionPass, PassParam, PassResult
 from optimum_slm.plan import drop_op
 from optimum_slm.registry import unregister_plugin
 
@@ -16,9 +16,11 @@ class DropLast(CompressionPass):
     description = "Drop the last n layers below the top one (test plugin)."
     params = (PassParam("n", "int", 1, "how many"),)
 
-    def plan(self, model, calibration):
-        n = self.adapter(model).num_layers
-        return self.make_plan(model, [drop_op(range(n - 1 - self.config["n"], n - 1))], calibration)
+    needs_calibration = False
+
+    def run(self, engine):
+        n = engine.num_layers
+        return PassResult([drop_op(range(n - 1 - self.config["n"], n - 1))])
 
 
 class Plugin:

@@ -7,8 +7,8 @@ import torch
 
 from conftest import calib_ids, make_model
 from optimum_slm import apply_plan, get_pass
-from optimum_slm.passes.slm import WindowEvaluator
-from optimum_slm.reference import official_slm_windows
+from optimum_slm.passes.depth.slm import WindowEvaluator
+from optimum_slm.passes.depth.slm_official_port import official_slm_windows
 
 
 def _scripted(monkeypatch, table: dict, default: float = 0.99, strict: bool = True):

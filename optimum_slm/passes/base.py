@@ -1,17 +1,24 @@
-"""The compression-pass interface: typed parameters, validation, and ``plan(model, calibration)``."""
+"""The compression-pass interface: typed parameters, validation, and ``run(engine) -> PassResult``.
+
+A pass reads the engine it is given (the model, its calibration ids, recorded activations) and returns ops in the
+engine's layer numbering, a trace and any fitted tensors. It never builds an engine, loads data, saves files or
+fingerprints a model: ``optimum_slm.pipeline.compress`` does that, once, for every front door.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter
-from ..calibration import describe_calibration
 from ..errors import PassError
-from ..plan import CompressionPlan
+
+
+#: longest integer list a parameter may expand to (a range like 0-300000000 is refused before it is allocated)
+_MAX_LIST = 100_000
 
 
 def _parse_int_list(value: Any) -> list[int]:
@@ -20,8 +27,10 @@ def _parse_int_list(value: Any) -> list[int]:
         out: list[int] = []
         for v in value:
             if "-" in v[1:]:  # ranges like 3-5
-                a, b = v.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in v.split("-", 1))
+                if b - a > _MAX_LIST:
+                    raise ValueError(f"range {v} is longer than {_MAX_LIST} values")
+                out.extend(range(a, b + 1))
             else:
                 out.append(int(v))
         return out
@@ -40,9 +49,16 @@ def _parse_bool(value: Any) -> bool:
     raise ValueError(f"expected a boolean, got {value!r}")
 
 
+def _parse_float(value: Any) -> float:
+    parsed = float(value)
+    if not math.isfinite(parsed):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return parsed
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": int,
-    "float": float,
+    "float": _parse_float,
     "str": str,
     "bool": _parse_bool,
     "int_list": _parse_int_list,
@@ -79,10 +95,21 @@ NUM_LAYERS = PassParam("num_layers", "int", None, "number of decoder layers to r
 PROTECT = PassParam("protect", "int_list", None, "base layer indices that are never removed or merged")
 
 
-class CompressionPass:
-    """Base class of every pass. Subclasses set ``name``, ``description``, ``params`` and implement ``plan``.
+@dataclass
+class PassResult:
+    """What a pass found: ops (in the engine's layer numbering), a trace, fitted tensors referenced by the ops."""
 
-    ``plan`` must leave the model's weights and structure unchanged and return a ``CompressionPlan``.
+    ops: list[dict[str, Any]]
+    trace: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the parameters to record, when the search settled one (slm's threshold in target mode); default: as given
+    params: dict[str, Any] | None = None
+
+
+class CompressionPass:
+    """Base class of every pass. Subclasses set ``name``, ``description``, ``params`` and implement ``run``.
+
+    ``run`` must leave the model's weights and structure unchanged.
     """
 
     name: ClassVar[str] = ""
@@ -90,6 +117,10 @@ class CompressionPass:
     params: ClassVar[tuple[PassParam, ...]] = ()
     #: parameters that change how a plan is computed, not which plan (left out of the plan's ``params``)
     runtime_params: ClassVar[tuple[str, ...]] = ("batch_size",)
+    #: whether ``run`` reads calibration data (the pipeline loads it, and refuses to run without it, when True)
+    needs_calibration: ClassVar[bool] = True
+    #: recorded parameters the search itself settles (left out when a cached plan is checked against a request)
+    search_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
         known = {p.name: p for p in self.params}
@@ -113,8 +144,16 @@ class CompressionPass:
         if ratio is not None and n is not None:
             raise PassError("give either ratio or num_layers, not both")
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:  # pragma: no cover
+    def run(self, engine) -> PassResult:  # pragma: no cover - abstract
+        """Plan on ``engine`` (an ``optimum_slm.engine.ForwardEngine``); see ``PassResult``."""
         raise NotImplementedError
+
+    def plan(self, model: nn.Module, calibration: Any = None):
+        """A one-stage plan of this pass for ``model`` through the pipeline (no plan cache); a convenience for
+        ``optimum_slm.compress(model, self, calibration, cache=False)``."""
+        from ..pipeline import compress
+
+        return compress(model, self, calibration=calibration, cache=False)
 
     # ------------------------------------------------------------------ helpers for subclasses
     def target_count(self, num_layers: int, required: bool = True) -> int | None:
@@ -134,27 +173,6 @@ class CompressionPass:
     def public_params(self) -> dict[str, Any]:
         """Parameters as given (defaults included) for the plan's ``params``, run-time settings left out."""
         return {k: v for k, v in self.config.items() if v is not None and k not in self.runtime_params}
-
-    def make_plan(
-        self,
-        model: nn.Module,
-        ops: list[dict[str, Any]],
-        calibration: torch.Tensor | None,
-        trace: dict[str, Any] | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> CompressionPlan:
-        return CompressionPlan.for_model(
-            model,
-            method=self.name,
-            ops=ops,
-            params=self.public_params() if params is None else params,
-            calibration=describe_calibration(calibration) if calibration is not None else None,
-            trace=trace or {},
-        )
-
-    @staticmethod
-    def adapter(model: nn.Module) -> ArchAdapter:
-        return ArchAdapter(model)
 
     def protected(self, num_layers: int) -> set[int]:
         protect = self.config.get("protect") or []

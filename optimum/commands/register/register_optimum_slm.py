@@ -5,7 +5,7 @@ would break every optimum-cli command, so this module imports only argparse, cli
 loads the click group inside a guard. Each click command becomes an argparse subcommand whose options are generated
 from the click parameters (defined once); ``run`` rebuilds the argument list and hands it to click, which converts,
 validates and runs exactly as the ``slm`` console script does. Commands added to the group later (for example by
-``optimum_slm.cli_eval``) appear here automatically.
+``optimum_slm.cli.analysis``) appear here automatically.
 """
 
 from __future__ import annotations

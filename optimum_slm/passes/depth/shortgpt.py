@@ -9,14 +9,11 @@ or compares raw residual streams throughout.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from ..engine import ForwardEngine
-from ..hookspecs import hookimpl
-from ..plan import CompressionPlan, drop_op
-from ._depth import stream_state, need_calibration, round_scores, select_lowest
-from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam
+from ...hookspecs import hookimpl
+from ...metrics import block_influence
+from ...plan import drop_op
+from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
+from .common import round_scores, select_lowest, stream_state
 
 LAST_LAYER_NORM = PassParam(
     "last_layer_norm",
@@ -26,20 +23,14 @@ LAST_LAYER_NORM = PassParam(
 )
 
 
-def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
-    """Σ over all tokens of 1 − cos(x_in[t], x_out[t]) for [..., hidden] tensors; NaN cosines count as 0.5."""
-    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.to(x_in.device).double(), dim=-1)
-    return float((1.0 - cos).nan_to_num(nan=0.5).sum())
-
-
 class ShortGPTPass(CompressionPass):
     name = "shortgpt"
     description = "ShortGPT Block Influence: remove the layers with the lowest Σ(1 − cos(input, output)), one shot."
     params = (RATIO, NUM_LAYERS, PROTECT, LAST_LAYER_NORM)
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
-        calibration = need_calibration(self.name, calibration)
-        engine = ForwardEngine(model, calibration).record_layer_inputs()
+    def run(self, engine) -> PassResult:
+        engine.require_calibration(self.name)
+        engine.record_layer_inputs()
         n = engine.num_layers
         count = self.target_count(n)
         protect = self.protected(n)
@@ -49,7 +40,7 @@ class ShortGPTPass(CompressionPass):
             scores[i] = sum(block_influence(x, y) for x, y in zip(engine.inputs[i], outputs))
         removed = select_lowest(self.name, scores, count, protect)
         trace = {"block_influence": round_scores(scores), "order": sorted(scores, key=lambda i: (scores[i], i))}
-        return self.make_plan(model, [drop_op(removed)], calibration, trace=trace)
+        return PassResult([drop_op(removed)], trace)
 
 
 @hookimpl

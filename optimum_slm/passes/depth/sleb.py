@@ -23,14 +23,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter
-from ..engine import Batches, ForwardEngine, Slot
-from ..errors import PassError
-from ..hookspecs import hookimpl
-from ..plan import CompressionPlan, drop_op
-from ..progress import progress_bar
-from ._depth import need_calibration
-from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam
+from ...arch import ArchAdapter
+from ...engine import Batches, ForwardEngine, Slot
+from ...errors import PassError
+from ...hookspecs import hookimpl
+from ...metrics import next_token_nll
+from ...plan import drop_op
+from ...progress import progress_bar
+from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
 
 
 def _check_barriers(num_layers: int, count: int, early: int, latter: int) -> None:
@@ -109,12 +109,7 @@ def _naive_loss(model: nn.Module, ids: torch.Tensor, per_sample: bool) -> float:
     chunks = [ids[i : i + 1] for i in range(ids.shape[0])] if per_sample else [ids]
     for batch in chunks:
         batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-        )
+        total += next_token_nll(model(batch, use_cache=False).logits, batch)[0]
     return total
 
 
@@ -177,9 +172,8 @@ class SLEBPass(CompressionPass):
             if self.config[key] < 0:
                 raise PassError(f"{key} must be >= 0, got {self.config[key]}")
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
-        calibration = need_calibration(self.name, calibration)
-        engine = ForwardEngine(model, calibration, batch_size=self.config["batch_size"])
+    def run(self, engine: ForwardEngine) -> PassResult:
+        engine.require_calibration(self.name)
         n = engine.num_layers
         count = self.target_count(n)
         protect = self.protected(n)
@@ -189,7 +183,7 @@ class SLEBPass(CompressionPass):
         with progress_bar(total=total, desc="sleb: trying blocks", unit="trial") as bar:
             removed, rounds = sleb_fast(engine, count, early, latter, protect, progress=bar)
         trace = {"removal_order": removed, "rounds": rounds}
-        return self.make_plan(model, [drop_op(removed)], calibration, trace=trace)
+        return PassResult([drop_op(removed)], trace)
 
 
 @hookimpl

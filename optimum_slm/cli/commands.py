@@ -13,7 +13,6 @@ imports it to build its parser, so torch and transformers are imported inside th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -21,8 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from ._version import __version__
-from .errors import SLMError
+from .._version import __version__
+from ..errors import SLMError
 
 #: the model dtypes and devices the loaders accept
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -52,7 +51,7 @@ class SLMGroup(click.Group):
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value:
         return
-    from .progress import set_quiet
+    from ..progress import set_quiet
 
     set_quiet(True)
     # transformers' own bars (weight loading) too; before its import the hub's switch is read from the environment
@@ -117,6 +116,15 @@ def pass_params(named: dict[str, Any], extra: Iterable[str]) -> dict[str, Any]:
     return params
 
 
+def _plan_cache(no_cache: bool):
+    """The plan cache the CLI uses: the user cache, or a fresh computation that refreshes it (``--no-cache``)."""
+    if not no_cache:
+        return True
+    from ..plan.cache import PlanCache
+
+    return PlanCache(read=False)
+
+
 def _echo_layers(where: str, plan) -> None:
     click.echo(f"wrote {where}")
     click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
@@ -149,11 +157,12 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
               help="A pass-specific parameter (repeatable); 'list' shows each pass's parameters.")
+@click.option("--no-cache", is_flag=True, help="Compute the plan even when the plan cache holds it (and store it).")
 @quiet_option
 def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, method: str, ratio: float | None,
              num_layers: int | None, threshold: float | None, merge: str | None, calib_data: str | None,
              calib_samples: int, calib_seq_len: int, seed: int, text_field: str, output: str, plan_only: bool,
-             overwrite: bool, extra_params: Sequence[str]) -> None:
+             overwrite: bool, extra_params: Sequence[str], no_cache: bool) -> None:
     """Compress a model with a pass.
 
     Writes DIR: a plain checkpoint with fewer layers, slm_plan.json and a model card (--plan-only: the plan).
@@ -165,8 +174,8 @@ def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, 
     params = pass_params({"ratio": ratio, "num_layers": num_layers, "threshold": threshold, "merge": merge},
                          extra_params)
 
-    from .compressor import PLAN_FILE, SLMCompressor, check_output_dir
-    from .registry import get_pass
+    from ..compressor import PLAN_FILE, SLMCompressor, check_output_dir
+    from ..registry import get_pass
 
     # everything that can be checked without the model is checked before the (long) load and search
     get_pass(method, **params)
@@ -174,7 +183,9 @@ def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, 
     compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
     plan = compressor.compress(target, method=method, calibration=calib_data, overwrite=overwrite,
                                plan_only=plan_only, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                               text_field=text_field, **params)
+                               text_field=text_field, cache=_plan_cache(no_cache), **params)
+    if plan.reused_from:
+        click.echo(f"reused the cached plan {plan.reused_from} (--no-cache recomputes it)")
     click.echo(plan.summary())
     where = f"{target}/{PLAN_FILE} (plan only)" if plan_only else f"{target} (checkpoint, {PLAN_FILE}, README.md)"
     _echo_layers(where, plan)
@@ -189,8 +200,8 @@ def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, 
 def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, plan_file: str, output: str,
           overwrite: bool) -> None:
     """Rebuild a compressed checkpoint from base + plan."""
-    from .compressor import SLMCompressor, check_output_dir
-    from .plan import CompressionPlan
+    from ..compressor import SLMCompressor, check_output_dir
+    from ..plan import CompressionPlan
 
     plan = CompressionPlan.load(plan_file)
     target = check_output_dir(output, overwrite)
@@ -207,7 +218,7 @@ def _format_default(value: Any) -> str:
 @quiet_option
 def list_command() -> None:
     """List the registered passes and their parameters."""
-    from .registry import pass_classes
+    from ..registry import pass_classes
 
     classes = pass_classes()
     for name, cls in classes.items():
@@ -221,43 +232,6 @@ def list_command() -> None:
     click.echo("Parameters are given as --ratio/--num-layers/--threshold/--merge or --param KEY=VALUE.")
 
 
-def _window_similarities(trace: dict[str, Any]) -> dict[tuple[int, int], float]:
-    """The score each committed window had when it was last accepted (from an slm-style ``tried`` trace)."""
-    sims: dict[tuple[int, int], float] = {}
-    for entry in trace.get("tried") or []:
-        if isinstance(entry, dict) and entry.get("passed") and entry.get("sim") is not None:
-            window = entry.get("window")
-            if isinstance(window, list) and len(window) == 2:
-                sims[(window[0], window[1])] = entry["sim"]
-    return sims
-
-
-def _is_small_table(value: Any) -> bool:
-    """A short list of flat records (e.g. a threshold search), worth printing in full."""
-    return (isinstance(value, list) and 0 < len(value) <= 12
-            and all(isinstance(row, dict) and len(row) <= 4
-                    and all(isinstance(v, (str, int, float, bool)) for v in row.values()) for row in value))
-
-
-def _trace_lines(trace: dict[str, Any]) -> list[str]:
-    """Generic lines for trace entries other passes may record (scalars shown, long lists counted)."""
-    lines = []
-    for key in sorted(trace):
-        if key in ("tried", "windows"):
-            continue
-        value = trace[key]
-        if isinstance(value, (str, int, float, bool)):
-            lines.append(f"  {key}: {value}")
-        elif isinstance(value, list) and len(value) <= 40 and all(isinstance(v, (int, float)) for v in value):
-            lines.append(f"  {key}: " + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value))
-        elif _is_small_table(value):
-            rows = (" ".join(f"{k}={v}" for k, v in row.items()) for row in value)
-            lines.append(f"  {key}: " + " | ".join(rows))
-        elif isinstance(value, (list, dict)):
-            lines.append(f"  {key}: {len(value)} entries")
-    return lines
-
-
 @cli.command()
 @click.argument("plan_file", metavar="PLAN.json")
 @quiet_option
@@ -266,32 +240,11 @@ def inspect(plan_file: str) -> None:
 
     Shows the windows, layers before/after, the similarities from the trace and the calibration.
     """
-    from .plan import CompressionPlan
+    from ..plan import CompressionPlan
+    from ..reports.inspect import inspect_lines
 
-    plan = CompressionPlan.load(plan_file)
-    click.echo(f"plan: {plan_file} ({plan.created_with or 'unknown version'})")
-    click.echo(plan.summary())
-    sims = _window_similarities(plan.trace)
-    if plan.windows:
-        click.echo("windows (base numbering):")
-        for low, high in plan.windows:
-            sim = sims.get((low, high))
-            score = f", similarity {sim:.4f}" if sim is not None else ""
-            click.echo(f"  {low}-{high}: {high - low + 1} layers -> 1{score}")
-    cal = plan.calibration
-    if cal:
-        digest = (cal.get("sha256") or "")[:12]
-        click.echo(f"calibration: {cal.get('source')}, {cal.get('n_samples')} x {cal.get('seq_len')} tokens, "
-                   f"seed {cal.get('seed')}" + (f", ids sha256 {digest}" if digest else ""))
-    else:
-        click.echo("calibration: none")
-    extra = _trace_lines(plan.trace)
-    if "tried" in plan.trace:
-        extra.insert(0, f"  windows tried in the final run: {len(plan.trace['tried'])}")
-    if extra:
-        click.echo("trace:")
-        for line in extra:
-            click.echo(line)
+    for line in inspect_lines(CompressionPlan.load(plan_file), plan_file):
+        click.echo(line)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -303,9 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(SLMUsageError.exit_code)
 
 
-# Commands defined elsewhere in the package (analysis and benchmarks) join the group when their module exists;
-# an error inside that module is a bug and surfaces, only its absence is tolerated.
-if importlib.util.find_spec(f"{__package__}.cli_eval") is not None:
-    from .cli_eval import register_commands
+# analyze and bench live in cli/analysis.py and join the group here
+from .analysis import register_commands  # noqa: E402
 
-    register_commands(cli)
+register_commands(cli)

@@ -13,19 +13,18 @@ block on the dense model, blocks ranked ascending, the "+" heuristic drops block
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter
-from ..engine import ForwardEngine
-from ..errors import PassError
-from ..hookspecs import hookimpl
-from ..plan import CompressionPlan, drop_op
-from ..progress import progress_bar
-from ._depth import need_calibration, round_scores, select_lowest
-from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam
+from ...arch import ArchAdapter
+from ...engine import ForwardEngine
+from ...metrics import perplexity_of
+from ...errors import PassError
+from ...hookspecs import hookimpl
+from ...plan import drop_op
+from ...progress import progress_bar
+from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
+from .common import round_scores, select_lowest
 
 
 def ppl_scores(engine: ForwardEngine, progress=None) -> dict[int, float]:
@@ -34,7 +33,7 @@ def ppl_scores(engine: ForwardEngine, progress=None) -> dict[int, float]:
     scores: dict[int, float] = {}
     for b in range(engine.num_layers):
         total, count = engine.token_nll(engine.run_layers(engine.base_slots(b + 1), b))
-        scores[b] = math.exp(total / count) if total / count < 700 else float("inf")
+        scores[b] = perplexity_of(total / count)
         if progress is not None:
             progress.update(1)
     return scores
@@ -105,11 +104,11 @@ class _ShortenedPass(CompressionPass):
             if self.config[key] < 0:
                 raise PassError(f"{key} must be >= 0, got {self.config[key]}")
 
-    def scores(self, model: nn.Module, calibration: torch.Tensor | None) -> dict[int, float]:  # pragma: no cover
+    def scores(self, engine: ForwardEngine) -> dict[int, float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
-        n = ArchAdapter(model).num_layers
+    def run(self, engine: ForwardEngine) -> PassResult:
+        n = engine.num_layers
         count = self.target_count(n)
         kept = set(range(min(self.config["keep_first"], n))) | set(range(max(n - self.config["keep_last"], 0), n))
         excluded = kept | self.protected(n)
@@ -119,7 +118,7 @@ class _ShortenedPass(CompressionPass):
                 f"(keep_first={self.config['keep_first']}, keep_last={self.config['keep_last']}, protect), "
                 f"cannot remove {count}"
             )
-        scores = self.scores(model, calibration)
+        scores = self.scores(engine)
         removed = select_lowest(self.name, scores, count, excluded)
         order = sorted(scores, key=lambda i: (scores[i], i))
         trace = {
@@ -128,7 +127,7 @@ class _ShortenedPass(CompressionPass):
             "block_order": order,
             "excluded": sorted(excluded),
         }
-        return self.make_plan(model, [drop_op(removed)], calibration, trace=trace)
+        return PassResult([drop_op(removed)], trace)
 
 
 class ShortenedPPLPass(_ShortenedPass):
@@ -136,8 +135,8 @@ class ShortenedPPLPass(_ShortenedPass):
     description = "Shortened LLaMA PPL criterion: remove the blocks whose absence raises calibration PPL least."
     criterion = "ppl"
 
-    def scores(self, model: nn.Module, calibration: torch.Tensor | None) -> dict[int, float]:
-        engine = ForwardEngine(model, need_calibration(self.name, calibration))
+    def scores(self, engine: ForwardEngine) -> dict[int, float]:
+        engine.require_calibration(self.name)
         with progress_bar(total=engine.num_layers, desc="shortened-ppl: blocks", unit="block") as bar:
             return ppl_scores(engine, progress=bar)
 
@@ -150,17 +149,18 @@ class ShortenedTaylorPass(_ShortenedPass):
         PassParam("batch_size", "int", None, "calibration samples per backward batch (official: all 10 at once)"),
     )
 
-    def scores(self, model: nn.Module, calibration: torch.Tensor | None) -> dict[int, float]:
-        return taylor_scores(model, need_calibration(self.name, calibration), self.config["batch_size"])
+    def scores(self, engine: ForwardEngine) -> dict[int, float]:
+        return taylor_scores(engine.model, engine.require_calibration(self.name), self.config["batch_size"])
 
 
 class ShortenedMagnitudePass(_ShortenedPass):
     name = "shortened-magnitude"
     description = "Shortened LLaMA magnitude criterion: remove the blocks with the lowest Σ|W| (no data needed)."
     criterion = "magnitude"
+    needs_calibration = False
 
-    def scores(self, model: nn.Module, calibration: torch.Tensor | None) -> dict[int, float]:
-        return magnitude_scores(model)
+    def scores(self, engine: ForwardEngine) -> dict[int, float]:
+        return magnitude_scores(engine.model)
 
 
 @hookimpl

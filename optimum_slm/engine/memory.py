@@ -1,4 +1,4 @@
-"""The shared forward engine: record every decoder layer's input once, then run any stack of layers from there.
+"""The in-memory forward engine: record every decoder layer's input once, then run any stack of layers from there.
 
 One full forward pass of the decoder is run with pre-hooks that capture, for every layer, its input hidden state and
 the exact keyword arguments the model passes it (attention mask for its layer type, position embeddings for its
@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .arch import ArchAdapter
-
-Batches = list[torch.Tensor]
+from ..arch import ArchAdapter
+from ..errors import PassError
+from ..metrics import Batches, next_token_nll
 
 _DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "use_cache", "output_attentions"}
 
@@ -39,36 +39,51 @@ class ForwardEngine:
     Attributes after ``record_layer_inputs()``:
     * ``inputs[i]``: list over batches of the input hidden state of base layer ``i`` (``inputs[L]`` is the output of
       the last layer, before the final norm);
-    * ``reference``: list over batches of the base model's final post-norm hidden state (``last_hidden_state``).
+    * ``base_final``: list over batches of the model's final post-norm hidden state (``last_hidden_state``), the
+      reference every candidate is compared with.
+
+    ``input_ids`` may be None for passes that need no calibration data (``require_calibration`` refuses the others).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         storage_device: str | torch.device | None = None,
     ):
-        if input_ids.dim() != 2:
-            raise ValueError(f"calibration ids must be [n_samples, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[0] < 1):
+            raise PassError(f"calibration ids must be [n_samples, seq_len], got shape {tuple(input_ids.shape)}")
+        if batch_size is not None and batch_size < 1:
+            raise PassError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.adapter = ArchAdapter(model)
         self.input_ids = input_ids
-        self.batch_size = batch_size or input_ids.shape[0]
+        self.batch_size = batch_size or (input_ids.shape[0] if input_ids is not None else 1)
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
         self.num_layers = self.adapter.num_layers
         self.inputs: list[Batches] = []
         self.layer_kwargs: list[list[dict[str, Any]]] = []
-        self.reference: Batches = []
-        #: quantities derived from ``reference`` (e.g. the base's next-token log-probs), computed once by whoever needs
+        self.base_final: Batches = []
+        #: quantities derived from ``base_final`` (e.g. the base's next-token log-probs), computed once by whoever needs
         #: them and valid for the engine's lifetime, since the recording happens once
         self.derived: dict[str, Any] = {}
         self._recorded = False
 
     # ---------------------------------------------------------------------------------------------- recording
+    def require_calibration(self, pass_name: str, min_seq_len: int = 2) -> torch.Tensor:
+        """The calibration ids, or a one-line ``PassError`` when a data-driven pass got none."""
+        ids = self.input_ids
+        if ids is None:
+            raise PassError(f"pass {pass_name!r} needs calibration data (--calib-data / calibration=...)")
+        if ids.shape[1] < min_seq_len:
+            raise PassError(f"pass {pass_name!r}: calibration sequences need >= {min_seq_len} tokens, got "
+                            f"{ids.shape[1]}")
+        return ids
+
     def batches(self) -> Iterable[torch.Tensor]:
         for start in range(0, self.input_ids.shape[0], self.batch_size):
             yield self.input_ids[start : start + self.batch_size]
@@ -78,6 +93,7 @@ class ForwardEngine:
         """Run the base model once and store every layer's input and call kwargs (idempotent)."""
         if self._recorded:
             return self
+        self.require_calibration("the forward engine", 1)
         n = self.num_layers
         self.inputs = [[] for _ in range(n + 1)]
         self.layer_kwargs = [[] for _ in range(n)]
@@ -98,7 +114,7 @@ class ForwardEngine:
             decoder = self.adapter.decoder
             for ids in self.batches():
                 out = decoder(input_ids=ids.to(self.device), use_cache=False)
-                self.reference.append(out.last_hidden_state.detach().to(self.storage_device))
+                self.base_final.append(out.last_hidden_state.detach().to(self.storage_device))
         finally:
             for h in handles:
                 h.remove()
@@ -110,7 +126,7 @@ class ForwardEngine:
 
     @property
     def num_batches(self) -> int:
-        return len(self.reference)
+        return len(self.base_final)
 
     # ---------------------------------------------------------------------------------------------- running
     def _call(self, module: nn.Module, type_index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -161,14 +177,9 @@ class ForwardEngine:
         total, count = 0.0, 0
         for ids, h in zip(self.batches(), final_hidden):
             # the last position predicts nothing: leave it out before the vocabulary projection
-            logits = self.adapter.logits(h[:, :-1].to(self.device)).float()
-            labels = ids[:, 1:].to(logits.device)
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-                )
-            )
-            count += labels.numel()
+            batch_total, batch_count = next_token_nll(self.adapter.logits(h[:, :-1].to(self.device)), ids)
+            total += batch_total
+            count += batch_count
         return total, count
 
     def base_slots(self, start: int, stop: int | None = None) -> list[Slot]:
@@ -212,13 +223,3 @@ class _OnDevice:
         if self.home is not None:
             self.module.to(self.home)
         return False
-
-
-def per_sample_cosine(a: Batches, b: Batches) -> torch.Tensor:
-    """Cosine of each sample's flattened [seq, hidden] state, official ``cal_sim`` style; shape [n_samples]."""
-    sims = []
-    for x, y in zip(a, b):
-        x = x.reshape(x.shape[0], -1).double()
-        y = y.reshape(y.shape[0], -1).to(x.device).double()
-        sims.append(torch.nn.functional.cosine_similarity(x, y, dim=1))
-    return torch.cat(sims)

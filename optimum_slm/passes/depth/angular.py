@@ -12,21 +12,19 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from ..engine import ForwardEngine
-from ..errors import PassError
-from ..hookspecs import hookimpl
-from ..plan import CompressionPlan, drop_op
-from ._depth import stream_state, need_calibration, round_scores
-from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass
+from ...errors import PassError
+from ...hookspecs import hookimpl
+from ...metrics import token_cosines
+from ...plan import drop_op
+from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassResult
+from .common import round_scores, stream_state
 from .shortgpt import LAST_LAYER_NORM
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(1/π)·arccos(cos(a, b)) along the last dimension, cosine clamped to [−1, 1]; in [0, 1]."""
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.to(a.device).double(), dim=-1)
-    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+    return torch.arccos(token_cosines(a, b).clamp(-1.0, 1.0)) / math.pi
 
 
 class AngularPass(CompressionPass):
@@ -34,9 +32,9 @@ class AngularPass(CompressionPass):
     description = "Gromov et al. angular distance at the last token: remove the most redundant contiguous block."
     params = (RATIO, NUM_LAYERS, PROTECT, LAST_LAYER_NORM)
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
-        calibration = need_calibration(self.name, calibration)
-        engine = ForwardEngine(model, calibration).record_layer_inputs()
+    def run(self, engine) -> PassResult:
+        engine.require_calibration(self.name)
+        engine.record_layer_inputs()
         L = engine.num_layers
         block = self.target_count(L)
         protect = self.protected(L)
@@ -55,7 +53,7 @@ class AngularPass(CompressionPass):
             raise PassError(f"angular: every {block}-layer block contains a protected layer")
         best = min(allowed, key=lambda s: (allowed[s], s))
         trace = {"block_size": block, "distance_by_start": round_scores(distances), "start": best}
-        return self.make_plan(model, [drop_op(range(best, best + block))], calibration, trace=trace)
+        return PassResult([drop_op(range(best, best + block))], trace)
 
 
 @hookimpl

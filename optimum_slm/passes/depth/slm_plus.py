@@ -8,10 +8,10 @@ output scales). See the README's Results section for the evidence.
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from .base import NUM_LAYERS, RATIO, PassParam
+from ...hookspecs import hookimpl
+from ..base import NUM_LAYERS, RATIO, PassParam
 from .slm import CALIBRATED, SEARCHES, SLMPass
-from ..similarity import SIMILARITIES
+from ...similarity import SIMILARITIES
 
 
 class SLMPlusPass(SLMPass):

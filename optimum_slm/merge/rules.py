@@ -18,18 +18,26 @@ Formulas (θ_i = a layer's tensors, window l..h):
   θ_l. It expresses chained merges exactly, e.g. LaCo's RDSC applied again to an already merged layer
   (``paper`` applied twice is not ``paper`` on the union window). Anchor: bottom.
 
-Rules that need arguments read them from the merge op's ``args`` object (``merge_op(l, h, rule, args={...})``).
+* ``calibrated`` every tensor: θ_h, in θ_h's slot (``keep-top``), then per-channel output scales of each residual
+  branch folded into the weights (see calibrated.py). The scales are fitted at plan time (``fit``) and stored as the
+  op's side-car tensors ``attn`` and ``mlp`` (one value per hidden channel); ``finish`` folds them at apply time.
+
+Rules that need arguments read them from the merge op's ``args`` object (``merge_op(l, h, rule, args={...})``); rules
+with fitted tensors name them in ``tensor_roles`` and the op references them in its ``tensors`` object. Built-in rules
+are registered through the ``register_merge_rules`` plugin hook like any third-party rule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .arch import NORM, PROJECTION
-from .errors import PassError, PlanError
+from ..arch import NORM, PROJECTION
+from ..errors import PassError, PlanError
+from ..hookspecs import hookimpl
 
 State = Mapping[str, torch.Tensor]
 Kinds = Mapping[str, str]
@@ -45,6 +53,12 @@ class MergeRule:
     description: str
     #: optional ``check(args, window_size)`` raising ``PlanError`` for bad op arguments (rules with arguments)
     check: Callable[[Mapping, int], None] | None = None
+    #: names of the side-car tensors an op of this rule references (fitted rules), each a [hidden] vector
+    tensor_roles: tuple[str, ...] = ()
+    #: ``finish(adapter, module, tensors)``: applied to the merged layer at apply time (fitted rules)
+    finish: Callable[..., None] | None = None
+    #: ``fit(engine, module, type_index, low, high) -> tensors``: fits and folds the tensors at plan time
+    fit: Callable[..., dict[str, torch.Tensor]] | None = None
 
     def __call__(self, states: Sequence[State], kinds: Kinds, **args) -> dict[str, torch.Tensor]:
         if len(states) < 2:
@@ -100,6 +114,8 @@ def _check_linear(args: Mapping, window_size: int) -> None:
         isinstance(c, (int, float)) and not isinstance(c, bool) for c in coefficients
     ):
         raise PlanError(f"merge rule 'linear': {window_size}-layer window needs {window_size} numeric coefficients")
+    if not all(math.isfinite(c) for c in coefficients):
+        raise PlanError(f"merge rule 'linear': coefficients must be finite numbers, got {list(coefficients)}")
 
 
 def merge_linear(states: Sequence[State], kinds: Kinds, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -137,6 +153,17 @@ def merge_keep_top(states: Sequence[State], kinds: Kinds) -> dict[str, torch.Ten
     return {name: states[-1][name].clone() for name in kinds}
 
 
+def _fold_scales(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
+    adapter.fold_branch_scales(module, tensors)
+
+
+def _fit_scales(engine, module, type_index: int, low: int, high: int) -> dict[str, torch.Tensor]:
+    from .calibrated import calibrate_window
+
+    return calibrate_window(engine, module, type_index, low, high)
+
+
+#: the built-in rules (``merge_rules()`` adds those of plugins)
 MERGE_RULES: dict[str, MergeRule] = {
     r.name: r
     for r in (
@@ -148,27 +175,40 @@ MERGE_RULES: dict[str, MergeRule] = {
         MergeRule(
             "linear", merge_linear, "bottom", "Σ c_i θ_i on projections (op args.coefficients)", check=_check_linear
         ),
+        MergeRule(
+            "calibrated", merge_keep_top, "top",
+            "top layer with per-channel branch output scales fitted by least squares (side-car tensors)",
+            tensor_roles=("attn", "mlp"), finish=_fold_scales, fit=_fit_scales,
+        ),
     )
 }
 
+def merge_rules() -> dict[str, MergeRule]:
+    """Every registered merge rule by name: the built-ins and those of plugins (``register_merge_rules`` hook)."""
+    from ..plugins import collect
 
-def register_merge_rule(rule: MergeRule) -> None:
-    """Add a merge rule (plugins use this from their ``register_passes`` hook)."""
-    MERGE_RULES[rule.name] = rule
+    return collect("register_merge_rules", MergeRule, "merge rule", PassError)
 
 
 def get_merge_rule(name: str) -> MergeRule:
-    rule = MERGE_RULES.get(name)
+    rules = merge_rules()
+    rule = rules.get(name)
     if rule is None:
-        raise PassError(f"unknown merge rule {name!r}; available: {', '.join(sorted(MERGE_RULES))}")
+        raise PassError(f"unknown merge rule {name!r}; available: {', '.join(sorted(rules))}")
     return rule
+
+
+@hookimpl
+def register_merge_rules(register: Callable[[MergeRule], None]) -> None:
+    for rule in MERGE_RULES.values():
+        register(rule)
 
 
 __all__ = [
     "MergeRule",
     "MERGE_RULES",
+    "merge_rules",
     "get_merge_rule",
-    "register_merge_rule",
     "merge_official",
     "merge_paper",
     "merge_mean",

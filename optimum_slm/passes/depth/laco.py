@@ -37,15 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import layer_state, load_layer_state
-from ..engine import ForwardEngine, Slot, per_sample_cosine
-from ..errors import PassError
-from ..hookspecs import hookimpl
-from ..merge import get_merge_rule
-from ..plan import CompressionPlan, merge_op
-from ..progress import progress_bar
-from ._depth import need_calibration
-from .base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam
+from ...arch import layer_state, load_layer_state
+from ...engine import ForwardEngine, Slot
+from ...metrics import per_sample_cosine
+from ...errors import PassError
+from ...hookspecs import hookimpl
+from ...merge import get_merge_rule
+from ...plan import merge_op
+from ...progress import progress_bar
+from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class LaCoSearch:
             raise AssertionError("laco: a merged layer below the window")
         slots = [Slot(self.module_for(candidate), candidate.lo)] + [Slot(self.module_for(u), u.lo) for u in above]
         hidden = self.engine.run_layers(slots, candidate.lo)
-        value = float(per_sample_cosine(hidden, self.engine.reference).mean())
+        value = float(per_sample_cosine(hidden, self.engine.base_final).mean())
         self.memo[key] = value
         self.evaluations += 1
         if self.progress is not None:
@@ -180,6 +180,7 @@ def removed_count(units: list[Unit]) -> int:
 
 class LaCoPass(CompressionPass):
     name = "laco"
+    search_outputs = ("threshold",)
     description = "LaCo layer collapse: top-down RDSC merges of C-layer windows accepted while the output cosine > T."
     params = (
         RATIO,
@@ -203,9 +204,8 @@ class LaCoPass(CompressionPass):
         if self.config["lowest_layer"] < 0:
             raise PassError(f"lowest_layer (L) must be >= 0, got {self.config['lowest_layer']}")
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor | None) -> CompressionPlan:
-        calibration = need_calibration(self.name, calibration)
-        engine = ForwardEngine(model, calibration, batch_size=self.config["batch_size"])
+    def run(self, engine: ForwardEngine) -> PassResult:
+        engine.require_calibration(self.name)
         n = engine.num_layers
         target = self.target_count(n, required=False)
         C = self.config["merge_layers"]
@@ -245,7 +245,7 @@ class LaCoPass(CompressionPass):
             ops.append(merge_op(u.lo, u.hi, rule, **({"args": args} if args else {})))
         params = self.public_params()
         params["threshold"] = threshold
-        return self.make_plan(model, ops, calibration, trace=trace, params=params)
+        return PassResult(ops, trace, params=params)
 
     @staticmethod
     def _lower_threshold(run, start: float, target: int, n: int):

@@ -1,4 +1,4 @@
-"""Helpers shared by the one-shot depth baselines: candidate sets, lowest-score selection, calibration checks."""
+"""Helpers shared by the one-shot depth baselines: lowest-score selection, trace rounding, residual-stream reads."""
 
 from __future__ import annotations
 
@@ -6,16 +6,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import PassError
-
-
-def need_calibration(name: str, calibration: torch.Tensor | None) -> torch.Tensor:
-    """The calibration ids, or a one-line ``PassError`` when a data-driven pass got none."""
-    if calibration is None:
-        raise PassError(f"pass {name!r} needs calibration token ids")
-    if calibration.dim() != 2 or calibration.shape[1] < 2:
-        raise PassError(f"pass {name!r}: calibration ids must be [n_samples, seq_len >= 2], got {tuple(calibration.shape)}")
-    return calibration
+from ...errors import PassError
 
 
 def select_lowest(name: str, scores: Mapping[int, float], count: int, excluded: set[int]) -> list[int]:
@@ -38,5 +29,5 @@ def stream_state(engine, i: int, post_norm_last: bool):
     """The residual stream entering base layer ``i`` per batch; ``i = L`` is the stack's output, after the final norm
     when ``post_norm_last`` (as HF ``hidden_states[L]``, which ShortGPT and angular distance read)."""
     if i == engine.num_layers and post_norm_last:
-        return engine.reference
+        return engine.base_final
     return engine.inputs[i]

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from .arch import ArchAdapter, PROJECTION
+from ...arch import ArchAdapter, PROJECTION
 
 
 @torch.inference_mode()

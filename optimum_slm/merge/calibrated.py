@@ -9,28 +9,34 @@ the residual stream. Two closed-form least-squares steps, per output channel c, 
    s_m[c] = argmin_s Σ (r_c − s_a·a_c − s·m'_c)² + α·Σm'_c²·(s − 1)².
 
 The scales are folded into the rows of ``o_proj`` / ``down_proj`` (Gemma: into the post-branch norms), so the
-checkpoint stays a vanilla one; the plan stores them (base64 float32) so ``apply_plan`` needs no calibration data.
+checkpoint stays a vanilla one; the plan stores them as side-car tensors so ``apply_plan`` needs no calibration data
+(plan format v1 stored them inline as base64 float32: ``decode_vector`` reads those).
 α (``shrink``) pulls each scale towards 1, which guards channels with little signal.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 
 import numpy as np
 import torch
 from torch import nn
 
-from .engine import ForwardEngine, Slot
-
-
-def encode_vector(t: torch.Tensor) -> str:
-    """Base64 of a 1-D float32 little-endian vector (exact, compact in JSON)."""
-    return base64.b64encode(t.detach().to("cpu", torch.float32).numpy().astype("<f4").tobytes()).decode("ascii")
+from ..engine import ForwardEngine, Slot
 
 
 def decode_vector(s: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype="<f4").copy())
+    """A v1 plan's base64 little-endian float32 vector; ``ValueError`` when it is not one."""
+    if not isinstance(s, str):
+        raise ValueError("not a base64 string")
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    if len(raw) % 4:
+        raise ValueError("not a whole number of float32 values")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy())
 
 
 def _capture(engine: ForwardEngine, module: nn.Module, type_index: int, low: int) -> dict[str, list[torch.Tensor]]:

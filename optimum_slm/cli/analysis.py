@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import SLMError
+from ..errors import SLMError
 
 
 def _handle_errors(fn: Callable) -> Callable:
@@ -39,7 +39,7 @@ def _parse_batch_sizes(_ctx, _param, value: str) -> list[int]:
 
 def _resolve_quiet(quiet: bool) -> bool:
     """The command's ``--quiet`` or the group's ``slm -q``; when set, also silence transformers' load bars."""
-    from .progress import is_quiet, set_quiet
+    from ..progress import is_quiet, set_quiet
 
     if quiet:
         set_quiet(True)
@@ -78,11 +78,12 @@ def _short_name(path: str) -> str:
 def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples, calib_seq_len, seed, batch_size,
                     gguf_file, dtype, device, quiet) -> None:
     """Layer-output CKA heatmap and adjacent-layer / block-influence profile (PNG + JSON)."""
-    from .analysis import _pyplot, analyze_layers, plan_overlay, write_analysis
-    from .arch import ArchAdapter
-    from .calibration import load_calibration
-    from .loading import load_model
-    from .plan import CompressionPlan
+    from ..analysis import analyze_layers, plan_overlay
+    from ..reports.plots import _pyplot, write_analysis
+    from ..arch import ArchAdapter
+    from ..calibration import load_calibration
+    from ..loading import load_model
+    from ..plan import CompressionPlan
 
     quiet = _resolve_quiet(quiet)
     _pyplot()  # before loading anything: a missing matplotlib is reported at once
@@ -126,8 +127,8 @@ def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples
 def bench_command(model_path, compare, batch_sizes, prompt_len, new_tokens, warmup, repeats, gguf_file, dtype,
                   device, as_json, quiet) -> None:
     """Prefill/decode latency, tokens/s, peak memory and speedup against the first model."""
-    from .bench import bench_models, format_table
-    from .loading import load_model
+    from ..bench import bench_models, format_table
+    from ..loading import load_model
 
     quiet = _resolve_quiet(quiet)
     models = []

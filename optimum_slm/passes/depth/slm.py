@@ -15,9 +15,9 @@ Speed: no model copy. Layers below a window are the base's, so a candidate runs 
 layer through the merged layer and the (already compressed) layers above it. Similarities are memoised by the
 candidate model's structure (its set of windows), which also makes the target-ratio search cheap.
 
-Variants (all off by default): ``similarity`` (see similarity.py), ``merge`` (any rule of merge.py, or
-``calibrated``: keep-top plus fitted branch scales, see calibrated.py), ``protect`` / ``max_window`` constraints,
-and ``search``:
+Variants (all off by default): ``similarity`` (see similarity.py), ``merge`` (any registered merge rule, e.g.
+``calibrated``: keep-top plus fitted branch scales, see merge/calibrated.py; a fitted rule is fitted for every scored
+candidate, so the search sees the merge it will commit), ``protect`` / ``max_window`` constraints, and ``search``:
 
 * ``official``: the loop above;
 * ``global``: score every window of 2..``max_window`` layers on its own (only it merged), then pick the
@@ -40,16 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter, layer_state, load_layer_state
-from ..calibrated import calibrate_window, encode_vector
-from ..engine import Batches, ForwardEngine, Slot
-from ..errors import PassError
-from ..hookspecs import hookimpl
-from ..merge import MERGE_RULES, get_merge_rule
-from ..plan import CompressionPlan, merge_op
-from ..progress import progress_bar
-from ..similarity import SIMILARITIES, get_similarity
-from .base import NUM_LAYERS, RATIO, CompressionPass, PassParam
+from ...arch import ArchAdapter, layer_state, load_layer_state
+from ...engine import Batches, ForwardEngine, Slot
+from ...errors import PassError
+from ...hookspecs import hookimpl
+from ...merge import MERGE_RULES, get_merge_rule
+from ...plan import merge_op
+from ...progress import progress_bar
+from ...similarity import SIMILARITIES, get_similarity
+from ..base import NUM_LAYERS, RATIO, CompressionPass, PassParam, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +68,15 @@ class WindowEvaluator:
         self.engine = engine
         self.adapter: ArchAdapter = engine.adapter
         self.layers = list(self.adapter.layers)
-        self.calibrate = merge == CALIBRATED
-        self.rule = get_merge_rule("keep-top" if self.calibrate else merge)
+        self.rule = get_merge_rule(merge)
         self.similarity = get_similarity(similarity)
         self.kinds = self.adapter.tensor_kinds(self.layers[0])
         self.memo: dict[frozenset, float] = {}
         self.evaluations = 0
         self.committed: set[Window] = set()
         self._merged: dict[Window, nn.Module] = {}
-        self._extras: dict[Window, dict[str, Any]] = {}
+        #: fitted tensors of every window built so far, by window and role
+        self._fitted: dict[Window, dict[str, torch.Tensor]] = {}
         self.progress = progress
 
     # ------------------------------------------------------------------ building
@@ -87,9 +86,8 @@ class WindowEvaluator:
         states = [layer_state(self.layers[i]) for i in range(low, high + 1)]
         module = copy.deepcopy(self.layers[anchor])
         load_layer_state(module, self.rule(states, self.kinds))
-        if self.calibrate:
-            scales = calibrate_window(self.engine, module, anchor, low, high)
-            self._extras[(low, high)] = {"scales": {k: encode_vector(v) for k, v in scales.items()}}
+        if self.rule.fit is not None:
+            self._fitted[(low, high)] = self.rule.fit(self.engine, module, anchor, low, high)
         return module
 
     def slot(self, window: Window) -> Slot:
@@ -121,8 +119,16 @@ class WindowEvaluator:
             if w not in self.committed:
                 del self._merged[w]
 
-    def op(self, window: Window) -> dict[str, Any]:
-        return merge_op(window[0], window[1], self.rule.name, **self._extras.get(window, {}))
+    def op(self, window: Window, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The merge op of ``window``; a fitted rule's tensors are added to ``tensors`` under readable names."""
+        if not self.rule.tensor_roles:
+            return merge_op(window[0], window[1], self.rule.name)
+        refs = {}
+        for role, value in self._fitted[window].items():
+            name = f"merge.{window[0]}-{window[1]}.{role}"
+            tensors[name] = value
+            refs[role] = name
+        return merge_op(window[0], window[1], self.rule.name, tensors=refs)
 
     # ------------------------------------------------------------------ scoring
     def score_set(self, windows, start: int | None = None, start_hidden: Batches | None = None) -> float:
@@ -324,12 +330,13 @@ def removed_by(windows) -> int:
 # ---------------------------------------------------------------------------------------------- the pass
 class SLMPass(CompressionPass):
     name = "slm"
+    search_outputs = ("threshold",)
     description = "Sliding-Window Merging (AAAI-26), faithful to the official SLM.py; threshold or target ratio."
     params = (
         PassParam("threshold", "float", 0.72, "similarity threshold; sim > threshold grows the window (official search)"),
         RATIO,
         NUM_LAYERS,
-        PassParam("merge", "str", "official", f"merge rule: {', '.join(MERGE_RULES)} or {CALIBRATED}"),
+        PassParam("merge", "str", "official", f"merge rule: {', '.join(MERGE_RULES)}"),
         PassParam("similarity", "str", "final-cosine", "similarity criterion", choices=tuple(SIMILARITIES)),
         PassParam("search", "str", "official", "window search: official, global or greedy", choices=SEARCHES),
         PassParam("protect", "int_list", None, "base layers never placed in a window"),
@@ -339,8 +346,7 @@ class SLMPass(CompressionPass):
 
     def validate(self) -> None:
         super().validate()
-        if self.config["merge"] != CALIBRATED:
-            get_merge_rule(self.config["merge"])
+        get_merge_rule(self.config["merge"])
         if self.config["max_window"] is not None and self.config["max_window"] < 2:
             raise PassError(f"max_window must be >= 2, got {self.config['max_window']}")
         if self.config["search"] != "official" and self.config["ratio"] is None and self.config["num_layers"] is None:
@@ -355,10 +361,8 @@ class SLMPass(CompressionPass):
     def default_protect(self, num_layers: int) -> set[int]:
         return set()
 
-    def plan(self, model: nn.Module, calibration: torch.Tensor) -> CompressionPlan:
-        if calibration is None:
-            raise PassError(f"pass {self.name!r} needs calibration token ids")
-        engine = ForwardEngine(model, calibration, batch_size=self.config["batch_size"])
+    def run(self, engine: ForwardEngine) -> PassResult:
+        engine.require_calibration(self.name)
         n = engine.num_layers
         if n < 4:
             raise PassError(f"{self.name} needs at least 4 decoder layers, the model has {n}")
@@ -383,7 +387,8 @@ class SLMPass(CompressionPass):
                 fn = global_window_search if search == "global" else greedy_window_search
                 windows, tried = fn(evaluator, target, n, protect, max_window)
             bar.set_postfix(committed=len(windows), removed=removed_by(windows))
-            ops = [evaluator.op(w) for w in windows]
+            tensors: dict[str, torch.Tensor] = {}
+            ops = [evaluator.op(w, tensors) for w in windows]
         trace.update(
             {"tried": tried, "windows": [list(w) for w in windows], "similarity_evaluations": evaluator.evaluations}
         )
@@ -399,7 +404,7 @@ class SLMPass(CompressionPass):
                 )
                 trace["note"] = msg
                 warnings.warn(msg, stacklevel=2)
-        return self.make_plan(model, ops, calibration, trace=trace, params=params)
+        return PassResult(ops, trace, tensors, params)
 
     @staticmethod
     def _search_threshold(run, target: int, bar) -> tuple[float, list[Window], list, list]:

@@ -1,0 +1,203 @@
+"""The one compression pipeline: calibration -> engine -> pass(es) -> ``CompressionPlan``.
+
+``compress`` is what every front door calls (``slm compress``, ``optimum-cli slm compress``, ``SLMCompressor``,
+``lm_eval --model slm``, the benchmarks)::
+
+    plan = optimum_slm.compress(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
+
+It loads the calibration ids once, consults the plan cache, builds one forward engine per stage and hands it to the
+pass, turns what the pass returns into a plan stage (ops in base numbering, side-car tensors named), and stores the
+plan in the cache. A stage after the first plans on the model compressed by the stages before it; its ops are
+re-expressed in base numbering by their op kinds. The model passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationConfig, describe_calibration, load_calibration
+from .engine import ForwardEngine
+from .errors import PassError, SLMError
+from .passes.base import CompressionPass
+from .plan import CompressionPlan, Stage, describe_base, fingerprint, kind_of
+from .plan.cache import PlanCache, plan_key
+from .plan.execute import apply_plan
+from .plan.fingerprint import jsonable
+from .registry import get_pass
+
+logger = logging.getLogger(__name__)
+
+StageSpec = str | Mapping[str, Any] | CompressionPass
+CacheSpec = bool | str | os.PathLike | PlanCache | None
+
+
+def resolve_stages(method: StageSpec | Sequence[StageSpec], params: Mapping[str, Any]) -> list[CompressionPass]:
+    """Pass instances for a method name (with ``params``), a pass instance, or a list of stages (names, pass
+    instances or ``{"method": name, **params}`` objects)."""
+    if isinstance(method, (str, CompressionPass, Mapping)):
+        specs: list = [method]
+    elif isinstance(method, Sequence) and method:
+        specs = list(method)
+        if params:
+            raise PassError("give parameters inside each stage when compressing with several stages")
+    else:
+        raise PassError(f"method must be a pass name, a pass or a non-empty list of stages, got {method!r}")
+    passes = []
+    for k, spec in enumerate(specs):
+        where = f"stage {k + 1}: " if len(specs) > 1 else ""
+        if isinstance(spec, CompressionPass):
+            if params and len(specs) == 1:
+                raise PassError("give the parameters to the pass instance, not to compress()")
+            passes.append(spec)
+        elif isinstance(spec, str):
+            passes.append(_get_pass(where, spec, params if len(specs) == 1 else {}))
+        elif isinstance(spec, Mapping):
+            stage = dict(spec)
+            name = stage.pop("method", None)
+            if not isinstance(name, str):
+                raise PassError(f"{where}a stage needs a 'method' naming a pass, got {spec!r}")
+            passes.append(_get_pass(where, name, {**stage, **(params if len(specs) == 1 else {})}))
+        else:
+            raise PassError(f"{where}a stage is a pass name, a pass or an object with 'method', got {spec!r}")
+    return passes
+
+
+def _get_pass(where: str, name: str, params: Mapping[str, Any]) -> CompressionPass:
+    try:
+        return get_pass(name, **params)
+    except PassError as exc:
+        raise PassError(f"{where}{exc}") from None
+
+
+def calibration_ids(calibration: Any, tokenizer=None) -> torch.Tensor | None:
+    """Token ids from a ``CalibrationConfig``, a corpus source string, a list of documents, or ids as given."""
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        return calibration
+    if isinstance(calibration, str):
+        calibration = CalibrationConfig(calibration)
+    if isinstance(calibration, CalibrationConfig):
+        return calibration.load(tokenizer)
+    if isinstance(calibration, (list, tuple)) and all(isinstance(d, str) for d in calibration):
+        if tokenizer is None:
+            raise SLMError("a tokenizer is needed to build calibration data from text")
+        return load_calibration(tokenizer, list(calibration))
+    raise SLMError(f"calibration must be a CalibrationConfig, a corpus source, documents or token ids, got "
+                   f"{type(calibration).__name__}")
+
+
+def _cache(cache: CacheSpec) -> PlanCache | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return PlanCache()
+    if isinstance(cache, PlanCache):
+        return cache
+    return PlanCache(cache)
+
+
+def _requested(p: CompressionPass) -> dict[str, Any]:
+    return {k: v for k, v in jsonable(p.public_params()).items() if k not in p.search_outputs}
+
+
+def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionPass], ids_sha: str | None) -> str | None:
+    """Why a cached plan does not answer this request (None when it does)."""
+    if plan.base.get("fingerprint") != fp or plan.base.get("fingerprint_scheme") != "v2":
+        return "it was made for another base"
+    if [s.method for s in plan.stages] != [p.name for p in passes]:
+        return f"it holds method {plan.method!r}"
+    for stage, p in zip(plan.stages, passes):
+        recorded = {k: v for k, v in jsonable(stage.params).items() if k not in p.search_outputs}
+        if recorded != _requested(p):
+            return f"its {p.name} parameters differ"
+        if p.needs_calibration and (stage.calibration or {}).get("sha256") != ids_sha:
+            return "it was made on other calibration data"
+    return None
+
+
+def compress(
+    model: nn.Module,
+    method: StageSpec | Sequence[StageSpec] = "slm",
+    calibration: CalibrationConfig | str | torch.Tensor | Sequence[str] | None = None,
+    *,
+    tokenizer=None,
+    cache: CacheSpec = True,
+    name_or_path: str | None = None,
+    **params: Any,
+) -> CompressionPlan:
+    """Plan the compression of ``model`` by one pass or a list of stages; returns the plan (the model is unchanged).
+
+    ``method``: a pass name (``params`` are its parameters), a ``CompressionPass``, or a list of stages, each a name,
+    a pass or ``{"method": name, **params}``. ``calibration``: a ``CalibrationConfig`` or corpus source (needs
+    ``tokenizer``), or token ids ``[n, seq]``. ``cache``: True (the user cache), a folder or ``PlanCache``, or False;
+    a cached plan is used only when it matches the request, and the returned plan's ``reused_from`` then names it.
+    ``name_or_path`` is recorded as the base's name.
+    """
+    passes = resolve_stages(method, params)
+    needs = [p.name for p in passes if p.needs_calibration]
+    ids = calibration_ids(calibration, tokenizer)
+    if ids is None and needs:
+        raise PassError(f"pass {needs[0]!r} needs calibration data (--calib-data / calibration=...)")
+    ids_sha = describe_calibration(ids)["sha256"] if ids is not None else None
+    fp = fingerprint(model)
+    store = _cache(cache)
+    key = None
+    if store is not None:
+        dtype = str(next(model.parameters()).dtype)
+        key = plan_key(fp, [(p.name, p.public_params()) for p in passes], ids_sha if needs else None, dtype)
+        cached = store.get(key)
+        if cached is not None:
+            why = _entry_matches(cached, fp, passes, ids_sha)
+            if why is None:
+                cached.reused_from = store.path(key)
+                logger.info("reusing the cached plan %s", store.path(key))
+                return cached
+            logger.warning("cached plan %s does not match its key (%s); recomputing it", store.path(key), why)
+    base = describe_base(model, fp)
+    if name_or_path:
+        base["name_or_path"] = name_or_path
+    plan = _run_stages(model, passes, ids, base)
+    if store is not None and key is not None:
+        store.put(key, plan)
+    return plan
+
+
+def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.Tensor | None,
+                base: dict[str, Any]) -> CompressionPlan:
+    stages: list[Stage] = []
+    tensors: dict[str, torch.Tensor] = {}
+    plan: CompressionPlan | None = None
+    for k, p in enumerate(passes):
+        if plan is None:
+            work, slots = model, None
+        else:  # plan on the model the earlier stages produced; positions map back to base layers
+            work = apply_plan(copy.deepcopy(model), plan, strict=False)
+            slots = list(plan.shape_after.layers)
+        engine = ForwardEngine(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"))
+        result = p.run(engine)
+        del engine
+        ops = [dict(op) for op in result.ops]
+        prefix = f"stage{k}." if k else ""
+        renamed = {name: prefix + name for name in result.tensors}
+        for op in ops:
+            if isinstance(op.get("tensors"), dict):
+                op["tensors"] = {role: renamed.get(name, name) for role, name in op["tensors"].items()}
+        if slots is not None:
+            ops = [kind_of(op).to_base(op, slots) for op in ops]
+        tensors.update({renamed[name]: t.detach().to("cpu").contiguous() for name, t in result.tensors.items()})
+        stage = Stage(
+            method=p.name,
+            params=dict(result.params) if result.params is not None else p.public_params(),
+            ops=ops,
+            calibration=describe_calibration(ids) if ids is not None and p.needs_calibration else None,
+            trace=result.trace,
+        )
+        stages.append(stage)
+        plan = CompressionPlan(base=base, stages=list(stages), tensors=dict(tensors))
+    assert plan is not None
+    return plan

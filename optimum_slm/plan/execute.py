@@ -1,0 +1,85 @@
+"""The executor: ``apply_plan`` rebuilds the compressed model from its base, atomically.
+
+Everything is checked before the first weight changes: the base's identity (layer count, model type, hidden size,
+fingerprint under the plan's scheme), every op against the running shape, every tensor against the model's widths.
+Ops then build their new layers as private copies in an ``ApplyContext``; the model itself is rewritten only by the
+final swap of its layer list. A plan that fails on any op leaves the model bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..errors import PlanError
+from .fingerprint import fingerprint_with
+from .ops import kind_of
+from .schema import CompressionPlan
+
+
+class ApplyContext:
+    """The decoder stack being rebuilt: alive slots in base numbering, each ``(type_index, module)``.
+
+    ``type_index`` is the ORIGINAL index whose per-layer config (attention type, sliding window) the slot keeps.
+    """
+
+    def __init__(self, adapter: ArchAdapter):
+        self.adapter = adapter
+        self.base_layers = list(adapter.layers)
+        self.order = list(range(len(self.base_layers)))
+        self.slots = {i: (i, layer) for i, layer in enumerate(self.base_layers)}
+
+    def replace(self, slot: int, type_index: int, module: nn.Module) -> None:
+        """Put ``module`` (a new object, never one of the model's layers modified in place) at ``slot``."""
+        if slot not in self.slots:
+            raise PlanError(f"layer {slot} was already removed")
+        self.slots[slot] = (type_index, module)
+
+    def remove(self, slots: Iterable[int]) -> None:
+        gone = set(slots)
+        missing = gone - set(self.slots)
+        if missing:
+            raise PlanError(f"layer {min(missing)} was already removed")
+        self.order = [i for i in self.order if i not in gone]
+        for i in gone:
+            del self.slots[i]
+
+    def stack(self) -> list[tuple[int, nn.Module]]:
+        return [self.slots[i] for i in self.order]
+
+
+def check_base(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> ArchAdapter:
+    """Refuse a model that is not the plan's base; returns its adapter."""
+    adapter = ArchAdapter(model)
+    if adapter.num_layers != plan.num_layers:
+        raise PlanError(f"plan is for a {plan.num_layers}-layer base, the model has {adapter.num_layers} layers")
+    if adapter.config.model_type != plan.base["model_type"]:
+        raise PlanError(f"plan is for model_type {plan.base['model_type']!r}, the model is {adapter.config.model_type!r}")
+    hidden = plan.base.get("hidden_size")
+    if hidden is not None and hidden != adapter.config.hidden_size:
+        raise PlanError(f"plan is for hidden size {hidden}, the model has {adapter.config.hidden_size}")
+    if strict:
+        scheme = plan.base.get("fingerprint_scheme", "v1")
+        fp = fingerprint_with(scheme, model)
+        if fp != plan.base["fingerprint"]:
+            raise PlanError(
+                f"plan was made for another base (fingerprint {plan.base['fingerprint'][:12]}, model {fp[:12]}); "
+                "pass strict=False to apply it anyway"
+            )
+    return adapter
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> nn.Module:
+    """Rebuild the compressed model from its base, in place and atomically; returns ``model``.
+
+    Refuses a model whose fingerprint differs from the plan's base unless ``strict=False``.
+    """
+    adapter = check_base(model, plan, strict)
+    plan.validate(hidden_size=int(adapter.config.hidden_size))  # tensor widths against this very model
+    ctx = ApplyContext(adapter)
+    for op in plan.ops:
+        kind_of(op).apply(ctx, op, plan.tensors)
+    adapter.set_layers(ctx.stack())  # the only change to the model
+    return model

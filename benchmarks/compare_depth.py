@@ -57,14 +57,7 @@ def variants(names: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def describe_ops(plan) -> str:
-    parts = []
-    for op in plan.ops:
-        lo = op["layers"]
-        if op["op"] == "drop":
-            parts.append("drop " + ",".join(map(str, lo)))
-        else:
-            parts.append(f"merge {lo[0]}-{lo[1]}" + (" (linear)" if op.get("rule") == "linear" else ""))
-    return "; ".join(parts)
+    return "; ".join(plan.describe_ops())
 
 
 def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: float) -> dict[str, Any]:

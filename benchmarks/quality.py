@@ -154,6 +154,23 @@ def ops_key(ops: list[dict[str, Any]] | None) -> str:
     return json.dumps(ops or [], sort_keys=True)
 
 
+def known_plan(model, name: str, ratio: float | None, ops: list[dict[str, Any]] | None):
+    """The plan of ops kept in a results file, or None when they cannot rebuild it on their own.
+
+    Files written before plan format v2 hold ops with inline base64 scales (format v1), read through the v1
+    upgrade; v2 ops that reference side-car tensors are not self-contained (the plan cache serves those plans).
+    """
+    from optimum_slm.plan import CompressionPlan, Stage, describe_base
+    from optimum_slm.plan.v1 import upgrade
+
+    if ops is None or any("tensors" in op for op in ops):
+        return None
+    old = {"format": "optimum-slm.plan", "version": 1, "base": {}, "method": name, "params": {"ratio": ratio},
+           "ops": ops, "num_layers_after": None}
+    upgraded, tensors = upgrade(old)
+    return CompressionPlan(base=describe_base(model), stages=[Stage(**upgraded["stages"][0])], tensors=tensors)
+
+
 def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
                done: dict[str, dict[str, Any]], known_ops: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Plan (unless dense), apply, evaluate; returns one result row.
@@ -172,10 +189,8 @@ def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
     if name == "dense":
         model = compressor.model
     else:
-        if known_ops is not None:
-            from optimum_slm.plan import CompressionPlan
-
-            plan = CompressionPlan.for_model(compressor.model, name, known_ops, params={"ratio": ratio})
+        plan = known_plan(compressor.model, name, ratio, known_ops)
+        if plan is not None:
             row["plan_reused"] = True
         else:
             plan = compressor.plan(name, calibration=ids, ratio=ratio)

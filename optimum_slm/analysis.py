@@ -17,7 +17,7 @@ and the written files are in reports/plots.py; the formulas in metrics.py.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -83,6 +83,14 @@ def collect(hook: str, kind: type | None, what: str, error: type[SLMError] = SLM
     getattr(pm.hook, hook)(register=register)
     _collected[hook] = found
     return found
+
+
+def lookup(hook: str, kind: type | None, what: str, name: str, error: type[SLMError] = SLMError) -> Any:
+    """The object registered as ``name`` through ``hook``; ``error`` listing what is available when none is."""
+    found = collect(hook, kind, what, error)
+    if name not in found:
+        raise error(f"unknown {what} {name!r}; available: {', '.join(sorted(found))}")
+    return found[name]
 
 
 def _is_kind(obj: Any, kind: type) -> bool:

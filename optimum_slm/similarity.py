@@ -101,8 +101,6 @@ def similarities() -> dict[str, Similarity]:
 
 
 def get_similarity(name: str) -> Similarity:
-    found = similarities()
-    fn = found.get(name)
-    if fn is None:
-        raise PassError(f"unknown similarity {name!r}; available: {', '.join(found)}")
-    return fn
+    from .plugins import lookup
+
+    return lookup("register_similarities", None, "similarity", name, PassError)

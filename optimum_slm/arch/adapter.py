@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from .families import BIAS, NORM, PROJECTION, Family, family_for, text_config
+from .families import BIAS, NORM, PROJECTION, family_for, text_config
 
 
 class ArchAdapter:

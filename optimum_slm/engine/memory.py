@@ -188,19 +188,8 @@ class ForwardEngine:
         return [Slot(self.adapter.layers[i], i) for i in range(start, stop)]
 
     @torch.inference_mode()
-    def final_hidden(self, slots: Sequence[Slot], start: int = 0) -> Batches:
-        """Post-norm final hidden state of a stack that agrees with the base below ``start``."""
-        return self.run_layers(slots, start)
-
-    @torch.inference_mode()
     def logits(self, final_hidden: Batches) -> Batches:
         return [self.adapter.logits(h) for h in final_hidden]
-
-    @torch.inference_mode()
-    def layer_output(self, i: int) -> Batches:
-        """Base layer ``i``'s output (= input of layer ``i + 1``)."""
-        self.record_layer_inputs()
-        return self.inputs[i + 1]
 
     def _on_device(self, module: nn.Module):
         return _OnDevice(module, self.device)

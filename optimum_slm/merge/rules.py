@@ -191,11 +191,9 @@ def merge_rules() -> dict[str, MergeRule]:
 
 
 def get_merge_rule(name: str) -> MergeRule:
-    rules = merge_rules()
-    rule = rules.get(name)
-    if rule is None:
-        raise PassError(f"unknown merge rule {name!r}; available: {', '.join(sorted(rules))}")
-    return rule
+    from ..plugins import lookup
+
+    return lookup("register_merge_rules", MergeRule, "merge rule", name, PassError)
 
 
 @hookimpl

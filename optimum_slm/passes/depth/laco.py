@@ -34,7 +34,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from ...arch import layer_state, load_layer_state

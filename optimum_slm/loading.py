@@ -18,6 +18,7 @@ import torch
 
 from .assets import resolve_model_alias
 from .errors import ModelLoadError
+from .fileio import follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        follow_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

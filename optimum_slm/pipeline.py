@@ -33,6 +33,9 @@ from .registry import get_pass
 
 logger = logging.getLogger(__name__)
 
+#: the pass every front door uses when none is named: the recommended one (``slm`` is the faithful reproduction)
+DEFAULT_METHOD = "slm-plus"
+
 StageSpec = str | Mapping[str, Any] | CompressionPass
 CacheSpec = bool | str | os.PathLike | PlanCache | None
 
@@ -122,7 +125,7 @@ def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionP
 
 def compress(
     model: nn.Module,
-    method: StageSpec | Sequence[StageSpec] = "slm",
+    method: StageSpec | Sequence[StageSpec] = DEFAULT_METHOD,
     calibration: CalibrationConfig | str | torch.Tensor | Sequence[str] | None = None,
     *,
     tokenizer=None,

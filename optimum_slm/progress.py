@@ -20,7 +20,13 @@ def is_quiet() -> bool:
 
 
 def progress_bar(**kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr that respects the quiet setting."""
+    """A tqdm bar on stderr that respects the quiet setting (give ``total`` so it shows an ETA)."""
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(disable=is_quiet(), **kwargs)
+
+
+def advance_to(bar: tqdm | None, done: int) -> None:
+    """Move ``bar`` to ``done`` steps (searches whose position, not a count of calls, measures progress)."""
+    if bar is not None and done > bar.n:
+        bar.update(done - bar.n)

@@ -51,7 +51,7 @@ def test_ratio_outside_unit_interval(tiny_checkpoint, tmp_path, corpus, ratio):
 def test_unknown_pass_parameter_lists_valid_ones(tiny_checkpoint, tmp_path, corpus):
     out = tmp_path / "out"
     fails(*compress_args(tiny_checkpoint, out, corpus, "--ratio", "0.3", "--param", "windowz=3"),
-          message="pass 'slm' has no parameter 'windowz'; valid: threshold, ratio")
+          message="pass 'slm-plus' has no parameter 'windowz'; valid: ratio, num_layers")
     assert not out.exists()
 
 
@@ -109,7 +109,7 @@ def test_bad_plan_file(tiny_checkpoint, tmp_path, content, message):
 def test_plan_with_overlapping_ops(tiny_checkpoint, tmp_path, corpus):
     plan_dir = tmp_path / "plan"
     CliRunner().invoke(cli, ["-q", *compress_args(tiny_checkpoint, plan_dir, corpus, "--num-layers", "1",
-                                                  "--plan-only")])
+                                                  "--method", "slm", "--plan-only")])
     data = json.loads((plan_dir / "slm_plan.json").read_text())
     data["stages"][0]["ops"] = [{"op": "drop", "layers": [1, 2]}, {"op": "drop", "layers": [2]}]
     data.pop("shape_after")

@@ -84,14 +84,15 @@ def test_extra_keys_go_to_the_pass(tiny_checkpoint, corpus, tmp_path):
     lm = make_lm(tiny_checkpoint, ratio=0.34, max_window=2, calib=corpus, plan_cache=str(tmp_path), **SMALL_CALIB)
     assert lm.slm_plan.params["max_window"] == 2
     assert all(hi - lo == 1 for lo, hi in lm.slm_plan.windows)
-    with pytest.raises(PassError, match="has no parameter 'windowz'; valid: threshold"):
+    with pytest.raises(PassError, match="has no parameter 'windowz'; valid: ratio"):
         make_lm(tiny_checkpoint, ratio=0.3, windowz=3, calib=corpus)
     with pytest.raises(PassError, match="unknown pass"):
         make_lm(tiny_checkpoint, method="nope")
     with pytest.raises(PassError, match="plan= applies a saved plan"):
         make_lm(tiny_checkpoint, plan="p.json", ratio=0.2)
-    with pytest.raises(PassError, match="calib="):
-        make_lm(tiny_checkpoint, ratio=0.3, plan_cache=str(tmp_path))
+    # no calib=: the bundled wiki-leads corpus, as slm compress defaults to
+    default = make_lm(tiny_checkpoint, ratio=0.34, plan_cache=str(tmp_path), **SMALL_CALIB)
+    assert default.slm_plan.method == "slm-plus" and default.slm_plan.calibration["source"] == "wiki-leads"
 
 
 def test_plan_for_another_base_is_refused(tiny_checkpoint, tiny_tokenizer, corpus, tmp_path):
@@ -145,7 +146,7 @@ def test_lm_eval_cli_model_slm_with_plan_cache(tiny_checkpoint, corpus, tmp_path
     env = _env(cache)
     args = f"base={tiny_checkpoint},num_layers=2,calib={corpus},calib_samples=4,calib_seq_len=16"
     first = _lm_eval([os.path.join(BIN, "lm_eval")], args, tasks, str(tmp_path / "r1"), env)
-    assert "computed a slm plan" in first.stderr and "6 -> 4 layers" in first.stderr
+    assert "computed a slm-plus plan" in first.stderr and "6 -> 4 layers" in first.stderr
     res1 = _results(str(tmp_path / "r1"))
     assert TASK in res1["results"] and "acc,none" in res1["results"][TASK]
     assert res1["config"]["model"] == "slm"

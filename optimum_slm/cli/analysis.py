@@ -73,7 +73,7 @@ def _short_name(path: str) -> str:
 @click.option("--dtype", default=None, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Load dtype (default: the checkpoint's).")
 @click.option("--device", default=None, help="cpu, cuda or auto (default: auto).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @_handle_errors
 def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples, calib_seq_len, seed, batch_size,
                     gguf_file, dtype, device, quiet) -> None:
@@ -122,7 +122,7 @@ def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples
               help="Load dtype (default: the checkpoint's).")
 @click.option("--device", default=None, help="cpu, cuda or auto (default: auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every sample, mean/std/median) instead of a table.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @_handle_errors
 def bench_command(model_path, compare, batch_sizes, prompt_len, new_tokens, warmup, repeats, gguf_file, dtype,
                   device, as_json, quiet) -> None:

@@ -125,9 +125,41 @@ def _plan_cache(no_cache: bool):
     return PlanCache(read=False)
 
 
-def _echo_layers(where: str, plan) -> None:
-    click.echo(f"wrote {where}")
-    click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
+def _size(path: str) -> str:
+    """The size of a file or folder, human-readable."""
+    total = os.path.getsize(path) if os.path.isfile(path) else sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    for unit in ("B", "KB", "MB", "GB"):
+        if total < 1000 or unit == "GB":
+            return f"{total:,.0f} {unit}" if unit == "B" else f"{total:,.1f} {unit}"
+        total /= 1000
+    return ""  # pragma: no cover
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command that reproduces this run: the options that differ from their defaults, in declaration order."""
+    import shlex
+
+    parts = ["slm", ctx.info_name or "compress"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.expose_value is False:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == () or value is False:
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            parts.append(flag)
+        elif param.multiple:
+            parts += [item for v in value for item in (flag, shlex.quote(str(v)))]
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 @click.group(cls=SLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,15 +171,15 @@ def cli() -> None:
 
 @cli.command()
 @model_options
-@click.option("--method", default="slm", show_default=True, metavar="NAME",
-              help="Compression pass (see 'list').")
+@click.option("--method", default="slm-plus", show_default=True, metavar="NAME",
+              help="Compression pass (see 'list'); slm-plus is the recommended one, slm the faithful reproduction.")
 @click.option("--ratio", type=float, default=None, help="Fraction of decoder layers to remove, in (0, 1).")
 @click.option("--num-layers", type=int, default=None, help="Number of decoder layers to remove.")
 @click.option("--threshold", type=float, default=None, help="Similarity threshold (threshold-driven passes).")
 @click.option("--merge", default=None, metavar="RULE", help="Merge rule of merging passes (e.g. official, paper).")
 @click.option("--calib-data", default=None, metavar="SOURCE",
               help="Calibration corpus: .txt (blank-line separated), .jsonl/.json, a folder, wiki-leads, or a "
-                   "datasets name.")
+                   "datasets name. Default: wiki-leads (when its package is installed or the pass needs data).")
 @click.option("--calib-samples", type=int, default=10, show_default=True, help="Calibration sequences.")
 @click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Calibration sampling seed.")
@@ -158,15 +190,25 @@ def cli() -> None:
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
               help="A pass-specific parameter (repeatable); 'list' shows each pass's parameters.")
 @click.option("--no-cache", is_flag=True, help="Compute the plan even when the plan cache holds it (and store it).")
+@click.option("--no-check", is_flag=True,
+              help="Skip the quality check (perplexity and final-state cosine on unseen calibration text).")
+@click.option("--save-dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Write the checkpoint in this dtype (default: the dtype the model was loaded in).")
 @quiet_option
-def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, method: str, ratio: float | None,
-             num_layers: int | None, threshold: float | None, merge: str | None, calib_data: str | None,
-             calib_samples: int, calib_seq_len: int, seed: int, text_field: str, output: str, plan_only: bool,
-             overwrite: bool, extra_params: Sequence[str], no_cache: bool) -> None:
+@click.pass_context
+def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str | None, device: str, method: str,
+             ratio: float | None, num_layers: int | None, threshold: float | None, merge: str | None,
+             calib_data: str | None, calib_samples: int, calib_seq_len: int, seed: int, text_field: str,
+             output: str, plan_only: bool, overwrite: bool, extra_params: Sequence[str], no_cache: bool,
+             no_check: bool, save_dtype: str | None) -> None:
     """Compress a model with a pass.
 
-    Writes DIR: a plain checkpoint with fewer layers, slm_plan.json and a model card (--plan-only: the plan).
+    Writes DIR: a plain checkpoint with fewer layers, slm_plan.json (+ slm_plan.safetensors) and a model card
+    (--plan-only: the plan), then checks the result's quality on unseen text and warns when it looks broken.
     """
+    import time
+
+    started = time.perf_counter()
     given = [name for name, value in (("--ratio", ratio), ("--num-layers", num_layers), ("--threshold", threshold))
              if value is not None]
     if len(given) > 1:
@@ -178,17 +220,38 @@ def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, 
     from ..registry import get_pass
 
     # everything that can be checked without the model is checked before the (long) load and search
-    get_pass(method, **params)
+    chosen = get_pass(method, **params)
     target = check_output_dir(output, overwrite)
+    if calib_data is None:
+        from ..assets import WIKI_PACKAGE, package_dir
+
+        if chosen.needs_calibration or package_dir(WIKI_PACKAGE) is not None:
+            calib_data = "wiki-leads"
     compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
     plan = compressor.compress(target, method=method, calibration=calib_data, overwrite=overwrite,
                                plan_only=plan_only, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                               text_field=text_field, cache=_plan_cache(no_cache), **params)
+                               text_field=text_field, cache=_plan_cache(no_cache), check=not no_check,
+                               save_dtype=save_dtype, command=_command_line(ctx), **params)
     if plan.reused_from:
         click.echo(f"reused the cached plan {plan.reused_from} (--no-cache recomputes it)")
     click.echo(plan.summary())
-    where = f"{target}/{PLAN_FILE} (plan only)" if plan_only else f"{target} (checkpoint, {PLAN_FILE}, README.md)"
-    _echo_layers(where, plan)
+    _echo_check(plan, no_check)
+    files = f"{PLAN_FILE} (plan only)" if plan_only else f"checkpoint, {PLAN_FILE}, README.md"
+    click.echo(f"wrote {target} ({files}, {_size(target)}) in {_duration(time.perf_counter() - started)}")
+
+
+def _echo_check(plan, skipped: bool) -> None:
+    """The quality check's line, and its warning (on stderr, loud) when the result looks broken."""
+    from ..quality import describe, warning
+
+    check = plan.quality_check
+    if check is None:
+        click.echo("quality check: skipped" + (" (--no-check)" if skipped else " (no calibration text to hold out)"))
+        return
+    click.echo(describe(check))
+    loud = warning(check, plan.method)
+    if loud:
+        click.secho(loud, err=True, fg="red", bold=True)
 
 
 @cli.command()
@@ -196,9 +259,11 @@ def compress(model: str, gguf_file: str | None, dtype: str | None, device: str, 
 @click.option("--plan", "plan_file", required=True, metavar="PLAN.json", help="A plan made for this base.")
 @click.option("--output", "-o", required=True, metavar="DIR", help="Output folder (must be empty or new).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--save-dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Write the checkpoint in this dtype (default: the dtype the model was loaded in).")
 @quiet_option
 def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, plan_file: str, output: str,
-          overwrite: bool) -> None:
+          overwrite: bool, save_dtype: str | None) -> None:
     """Rebuild a compressed checkpoint from base + plan."""
     from ..compressor import SLMCompressor, check_output_dir
     from ..plan import CompressionPlan
@@ -206,8 +271,9 @@ def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, pla
     plan = CompressionPlan.load(plan_file)
     target = check_output_dir(output, overwrite)
     compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
-    compressor.apply(plan, target, overwrite=overwrite)
-    _echo_layers(target, plan)
+    compressor.apply(plan, target, overwrite=overwrite, save_dtype=save_dtype)
+    click.echo(f"wrote {target} (checkpoint, slm_plan.json, README.md, {_size(target)})")
+    click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
 
 
 def _format_default(value: Any) -> str:

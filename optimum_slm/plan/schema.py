@@ -22,6 +22,7 @@ from torch import nn
 from .._version import __version__
 from ..arch import ArchAdapter
 from ..errors import PlanError
+from ..fileio import follow_umask
 from . import tensors as sidecar
 from .fingerprint import SCHEME, SCHEMES, fingerprint, jsonable
 from .ops import PlanShape, kind_of
@@ -214,6 +215,12 @@ class CompressionPlan:
         return self._single("trace")
 
     @property
+    def quality_check(self) -> dict[str, Any] | None:
+        """The quality check of the compression that wrote this plan (in the last stage's trace), if any."""
+        check = self.stages[-1].trace.get("quality_check")
+        return check if isinstance(check, dict) else None
+
+    @property
     def calibration(self) -> dict[str, Any] | None:
         """The first calibrated stage's calibration block."""
         return next((s.calibration for s in self.stages if s.calibration), None)
@@ -382,7 +389,7 @@ class CompressionPlan:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
             for t in temps:
-                _follow_umask(t)
+                follow_umask(t)
             if self.tensors:
                 os.replace(temps[0], side)
             elif os.path.exists(side):
@@ -408,9 +415,3 @@ class CompressionPlan:
         lines += [f"  {line}" for line in self.describe_ops()]
         return "\n".join(lines)
 
-
-def _follow_umask(path: str) -> None:
-    """mkstemp creates 0600 files; give the final file the permissions an ordinary ``open`` would (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)

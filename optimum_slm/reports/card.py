@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from ..assets import base_identity
 from ..plan import CompressionPlan
 from ..plan.fingerprint import jsonable
 
 PLAN_FILE = "slm_plan.json"
 
+#: where each built-in method comes from
+METHOD_PAPERS = {
+    "slm": "[Sliding-Window Merging for Compacting Patch-Redundant Layers in LLMs (AAAI-26)]"
+           "(https://arxiv.org/abs/2502.19159)",
+    "slm-plus": "optimum-slm's variant of [Sliding-Window Merging (AAAI-26)](https://arxiv.org/abs/2502.19159)",
+    "shortgpt": "[ShortGPT (Men et al. 2024)](https://arxiv.org/abs/2403.03853)",
+    "angular": "[The Unreasonable Ineffectiveness of the Deeper Layers (Gromov et al. 2024)]"
+               "(https://arxiv.org/abs/2403.17887)",
+    "sleb": "[SLEB (Song et al., ICML 2024)](https://arxiv.org/abs/2402.09025)",
+    "shortened-ppl": "[Shortened LLaMA (Kim et al. 2024)](https://arxiv.org/abs/2402.02834)",
+    "shortened-taylor": "[Shortened LLaMA (Kim et al. 2024)](https://arxiv.org/abs/2402.02834)",
+    "shortened-magnitude": "[Shortened LLaMA (Kim et al. 2024)](https://arxiv.org/abs/2402.02834)",
+    "laco": "[LaCo (Yang et al., EMNLP 2024 Findings)](https://arxiv.org/abs/2402.11187)",
+}
 
-def model_card(plan: CompressionPlan, params_before: int, params_after: int) -> str:
-    """A generated README.md for a compressed checkpoint: base, stages, ops, layers and parameters."""
+
+def _num(value: Any) -> str:
+    return f"{value:,.2f}" if isinstance(value, (int, float)) else str(value)
+
+
+def model_card(plan: CompressionPlan, params_before: int, params_after: int, *, dtype: str | None = None,
+               command: str | None = None) -> str:
+    """A generated README.md for a compressed checkpoint: base, stages, ops, layers, parameters, quality check."""
     name = plan.base.get("name_or_path")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [optimum-slm, depth-pruning, layer-merging]",
-        f"base_model: {name}",
+    identity = base_identity(name)
+    front = ["---", "library_name: transformers", "tags: [optimum-slm, depth-pruning, layer-merging]"]
+    if identity["hub_id"]:
+        front.append(f"base_model: {identity['hub_id']}")
+    lines = front + [
         "---",
         "",
-        f"# {plan.method} compression of {name}",
+        f"# {plan.method} compression of {identity['hub_id'] or name}",
         "",
         "Made with [optimum-slm](https://pypi.org/project/optimum-slm/). A plain transformers checkpoint: load it with",
         "`AutoModelForCausalLM.from_pretrained(<this folder>)`.",
@@ -29,20 +51,39 @@ def model_card(plan: CompressionPlan, params_before: int, params_after: int) -> 
         "|---|---|",
         f"| base | `{name}` ({plan.base['model_type']}) |",
     ]
+    if identity["file"]:
+        lines.append(f"| base file | {identity['file']} |")
     for k, stage in enumerate(plan.stages):
         label = f"stage {k + 1}" if len(plan.stages) > 1 else "method"
-        lines.append(f"| {label} | `{stage.method}` `{json.dumps(jsonable(stage.params), sort_keys=True)}` |")
+        paper = METHOD_PAPERS.get(stage.method)
+        lines.append(f"| {label} | `{stage.method}` `{json.dumps(jsonable(stage.params), sort_keys=True)}`"
+                     + (f" — {paper}" if paper else "") + " |")
     lines += [
         f"| operations (base layer numbering) | {'; '.join(plan.describe_ops()) or 'none'} |",
         f"| layers | {plan.num_layers} → {plan.num_layers_after} |",
         f"| parameters | {params_before:,} → {params_after:,} ({100.0 * params_after / params_before:.1f}%) |",
-        f"| base fingerprint | `{plan.base['fingerprint']}` ({plan.base.get('fingerprint_scheme', 'v1')}) |",
-        "",
     ]
+    if dtype:
+        lines.append(f"| dtype | {dtype} |")
+    lines.append(f"| base fingerprint | `{plan.base['fingerprint']}` ({plan.base.get('fingerprint_scheme', 'v1')}) |")
+    check = plan.quality_check
+    if check:
+        lines.append(f"| quality check | perplexity {_num(check['ppl'])} vs base {_num(check['base_ppl'])} "
+                     f"({_num(check['ppl_ratio'])}×), final-state cosine {check['final_cosine']} on "
+                     f"{check['tokens']:,} tokens of {check['text']} |")
+    lines.append("")
+    if check:
+        from ..quality import warning
+
+        loud = warning(check, plan.method)
+        if loud:
+            lines += [f"> **{loud}**", ""]
     c = plan.calibration
     if c:
         lines += [f"Calibration: `{c.get('source')}`, {c.get('n_samples')} × {c.get('seq_len')} tokens, "
                   f"seed {c.get('seed')}.", ""]
+    if command:
+        lines += ["Reproduce:", "", "```bash", command, "```", ""]
     side = " and its side-car `slm_plan.safetensors`" if plan.tensors else ""
     lines += [f"`{PLAN_FILE}`{side} rebuild this model from the base: "
               f"`slm apply --model <base> --plan {PLAN_FILE} --output DIR`.", ""]

@@ -17,6 +17,8 @@ import click
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 GROUP_MODULE = "optimum_slm.cli"
+#: where argparse keeps the group-level ``-q`` (apart from each command's own ``--quiet``)
+GROUP_QUIET = "slm_group_quiet"
 PROG = "optimum-cli slm"
 
 #: why the click group could not be imported (shown when ``optimum-cli slm`` is run), None when it loaded
@@ -104,8 +106,10 @@ def bridged_command(group: click.Group, path: tuple[str, ...], command: click.Co
             if isinstance(command, click.Group):
                 self.parser.print_help()
                 return
-            # through the group, so its error handling (one-line 'error: ...', exit 2) applies
-            group.main(args=[*path, *click_argv(command, self.args)], prog_name=PROG)
+            # through the group, so its error handling (one-line 'error: ...', exit 2) applies; the group's own
+            # -q (``optimum-cli slm -q list``) is handed on as the group's option
+            quiet = ["--quiet"] if vars(self.args).get(GROUP_QUIET) else []
+            group.main(args=[*quiet, *path, *click_argv(command, self.args)], prog_name=PROG)
 
     BridgedCommand.__name__ = BridgedCommand.__qualname__ = f"SLM_{'_'.join(path)}_Command"
     return BridgedCommand
@@ -115,6 +119,15 @@ class SLMCommand(BaseOptimumCLICommand):
     """``optimum-cli slm``: one subcommand per command of the ``slm`` click group."""
 
     COMMAND = CommandInfo(name="slm", help="Depth compression of LLMs (Sliding-Window Merging, depth pruning).")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        """The group's own options, as ``slm`` has them: ``--quiet``/``-q`` before the command, ``--version``."""
+        from optimum_slm._version import __version__  # a constant: importing it loads nothing else
+
+        parser.add_argument("-q", "--quiet", dest=GROUP_QUIET, action="store_true", default=argparse.SUPPRESS,
+                            help="Hide progress bars (also accepted after the command).")
+        parser.add_argument("--version", action="version", version=f"optimum-slm, version {__version__}")
 
     def __init__(self, subparsers, args=None, command=None, from_defaults_factory=False, parser=None):
         global load_error

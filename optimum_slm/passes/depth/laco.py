@@ -43,7 +43,7 @@ from ...errors import PassError
 from ...hookspecs import hookimpl
 from ...merge import get_merge_rule
 from ...plan import merge_op
-from ...progress import progress_bar
+from ...progress import advance_to, progress_bar
 from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
 
 
@@ -130,8 +130,6 @@ class LaCoSearch:
         value = float(per_sample_cosine(hidden, self.engine.base_final).mean())
         self.memo[key] = value
         self.evaluations += 1
-        if self.progress is not None:
-            self.progress.update(1)
         return value
 
     def run(self, threshold: float, target: int | None) -> tuple[list[Unit], list[dict[str, Any]]]:
@@ -140,7 +138,11 @@ class LaCoSearch:
         tried: list[dict[str, Any]] = []
         removed = 0
         lay = self.H - self.C
+        if self.progress is not None:  # lay only moves down, from H - C to L
+            self.progress.reset(total=lay - self.L + 1)
+            self.progress.set_description(f"laco: threshold {threshold:.4g}")
         while lay >= self.L:
+            advance_to(self.progress, self.H - self.C - lay)
             remaining = None if target is None else target - removed
             if remaining == 0:
                 break
@@ -170,6 +172,7 @@ class LaCoSearch:
                     lay = len(units) - 1 - self.C
             else:
                 lay -= 1
+        advance_to(self.progress, self.H - self.C - self.L + 1)
         return units, tried
 
 
@@ -215,7 +218,7 @@ class LaCoPass(CompressionPass):
         if H - C < L:
             raise PassError(f"laco: no window fits: H − C = {H - C} is below L = {L} (C={C}, {n} layers)")
         search = LaCoSearch(engine, self.config["merge"], C, self.config["interval"], H, L, self.protected(n))
-        with progress_bar(desc="laco: trying merges", unit="merge") as bar:
+        with progress_bar(desc="laco: trying merges", unit="position") as bar:
             engine.record_layer_inputs()
             search.progress = bar
             threshold = self.config["threshold"]

@@ -46,7 +46,7 @@ from ...errors import PassError
 from ...hookspecs import hookimpl
 from ...merge import MERGE_RULES, get_merge_rule
 from ...plan import merge_op
-from ...progress import progress_bar
+from ...progress import advance_to, progress_bar
 from ...similarity import SIMILARITIES, get_similarity
 from ..base import NUM_LAYERS, RATIO, CompressionPass, PassParam, PassResult
 
@@ -64,7 +64,7 @@ class WindowEvaluator:
     one extra layer beyond the committed ones is alive at a time.
     """
 
-    def __init__(self, engine: ForwardEngine, merge: str, similarity: str, progress=None):
+    def __init__(self, engine: ForwardEngine, merge: str, similarity: str):
         self.engine = engine
         self.adapter: ArchAdapter = engine.adapter
         self.layers = list(self.adapter.layers)
@@ -77,7 +77,6 @@ class WindowEvaluator:
         self._merged: dict[Window, nn.Module] = {}
         #: fitted tensors of every window built so far, by window and role
         self._fitted: dict[Window, dict[str, torch.Tensor]] = {}
-        self.progress = progress
 
     # ------------------------------------------------------------------ building
     def merged_layer(self, low: int, high: int) -> nn.Module:
@@ -144,8 +143,6 @@ class WindowEvaluator:
         value = float(self.similarity(self.engine, final))
         self.memo[key] = value
         self.evaluations += 1
-        if self.progress is not None:
-            self.progress.update(1)
         return value
 
     def score(self, committed: list[Window], candidate: Window) -> float:
@@ -162,8 +159,11 @@ def official_window_loop(
     num_layers: int,
     protect: set[int] | None = None,
     max_window: int | None = None,
+    progress=None,
 ) -> tuple[list[Window], list[dict[str, Any]]]:
     """The official top-down SLM loop. Returns (committed windows top first, every tried window with its score).
+
+    ``progress`` (a bar of ``num_layers - 2`` steps) follows ``low``, which only ever moves down to -1.
 
     Optional constraints, off in the faithful configuration: a window that contains a ``protect``ed layer or has
     more than ``max_window`` layers fails without being scored (so the last passing window is committed, or the
@@ -174,7 +174,9 @@ def official_window_loop(
     tried: list[dict[str, Any]] = []
     high = num_layers - 2
     low = high - 1
+    first_low = low
     while low >= 0:
+        advance_to(progress, first_low - low)
         blocked = low < high and (
             any(i in protect for i in range(low, high + 1))
             or (max_window is not None and high - low + 1 > max_window)
@@ -196,6 +198,7 @@ def official_window_loop(
         else:
             high -= 1
             low -= 1
+    advance_to(progress, first_low + 1)
     return committed, tried
 
 
@@ -236,7 +239,7 @@ def best_window_set(costs: dict[Window, float], num_layers: int, target: int) ->
 
 
 def global_window_search(
-    evaluator: WindowEvaluator, target: int, num_layers: int, protect: set[int], max_window: int
+    evaluator: WindowEvaluator, target: int, num_layers: int, protect: set[int], max_window: int, progress=None
 ) -> tuple[list[Window], list[dict[str, Any]]]:
     """Score every allowed window alone, then the best non-overlapping set for the target count."""
     candidates = [
@@ -247,8 +250,11 @@ def global_window_search(
     ]
     tried = []
     costs: dict[Window, float] = {}
+    if progress is not None:
+        progress.reset(total=len(candidates))
     for w in sorted(candidates, key=lambda w: (-w[0], w[1])):  # top first: short runs are cheap
         s = evaluator.score_set([w])
+        advance_to(progress, len(tried) + 1)
         costs[w] = _cost(s)
         tried.append({"window": list(w), "sim": round(s, 6)})
     windows = best_window_set(costs, num_layers, target)
@@ -268,6 +274,7 @@ def greedy_window_search(
     protect: set[int],
     max_window: int,
     lazy: bool = True,
+    progress=None,
 ) -> tuple[list[Window], list[dict[str, Any]]]:
     """Grow the plan one removed layer per round, keeping the best-scoring growth each time.
 
@@ -320,6 +327,9 @@ def greedy_window_search(
                       "sim": round(best_s, 6), "candidates": len(options), "scored": scored})
         windows = best
         evaluator.commit(windows)
+        advance_to(progress, round_no + 1)
+        if progress is not None:
+            progress.set_postfix(scored=evaluator.evaluations, windows=len(windows))
     return sorted(windows, reverse=True), tried
 
 
@@ -371,11 +381,20 @@ class SLMPass(CompressionPass):
         search = self.config["search"]
         params = self.public_params()
         trace: dict[str, Any] = {}
-        with progress_bar(desc=f"{self.name}: scoring windows", unit="window") as bar:
+        # the bar's unit follows the search: positions of the official loop, candidates of the global search,
+        # removed layers (rounds) of the greedy one, so its total and ETA are known
+        unit, total = {"official": ("position", n - 2), "global": ("window", None),
+                       "greedy": ("layer", target)}[search]
+        with progress_bar(desc=f"{self.name}: searching windows", unit=unit, total=total) as bar:
             engine.record_layer_inputs()
-            evaluator = WindowEvaluator(engine, self.config["merge"], self.config["similarity"], progress=bar)
+            evaluator = WindowEvaluator(engine, self.config["merge"], self.config["similarity"])
             if search == "official":
-                run = lambda t: official_window_loop(evaluator, t, n, protect, self.config["max_window"])
+
+                def run(t: float):
+                    bar.reset(total=n - 2)
+                    bar.set_description(f"{self.name}: threshold {t:.4g}")
+                    return official_window_loop(evaluator, t, n, protect, self.config["max_window"], progress=bar)
+
                 if target is None:
                     threshold = self.config["threshold"]
                     windows, tried = run(threshold)
@@ -385,7 +404,7 @@ class SLMPass(CompressionPass):
             else:
                 max_window = self.config["max_window"] or 8
                 fn = global_window_search if search == "global" else greedy_window_search
-                windows, tried = fn(evaluator, target, n, protect, max_window)
+                windows, tried = fn(evaluator, target, n, protect, max_window, progress=bar)
             bar.set_postfix(committed=len(windows), removed=removed_by(windows))
             tensors: dict[str, torch.Tensor] = {}
             ops = [evaluator.op(w, tensors) for w in windows]

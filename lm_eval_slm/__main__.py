@@ -9,9 +9,12 @@ from __future__ import annotations
 
 def main() -> None:
     """Register ``slm`` (importing the model loads lm-eval's own models first), then run lm-eval's CLI."""
-    import lm_eval_slm.model  # noqa: F401  (registers "slm")
+    import os
+
+    import lm_eval_slm.model  # registers "slm"
     from lm_eval.__main__ import cli_evaluate
 
+    os.environ[lm_eval_slm.model.CLI_FLAG] = "1"  # bad model_args end with one line, not a traceback
     cli_evaluate()
 
 

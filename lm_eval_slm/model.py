@@ -20,9 +20,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from typing import Any
+import os
+import sys
+from typing import Any, Callable
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -35,6 +38,31 @@ logger = logging.getLogger("lm_eval.slm")
 #: HFLM arguments passed through unchanged; every other unknown key is a pass parameter
 HFLM_KEYS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs", "pretrained", "gguf_file",
                                                                      "peft", "dtype"}
+
+
+#: set by ``python -m lm_eval_slm``; the ``lm_eval`` console script is recognised by its name
+CLI_FLAG = "OPTIMUM_SLM_LM_EVAL_CLI"
+
+
+def _under_cli() -> bool:
+    return bool(os.environ.get(CLI_FLAG)) or os.path.basename(sys.argv[0] or "") in ("lm_eval", "lm-eval")
+
+
+def _one_line_errors(init: Callable) -> Callable:
+    """Under lm-eval's command line, bad input ends the run with one ``error: ...`` line and exit code 2 (lm-eval
+    itself would print a traceback); from Python the ``SLMError`` propagates as usual."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except SLMError as exc:
+            if not _under_cli():
+                raise
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
 
 
 class SLMLM(HFLM):
@@ -60,7 +88,16 @@ class SLMLM(HFLM):
         plan_cache: str | None = None,
         **kwargs: Any,
     ) -> None:
-        from optimum_slm.loading import resolve_model_path
+        self._init(base=base, gguf_file=gguf_file, method=method, ratio=ratio, num_layers=num_layers,
+                   threshold=threshold, merge=merge, plan=plan, calib=calib, calib_samples=calib_samples,
+                   calib_seq_len=calib_seq_len, seed=seed, text_field=text_field, dtype=dtype, peft=peft,
+                   plan_cache=plan_cache, **kwargs)
+
+    @_one_line_errors
+    def _init(self, *, base, gguf_file, method, ratio, num_layers, threshold, merge, plan, calib, calib_samples,
+              calib_seq_len, seed, text_field, dtype, peft, plan_cache, **kwargs: Any) -> None:
+        from optimum_slm.calibration import CalibrationConfig
+        from optimum_slm.loading import check_loadable, resolve_model_path
         from optimum_slm.registry import get_pass
 
         if base is None or "pretrained" in kwargs:
@@ -80,14 +117,22 @@ class SLMLM(HFLM):
         self.slm_base = str(base)
         self.slm_method = method
         self.slm_plan_file = plan
-        self.slm_calibration = {"source": calib, "n_samples": int(calib_samples), "seq_len": int(calib_seq_len),
-                                "seed": int(seed), "text_field": text_field}
+        numbers = {}
+        for key, value in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len), ("seed", seed)):
+            try:
+                numbers[key] = int(value)
+            except (TypeError, ValueError):
+                raise PassError(f"{key} must be an integer, got {value!r}") from None
+        CalibrationConfig(calib, numbers["calib_samples"], numbers["calib_seq_len"], numbers["seed"])  # checks
+        self.slm_calibration = {"source": calib, "n_samples": numbers["calib_samples"],
+                                "seq_len": numbers["calib_seq_len"], "seed": numbers["seed"], "text_field": text_field}
         self.slm_peft = peft
         self.slm_plan_cache = plan_cache
         self.slm_plan = None
         self.slm_plan_reused = False
         # HFLM loads a plain checkpoint folder (GGUF and aliases resolved here) and calls our _create_model
         path = resolve_model_path(self.slm_base, gguf_file)
+        check_loadable(path, self.slm_base, allow_download=not os.environ.get("HF_HUB_OFFLINE"))
         super().__init__(pretrained=path, dtype=dtype, **hf_kwargs)
 
     # HFLM.__init__ calls this with the tokenizer already built; compress right after the base is loaded

@@ -36,37 +36,60 @@ def _split_txt(text: str) -> list[str]:
     return docs
 
 
+def _read_text(path: str) -> str:
+    """A corpus file's text; one line naming the file when it is not UTF-8 text or cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{path} is not UTF-8 text (byte {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+                               ) from None
+    except OSError as exc:
+        raise CalibrationError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _read_json_docs(path: str, text_field: str) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        if path.endswith(".jsonl"):
-            rows = []
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise CalibrationError(f"{path}:{n} is not valid JSON") from None
+    text = _read_text(path)
+    if path.endswith(".jsonl"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise CalibrationError(f"{path}:{n} is not valid JSON") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path} is not valid JSON: {exc.msg}") from None
+        if isinstance(data, dict):
+            rows = data.get("data", data.get("rows", [data]))
         else:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(f"{path} is not valid JSON: {exc.msg}") from None
-            rows = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+            rows = data
+        if not isinstance(rows, list):
+            raise CalibrationError(f"{path} must hold a list of documents (strings or objects with "
+                                   f"{text_field!r}), got {type(rows).__name__}")
     docs = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         if isinstance(row, str):
             docs.append(row)
         elif isinstance(row, dict):
             if text_field not in row:
                 raise CalibrationError(f"{path}: a row has no field {text_field!r} (use --text-field)")
-            docs.append(str(row[text_field]))
+            value = row[text_field]
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise CalibrationError(f"{path}: row {n}'s {text_field!r} is not text")
+            docs.append(str(value))
+        else:
+            raise CalibrationError(f"{path}: row {n} is {type(row).__name__}, not a document (a string or an object "
+                                   f"with {text_field!r})")
     return docs
 
 
 def _read_file(path: str, text_field: str) -> list[str]:
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as fh:
-            return _split_txt(fh.read())
+        return _split_txt(_read_text(path))
     if path.endswith((".jsonl", ".json")):
         return _read_json_docs(path, text_field)
     raise CalibrationError(f"unsupported corpus file {path!r}; use .txt, .jsonl or .json")

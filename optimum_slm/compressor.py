@@ -11,10 +11,9 @@ into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -23,49 +22,12 @@ from torch import nn
 from .arch import ArchAdapter, param_count
 from .calibration import CalibrationConfig, unseen_documents
 from .errors import SLMError
-from .fileio import follow_umask
+from .fileio import AtomicDir, check_output_dir, claim_output
 from .loading import DTYPES, load_model, resolve_dtype
 from .pipeline import DEFAULT_METHOD, CacheSpec, calibration_ids, compress
 from .plan import CompressionPlan, apply_plan
 from .quality import QualityCheck
 from .reports.card import PLAN_FILE, model_card
-
-
-def check_output_dir(save_directory: str | os.PathLike, overwrite: bool = False) -> str:
-    """Refuse a non-empty existing output folder unless ``overwrite``; returns the absolute path."""
-    path = os.path.abspath(os.fspath(save_directory))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SLMError(f"output path {path} exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise SLMError(f"output directory {path} is not empty (use --overwrite / overwrite=True)")
-    return path
-
-
-class _AtomicDir:
-    """A temp folder beside ``target`` that replaces ``target`` on success and vanishes on failure."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.target) or "."
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.tmp-", dir=parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        follow_umask(self.tmp)  # mkdtemp made it 0700, and some writers leave files 0600
-        old = None
-        if os.path.exists(self.target):
-            old = self.target + ".old-" + os.path.basename(self.tmp)
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def save_compressed(
@@ -86,7 +48,7 @@ def save_compressed(
     if save_dtype is not None:
         model.to(resolve_save_dtype(save_dtype))
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    with _AtomicDir(target) as tmp:
+    with AtomicDir(target, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -105,7 +67,7 @@ def resolve_save_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def save_plan_only(plan: CompressionPlan, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
     target = check_output_dir(save_directory, overwrite)
-    with _AtomicDir(target) as tmp:
+    with AtomicDir(target, overwrite) as tmp:
         plan.save(os.path.join(tmp, PLAN_FILE))
     return target
 
@@ -160,15 +122,17 @@ class SLMCompressor:
     def apply(self, plan: CompressionPlan, save_directory: str | os.PathLike | None = None, overwrite: bool = False,
               strict: bool = True, save_dtype: str | torch.dtype | None = None) -> nn.Module:
         """Apply ``plan`` to the base (in place) and optionally write the checkpoint; returns the model."""
-        if save_directory is not None:
-            check_output_dir(save_directory, overwrite)
-        model = self._fresh_model()
-        before = param_count(model)
-        apply_plan(model, plan, strict=strict)
-        self._consumed = True
-        if save_directory is not None:
-            save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite,
-                            save_dtype=save_dtype)
+        if save_dtype is not None:
+            resolve_save_dtype(save_dtype)
+        claim = claim_output(save_directory, overwrite) if save_directory is not None else contextlib.nullcontext()
+        with claim:
+            model = self._fresh_model()
+            before = param_count(model)
+            apply_plan(model, plan, strict=strict)
+            self._consumed = True
+            if save_directory is not None:
+                save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite,
+                                save_dtype=save_dtype)
         return model
 
     def compress(self, save_directory: str | os.PathLike, method: str = DEFAULT_METHOD, calibration: Any = None, *,
@@ -183,9 +147,14 @@ class SLMCompressor:
         the pass did not see; stored as ``plan.quality_check`` (skipped when there is no calibration text).
         ``save_dtype`` converts the written checkpoint (e.g. ``"bfloat16"``); ``command`` goes into the model card.
         """
-        check_output_dir(save_directory, overwrite)
         if save_dtype is not None:
             resolve_save_dtype(save_dtype)
+        with claim_output(save_directory, overwrite):
+            return self._compress(save_directory, method, calibration, overwrite, plan_only, n_samples, seq_len,
+                                  seed, text_field, cache, check, save_dtype, command, params)
+
+    def _compress(self, save_directory, method, calibration, overwrite, plan_only, n_samples, seq_len, seed,
+                  text_field, cache, check, save_dtype, command, params) -> CompressionPlan:
         model = self._fresh_model()
         ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)
         plan = compress(model, method, ids, tokenizer=self.tokenizer, cache=cache, name_or_path=self._source,

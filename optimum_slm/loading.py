@@ -8,6 +8,7 @@ A GGUF base is converted once to a plain safetensors checkpoint in the user cach
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 
 from .assets import resolve_model_alias
 from .errors import ModelLoadError
-from .fileio import follow_umask
+from .fileio import follow_umask, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
     if not os.path.exists(path):
         raise ModelLoadError(f"GGUF file not found: {path}")
     target = os.path.join(cache_dir("converted"), f"{os.path.splitext(gguf_file)[0]}-{_gguf_cache_key(path)}")
-    if os.path.exists(os.path.join(target, "config.json")):
-        return target
+    _remove_stale_conversions(os.path.dirname(target))
+    if os.path.exists(target):
+        if _conversion_intact(target):
+            return target
+        logger.warning("the converted copy %s is incomplete or damaged; converting %s again", target, gguf_file)
+        shutil.rmtree(target, ignore_errors=True)
     logger.info("converting %s to a plain checkpoint (once) in %s", gguf_file, target)
     try:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
@@ -78,16 +83,82 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     plain.tie_weights()
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
+    tmp = tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=os.path.dirname(target))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_manifest(tmp)
         follow_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+#: the record of a converted checkpoint's files (name -> size), checked before the copy is trusted
+CONVERSION_MANIFEST = "slm_converted.json"
+
+
+def _write_manifest(folder: str) -> None:
+    sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
+    with open(os.path.join(folder, CONVERSION_MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump(sizes, fh, indent=1, sort_keys=True)
+
+
+def _conversion_intact(folder: str) -> bool:
+    """Every file the conversion wrote is there with its size (a truncated copy is converted again)."""
+    try:
+        with open(os.path.join(folder, CONVERSION_MANIFEST), encoding="utf-8") as fh:
+            sizes = json.load(fh)
+        return isinstance(sizes, dict) and bool(sizes) and all(
+            os.path.getsize(os.path.join(folder, name)) == size for name, size in sizes.items())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _remove_stale_conversions(folder: str) -> None:
+    """Temp folders of conversions whose process is gone (killed mid-way) are removed."""
+    for name in os.listdir(folder):
+        parts = name.split("-")
+        if name.startswith(".convert-") and len(parts) >= 3 and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            logger.warning("removing %s, left by a conversion that was killed", os.path.join(folder, name))
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def check_loadable(path: str, name: str, allow_download: bool = False, allow_pickle: bool = False) -> None:
+    """Fail at once, with one line, for a model that cannot be loaded offline from safetensors.
+
+    A folder must hold ``*.safetensors`` weights (pickle-only ``pytorch_model.bin`` checkpoints are refused unless
+    ``allow_pickle``: loading a pickle can run arbitrary code); anything else must be a hub id already in the local
+    Hub cache, unless ``allow_download``.
+    """
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{name!r} is a folder without config.json, not a checkpoint")
+        if not any(f.endswith(".safetensors") for f in files):
+            pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            if pickles and not allow_pickle:
+                raise ModelLoadError(
+                    f"{name!r} holds only pickle weights ({pickles[0]}), which optimum-slm does not load (a pickle can "
+                    "run code); convert it with transformers (from_pretrained, then save_pretrained(..., "
+                    "safe_serialization=True)) or pass --allow-pickle if you trust it")
+        return
+    if os.path.exists(path):
+        raise ModelLoadError(f"{path} is a file, not a checkpoint folder (for GGUF use --gguf-file)")
+    if allow_download:
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed repo id is simply not in the cache
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelLoadError(
+            f"{name!r} is not a checkpoint folder, a .gguf file, an alias (smollm2-135m) or a model in the local Hub "
+            "cache; downloads are off (allow them with --allow-download)")
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
@@ -108,26 +179,33 @@ def load_model(
     dtype: Any = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    allow_download: bool = False,
+    allow_pickle: bool = False,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` for a checkpoint folder, hub id (offline cache), GGUF file or alias.
 
     ``dtype``: None/"auto" keeps the checkpoint's dtype (GGUF bases are fp32); ``device``: cpu, cuda or auto.
-    The tokenizer gets ``pad_token = eos_token`` when it has none, as the official SLM code sets.
+    Weights load from safetensors only (``allow_pickle=True`` accepts pickle checkpoints: unsafe) and nothing is
+    downloaded unless ``allow_download``. The tokenizer gets ``pad_token = eos_token`` when it has none, as the
+    official SLM code sets.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path, gguf_file)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    if not os.path.isdir(path) and os.path.exists(path):
-        raise ModelLoadError(f"{path} is a file, not a checkpoint folder (for GGUF use --gguf-file)")
+    check_loadable(path, name_or_path, allow_download=allow_download, allow_pickle=allow_pickle)
+    local = {} if allow_download else {"local_files_only": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+            **local, **kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, EnvironmentError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **local)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types; each is one line here
+        if isinstance(exc, ModelLoadError):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

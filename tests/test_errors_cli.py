@@ -31,7 +31,7 @@ def compress_args(model: str, out, corpus: str, *extra: str) -> list[str]:
 
 def test_missing_model(tmp_path, corpus):
     out = tmp_path / "out"
-    fails(*compress_args(str(tmp_path / "no-such-model"), out, corpus, "--ratio", "0.2"), message="cannot load model")
+    fails(*compress_args(str(tmp_path / "no-such-model"), out, corpus, "--ratio", "0.2"), message="is not a checkpoint folder, a .gguf file, an alias")
     assert not out.exists()
 
 

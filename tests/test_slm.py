@@ -7,6 +7,7 @@ import torch
 
 from conftest import calib_ids, make_model
 from optimum_slm import apply_plan, get_pass
+from optimum_slm.errors import PassError
 from optimum_slm.passes.depth.slm import WindowEvaluator
 from optimum_slm.passes.depth.slm_official_port import official_slm_windows
 
@@ -54,8 +55,9 @@ def test_control_flow_grow_commit_slide_and_pending_bottom(monkeypatch):
 def test_strict_greater_than_threshold(monkeypatch):
     model = make_model("llama", 6)
     _scripted(monkeypatch, {((), (3, 4)): 0.72, ((), (2, 3)): 0.72, ((), (1, 2)): 0.72, ((), (0, 1)): 0.72})
-    plan = get_pass("slm", threshold=0.72).plan(model, calib_ids(2, 8))
-    assert plan.windows == []  # equal is not above: every 2-layer window slides
+    # equal is not above: every 2-layer window slides, nothing is merged, and a plan that removes nothing is refused
+    with pytest.raises(PassError, match="threshold 0.72 merges no window .highest similarity seen 0.72"):
+        get_pass("slm", threshold=0.72).plan(model, calib_ids(2, 8))
 
 
 def test_commit_at_each_level(monkeypatch):
@@ -81,6 +83,10 @@ def test_fast_pass_equals_slow_official_port(family):
     ids = calib_ids(3, 12)
     for threshold in (0.3, 0.6, 0.8):
         slow_windows, slow_trace = official_slm_windows(model, ids, threshold)
+        if not slow_windows:  # the official loop merged nothing: the pass refuses a plan that removes nothing
+            with pytest.raises(PassError, match="merges no window"):
+                get_pass("slm", threshold=threshold).plan(model, ids)
+            continue
         plan = get_pass("slm", threshold=threshold).plan(model, ids)
         assert plan.windows == slow_windows
         fast = {tuple(t["window"]): t["sim"] for t in plan.trace["tried"]}
@@ -139,7 +145,7 @@ def test_constraints_protect_and_max_window(monkeypatch):
 def test_plan_leaves_model_unchanged_and_needs_calibration():
     model = make_model("llama", 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    get_pass("slm", threshold=0.2).plan(model, calib_ids(2, 8))
+    get_pass("slm", num_layers=2).plan(model, calib_ids(2, 8))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.config.num_hidden_layers == 6

@@ -37,15 +37,65 @@ class SLMUsageError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
+#: exit codes: bad input (the user can fix it), a failure (the machine or a bug), an interrupt
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+_debug = False
+
+
+def one_line(text: Any) -> str:
+    """``text`` on one line: a multi-line message would read as a traceback."""
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
 class SLMGroup(click.Group):
-    """A click group that reports every ``SLMError`` raised by its commands as one line (exit code 2)."""
+    """A click group whose every failure is one ``error: ...`` line on stderr and an exit code, never a traceback.
+
+    Bad input (an ``SLMError``, a usage error) exits 2; a failure of the machine (disk full, read-only folder) or an
+    unexpected error exits 1, the latter with a hint to rerun with ``--debug``, which shows the traceback.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SLMError as exc:
-            # one line, whatever the message: a multi-line message would read as a traceback
-            raise SLMUsageError(" ".join(str(exc).split())) from None
+            raise SLMUsageError(one_line(exc)) from None
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+            _fail(exc.format_message() + (where if isinstance(exc, click.UsageError) else ""),
+                  EXIT_BAD_INPUT if isinstance(exc, (click.UsageError, SLMUsageError)) else exc.exit_code)
+        except SLMError as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+        except OSError as exc:
+            if _debug:
+                raise
+            target = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            _fail(f"{exc.strerror or exc}{target}", EXIT_FAILURE)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of a command line
+            if _debug:
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug to see the traceback)", EXIT_FAILURE)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _debug
+    _debug = bool(value) or bool(os.environ.get("OPTIMUM_SLM_DEBUG"))
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -88,6 +138,10 @@ def model_options(func):
                      help="Load the base in this dtype (default: the checkpoint's)."),
         click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
                      help="Where to run the model."),
+        click.option("--allow-download", is_flag=True,
+                     help="Let a hub id that is not in the local Hub cache be downloaded (off: offline first)."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Accept a pickle-only checkpoint (pytorch_model.bin). UNSAFE: a pickle can run code."),
     ]
     for decorate in reversed(decorators):
         func = decorate(func)
@@ -165,6 +219,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.group(cls=SLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="optimum-slm")
 @quiet_option
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show the traceback of an unexpected error (also OPTIMUM_SLM_DEBUG=1).")
 def cli() -> None:
     """Depth compression of LLMs: Sliding-Window Merging and depth-pruning passes, plain HF checkpoints."""
 
@@ -196,7 +252,8 @@ def cli() -> None:
               help="Write the checkpoint in this dtype (default: the dtype the model was loaded in).")
 @quiet_option
 @click.pass_context
-def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str | None, device: str, method: str,
+def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str | None, device: str,
+             allow_download: bool, allow_pickle: bool, method: str,
              ratio: float | None, num_layers: int | None, threshold: float | None, merge: str | None,
              calib_data: str | None, calib_samples: int, calib_seq_len: int, seed: int, text_field: str,
              output: str, plan_only: bool, overwrite: bool, extra_params: Sequence[str], no_cache: bool,
@@ -216,28 +273,41 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     params = pass_params({"ratio": ratio, "num_layers": num_layers, "threshold": threshold, "merge": merge},
                          extra_params)
 
-    from ..compressor import PLAN_FILE, SLMCompressor, check_output_dir
+    from ..compressor import PLAN_FILE, SLMCompressor
+    from ..fileio import claim_output
     from ..registry import get_pass
 
     # everything that can be checked without the model is checked before the (long) load and search
     chosen = get_pass(method, **params)
-    target = check_output_dir(output, overwrite)
     if calib_data is None:
         from ..assets import WIKI_PACKAGE, package_dir
 
         if chosen.needs_calibration or package_dir(WIKI_PACKAGE) is not None:
             calib_data = "wiki-leads"
-    compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
-    plan = compressor.compress(target, method=method, calibration=calib_data, overwrite=overwrite,
-                               plan_only=plan_only, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                               text_field=text_field, cache=_plan_cache(no_cache), check=not no_check,
-                               save_dtype=save_dtype, command=_command_line(ctx), **params)
+    need = None if plan_only else _weights_size(model, gguf_file)
+    with claim_output(output, overwrite, need_bytes=need) as target:
+        compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
+                                                   allow_download=allow_download, allow_pickle=allow_pickle)
+        plan = compressor.compress(target, method=method, calibration=calib_data, overwrite=overwrite,
+                                   plan_only=plan_only, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed,
+                                   text_field=text_field, cache=_plan_cache(no_cache), check=not no_check,
+                                   save_dtype=save_dtype, command=_command_line(ctx), **params)
     if plan.reused_from:
         click.echo(f"reused the cached plan {plan.reused_from} (--no-cache recomputes it)")
     click.echo(plan.summary())
     _echo_check(plan, no_check)
     files = f"{PLAN_FILE} (plan only)" if plan_only else f"checkpoint, {PLAN_FILE}, README.md"
     click.echo(f"wrote {target} ({files}, {_size(target)}) in {_duration(time.perf_counter() - started)}")
+
+
+def _weights_size(model: str, gguf_file: str | None) -> int | None:
+    """The size of the base's weight files: an upper bound for the compressed checkpoint (None when unknown)."""
+    from ..loading import resolve_model_path
+
+    path = resolve_model_path(model, gguf_file)
+    if not os.path.isdir(path):
+        return None
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) or None
 
 
 def _echo_check(plan, skipped: bool) -> None:
@@ -262,16 +332,18 @@ def _echo_check(plan, skipped: bool) -> None:
 @click.option("--save-dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Write the checkpoint in this dtype (default: the dtype the model was loaded in).")
 @quiet_option
-def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, plan_file: str, output: str,
-          overwrite: bool, save_dtype: str | None) -> None:
+def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, allow_download: bool,
+          allow_pickle: bool, plan_file: str, output: str, overwrite: bool, save_dtype: str | None) -> None:
     """Rebuild a compressed checkpoint from base + plan."""
-    from ..compressor import SLMCompressor, check_output_dir
+    from ..compressor import SLMCompressor
+    from ..fileio import claim_output
     from ..plan import CompressionPlan
 
     plan = CompressionPlan.load(plan_file)
-    target = check_output_dir(output, overwrite)
-    compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
-    compressor.apply(plan, target, overwrite=overwrite, save_dtype=save_dtype)
+    with claim_output(output, overwrite, need_bytes=_weights_size(model, gguf_file)) as target:
+        compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
+                                                   allow_download=allow_download, allow_pickle=allow_pickle)
+        compressor.apply(plan, target, overwrite=overwrite, save_dtype=save_dtype)
     click.echo(f"wrote {target} (checkpoint, slm_plan.json, README.md, {_size(target)})")
     click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
 
@@ -314,12 +386,8 @@ def inspect(plan_file: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point (``slm``)."""
-    try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="slm")
-    except SLMError as exc:  # the group converts its commands' errors; this catches any raised outside them
-        SLMUsageError(" ".join(str(exc).split())).show()
-        sys.exit(SLMUsageError.exit_code)
+    """Console-script entry point (``slm``); the group turns every failure into one line and an exit code."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="slm")
 
 
 # analyze and bench live in cli/analysis.py and join the group here

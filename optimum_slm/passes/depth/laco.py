@@ -205,6 +205,8 @@ class LaCoPass(CompressionPass):
             raise PassError(f"interval (I) must be >= 1, got {self.config['interval']}")
         if self.config["lowest_layer"] < 0:
             raise PassError(f"lowest_layer (L) must be >= 0, got {self.config['lowest_layer']}")
+        if not -1.0 <= self.config["threshold"] < 1.0:
+            raise PassError(f"threshold (T) is a cosine and must be in [-1, 1), got {self.config['threshold']}")
 
     def run(self, engine: ForwardEngine) -> PassResult:
         engine.require_calibration(self.name)

@@ -357,6 +357,14 @@ class SLMPass(CompressionPass):
     def validate(self) -> None:
         super().validate()
         get_merge_rule(self.config["merge"])
+        threshold = self.config.get("threshold")
+        if threshold is not None:
+            # nll is exp(NLL_base - NLL_candidate) > 0; every other criterion is a cosine-like score in [-1, 1]
+            nll = self.config["similarity"] == "nll"
+            if not (0.0 < threshold < float("inf") if nll else -1.0 <= threshold < 1.0):
+                allowed = "(0, inf)" if nll else "[-1, 1)"
+                raise PassError(f"threshold must be in {allowed} for similarity {self.config['similarity']!r}, "
+                                f"got {threshold}")
         if self.config["max_window"] is not None and self.config["max_window"] < 2:
             raise PassError(f"max_window must be >= 2, got {self.config['max_window']}")
         if self.config["search"] != "official" and self.config["ratio"] is None and self.config["num_layers"] is None:
@@ -408,6 +416,11 @@ class SLMPass(CompressionPass):
             bar.set_postfix(committed=len(windows), removed=removed_by(windows))
             tensors: dict[str, torch.Tensor] = {}
             ops = [evaluator.op(w, tensors) for w in windows]
+        if not windows:
+            best = max((t["sim"] for t in tried if t.get("sim") is not None), default=None)
+            raise PassError(f"{self.name}: threshold {params.get('threshold')} merges no window (highest similarity seen "
+                            f"{best}; the official loop commits a window only once a larger one fails, so a very low "
+                            "threshold merges nothing either); give --ratio or another --threshold")
         trace.update(
             {"tried": tried, "windows": [list(w) for w in windows], "similarity_evaluations": evaluator.evaluations}
         )

@@ -46,6 +46,12 @@ def check_tensor(name: str, t: torch.Tensor, entry: Mapping | None = None) -> No
     if entry is not None:
         if not isinstance(entry, Mapping) or set(entry) != {"dtype", "shape", "sha256"}:
             raise PlanError(f"plan tensor {name!r}: manifest entry must be {{dtype, shape, sha256}}, got {entry!r}")
+        shape = entry["shape"]
+        if (not isinstance(entry["dtype"], str) or not isinstance(entry["sha256"], str)
+                or not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise PlanError(f"plan tensor {name!r}: manifest entry needs a dtype name, a shape (list of sizes) and a "
+                            f"sha256, got {entry!r}")
         if entry["dtype"] != _NAMES.get(t.dtype):
             raise PlanError(f"plan tensor {name!r} is {_NAMES.get(t.dtype, t.dtype)}, the plan lists {entry['dtype']}")
         if list(entry["shape"]) != list(t.shape):

@@ -5,6 +5,7 @@
 * ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``);
   ``gguf_file``: a GGUF file inside ``base``. GGUF bases are converted once to a plain checkpoint in the user cache.
 * ``plan``: a plan file to apply (its base fingerprint must match), instead of computing one; or
+* ``recipe``: a recipe file (YAML stages, e.g. slm-plus then flap) compressed into one plan; or
 * ``method`` (default ``slm-plus``, the recommended pass; ``slm`` is the faithful reproduction) with ``ratio`` |
   ``num_layers`` | ``threshold``, ``merge``, and any other parameter of that pass (``slm list`` shows them; an
   unknown key is refused with the valid ones listed); ``calib`` (calibration source, default ``wiki-leads`` for
@@ -86,16 +87,17 @@ class SLMLM(HFLM):
         dtype: str = "auto",
         peft: str | None = None,
         plan_cache: str | None = None,
+        recipe: str | None = None,
         **kwargs: Any,
     ) -> None:
         self._init(base=base, gguf_file=gguf_file, method=method, ratio=ratio, num_layers=num_layers,
                    threshold=threshold, merge=merge, plan=plan, calib=calib, calib_samples=calib_samples,
                    calib_seq_len=calib_seq_len, seed=seed, text_field=text_field, dtype=dtype, peft=peft,
-                   plan_cache=plan_cache, **kwargs)
+                   plan_cache=plan_cache, recipe=recipe, **kwargs)
 
     @_one_line_errors
     def _init(self, *, base, gguf_file, method, ratio, num_layers, threshold, merge, plan, calib, calib_samples,
-              calib_seq_len, seed, text_field, dtype, peft, plan_cache, **kwargs: Any) -> None:
+              calib_seq_len, seed, text_field, dtype, peft, plan_cache, recipe, **kwargs: Any) -> None:
         from optimum_slm.calibration import CalibrationConfig
         from optimum_slm.loading import check_loadable, resolve_model_path
         from optimum_slm.registry import get_pass
@@ -109,11 +111,21 @@ class SLMLM(HFLM):
         params = {k: v for k, v in (("ratio", ratio), ("num_layers", num_layers), ("threshold", threshold),
                                     ("merge", merge)) if v is not None}
         params.update(kwargs)  # anything else is for the pass, which refuses unknown keys listing the valid ones
-        if plan is not None and (params or calib is not None):
-            given = ", ".join(sorted(params) + (["calib"] if calib is not None else []))
+        if plan is not None and (params or calib is not None or recipe is not None):
+            given = ", ".join(sorted(params) + (["calib"] if calib is not None else [])
+                              + (["recipe"] if recipe is not None else []))
             raise PassError(f"plan= applies a saved plan; drop the search arguments ({given})")
-        # validate the pass arguments before loading anything
-        self.slm_pass = None if plan is not None else get_pass(method, **params)
+        # validate the pass arguments (or the recipe's stages) before loading anything
+        if recipe is not None:
+            from optimum_slm.pipeline import resolve_stages
+            from optimum_slm.recipe import load_recipe
+
+            if params:
+                raise PassError(f"recipe= names the methods and parameters; drop {', '.join(sorted(params))}")
+            self.slm_stages = resolve_stages(load_recipe(recipe), {})
+        else:
+            self.slm_stages = [] if plan is not None else [get_pass(method, **params)]
+        self.slm_pass = self.slm_stages[0] if len(self.slm_stages) == 1 else None
         self.slm_base = str(base)
         self.slm_method = method
         self.slm_plan_file = plan
@@ -173,13 +185,14 @@ class SLMLM(HFLM):
         from optimum_slm.pipeline import compress
 
         cal = dict(self.slm_calibration)
-        if cal["source"] is None and self.slm_pass.needs_calibration:
+        if cal["source"] is None and any(p.needs_calibration for p in self.slm_stages):
             cal["source"] = "wiki-leads"  # the bundled offline corpus, as ``slm compress`` defaults to
         calibration = CalibrationConfig(**cal) if cal["source"] is not None else None
         cache = True if self.slm_plan_cache is None else (
             False if str(self.slm_plan_cache).lower() == "none" else self.slm_plan_cache)
         try:
-            plan = compress(model, self.slm_pass, calibration, tokenizer=self.tokenizer, cache=cache,
+            stages = self.slm_stages[0] if len(self.slm_stages) == 1 else self.slm_stages
+            plan = compress(model, stages, calibration, tokenizer=self.tokenizer, cache=cache,
                             name_or_path=self.slm_base)
         except SLMError as exc:
             if calibration is None:

@@ -184,12 +184,9 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
         engine = ForwardEngine(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"))
         result = p.run(engine)
         del engine
-        ops = [dict(op) for op in result.ops]
         prefix = f"stage{k}." if k else ""
         renamed = {name: prefix + name for name in result.tensors}
-        for op in ops:
-            if isinstance(op.get("tensors"), dict):
-                op["tensors"] = {role: renamed.get(name, name) for role, name in op["tensors"].items()}
+        ops = [kind_of(op).rename_tensors(op, renamed) for op in result.ops]
         if slots is not None:
             ops = [kind_of(op).to_base(op, slots) for op in ops]
         tensors.update({renamed[name]: t.detach().to("cpu").contiguous() for name, t in result.tensors.items()})

@@ -18,6 +18,7 @@ from .errors import SLMError
 
 DEFAULT_PLUGINS = (
     "optimum_slm.plan.ops",
+    "optimum_slm.plan.width_ops",
     "optimum_slm.merge.rules",
     "optimum_slm.similarity",
     "optimum_slm.passes.depth.drop",
@@ -28,6 +29,9 @@ DEFAULT_PLUGINS = (
     "optimum_slm.passes.depth.sleb",
     "optimum_slm.passes.depth.shortened",
     "optimum_slm.passes.depth.laco",
+    "optimum_slm.passes.width.flap",
+    "optimum_slm.passes.width.taylor",
+    "optimum_slm.passes.width.minitron",
 )
 ENTRY_POINT_GROUP = "optimum_slm"
 

@@ -13,6 +13,7 @@ Why each fix matters (transformers 5):
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -106,6 +107,99 @@ class ArchAdapter:
                 else:  # pragma: no cover - families are data defined above
                     raise ValueError(f"unknown fold {b.fold!r}")
 
+    # ------------------------------------------------------------------ widths (channel groups)
+    def widths(self) -> dict[str, int]:
+        """The base widths width ops refer to: MLP channels, query heads, KV heads (groups), head dim."""
+        cfg = self.config
+        heads = int(cfg.num_attention_heads)
+        return {
+            "intermediate_size": int(cfg.intermediate_size),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+            "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+        }
+
+    def narrow_mlp(self, layer: nn.Module, keep: torch.Tensor, down_bias: torch.Tensor | None = None) -> None:
+        """Keep the MLP's intermediate channels ``keep`` (in place on ``layer``): gate/up rows, down columns.
+
+        ``down_bias`` (FLAP's compensation) becomes ``down_proj``'s bias, with zero gate/up biases, which the
+        family's ``mlp_bias`` switch must allow.
+        """
+        mlp = layer.mlp
+        keep = keep.to(torch.long)
+        with_bias = True if down_bias is not None else None  # None: keep whatever biases the MLP has
+        if self.family.fused_mlp:
+            size = mlp.gate_up_proj.out_features // 2
+            rows = torch.cat([keep, keep + size])
+            mlp.gate_up_proj = _slice_linear(mlp.gate_up_proj, rows=rows, bias=with_bias)
+        else:
+            mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep, bias=with_bias)
+            mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep, bias=with_bias)
+        mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep, bias=with_bias, new_bias=down_bias)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = int(keep.numel())
+
+    def attention_rows(self, groups: list[int], heads: list[list[int]] | None = None) -> tuple[torch.Tensor, ...]:
+        """(query rows, key/value rows) of the kept KV ``groups`` (and, within each, the kept query ``heads``)."""
+        w = self.widths()
+        hd, rep = w["head_dim"], w["num_attention_heads"] // w["num_key_value_heads"]
+        q_heads = [g * rep + j for k, g in enumerate(groups) for j in (heads[k] if heads else range(rep))]
+        q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
+        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups])
+        return q_rows, kv_rows
+
+    def narrow_attention(self, layer: nn.Module, groups: list[int], heads: list[list[int]] | None = None,
+                         o_bias: torch.Tensor | None = None) -> None:
+        """Keep whole KV ``groups`` (GQA stays valid) and optionally the same number of query ``heads`` in each.
+
+        In place on ``layer``: q rows and o columns of the kept query heads, k/v rows of the kept groups (their
+        biases too). ``o_bias`` (FLAP's compensation) becomes ``o_proj``'s bias.
+        """
+        attn = layer.self_attn
+        q_rows, kv_rows = self.attention_rows(groups, heads)
+        w = self.widths()
+        with_bias = True if o_bias is not None else None
+        if self.family.fused_qkv:
+            q_size = w["num_attention_heads"] * w["head_dim"]
+            kv_size = w["num_key_value_heads"] * w["head_dim"]
+            rows = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
+            attn.qkv_proj = _slice_linear(attn.qkv_proj, rows=rows)
+        else:
+            attn.q_proj = _slice_linear(attn.q_proj, rows=q_rows, bias=with_bias)
+            attn.k_proj = _slice_linear(attn.k_proj, rows=kv_rows, bias=with_bias)
+            attn.v_proj = _slice_linear(attn.v_proj, rows=kv_rows, bias=with_bias)
+        attn.o_proj = _slice_linear(attn.o_proj, cols=q_rows, bias=with_bias, new_bias=o_bias)
+        kept_heads = len(groups) * (len(heads[0]) if heads else w["num_attention_heads"] // w["num_key_value_heads"])
+        attn.num_key_value_groups = kept_heads // len(groups)
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = len(groups)
+        if hasattr(attn, "num_heads"):
+            attn.num_heads = kept_heads
+        if getattr(attn, "config", None) is not None:
+            # modules that read head counts from their config (Phi-3's fused qkv split) get their own, narrowed one
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads = kept_heads
+            attn.config.num_key_value_heads = len(groups)
+            attn.config.head_dim = w["head_dim"]
+
+    def set_widths(self, *, intermediate_size: int | None = None, num_attention_heads: int | None = None,
+                   num_key_value_heads: int | None = None, mlp_bias: bool = False,
+                   attention_bias: bool = False) -> None:
+        """Write uniform narrowed widths into the config (head_dim made explicit, so a reload keeps it)."""
+        configs = [self.config] + ([self.model.config] if self.model.config is not self.config else [])
+        head_dim = self.widths()["head_dim"]
+        for cfg in configs:
+            if intermediate_size is not None:
+                cfg.intermediate_size = int(intermediate_size)
+            if num_attention_heads is not None:
+                cfg.head_dim = head_dim
+                cfg.num_attention_heads = int(num_attention_heads)
+                cfg.num_key_value_heads = int(num_key_value_heads)
+            if mlp_bias:
+                setattr(cfg, self.family.mlp_bias_flag, True)
+            if attention_bias:
+                setattr(cfg, self.family.attention_bias_flag, True)
+
     # ------------------------------------------------------------------ surgery
     def set_layers(self, slots: Sequence[tuple[int, nn.Module]]) -> None:
         """Replace the decoder stack.
@@ -182,3 +276,30 @@ def param_count(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  bias: bool | None = None, new_bias: torch.Tensor | None = None) -> nn.Linear:
+    """A new ``nn.Linear`` with the given output ``rows`` / input ``cols`` of ``linear``'s weight.
+
+    ``bias``: True gives the result a bias (the sliced old one, ``new_bias`` or zeros), None keeps the old one's
+    presence, False drops it.
+    """
+    weight = linear.weight.detach()
+    if rows is not None:
+        weight = weight[rows.to(weight.device)]
+    if cols is not None:
+        weight = weight[:, cols.to(weight.device)]
+    has_bias = linear.bias is not None if bias is None else bias
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if has_bias:
+            if new_bias is not None:
+                out.bias.copy_(new_bias.to(out.bias))
+            elif linear.bias is not None:
+                old = linear.bias.detach()
+                out.bias.copy_(old[rows.to(old.device)] if rows is not None else old)
+            else:
+                out.bias.zero_()
+    return out

@@ -53,6 +53,15 @@ class Family:
     layer_index_lists: tuple[str, ...] = ()
     #: the residual branches in forward order (attention, then MLP)
     branches: tuple[Branch, ...] = LLAMA_BRANCHES
+    #: channel groups for width pruning: the MLP's gate/up rows ↔ down columns (``fused``: one gate_up_proj whose
+    #: rows are [gate; up], Phi-3) and the attention's q/k/v rows ↔ o columns (``fused``: one qkv_proj, rows
+    #: [q; k; v])
+    fused_mlp: bool = False
+    fused_qkv: bool = False
+    #: config flags that give the MLP / attention projections biases (FLAP's bias compensation needs them);
+    #: None where the family has no such switch
+    mlp_bias_flag: str | None = None
+    attention_bias_flag: str | None = None
 
 
 _LLAMA_PROJ = (
@@ -78,7 +87,8 @@ _GEMMA_NORMS = _LLAMA_NORMS + ("pre_feedforward_layernorm.weight", "post_feedfor
 _QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",), _LLAMA_PROJ, _LLAMA_NORMS, _ATTN_BIASES),
+    Family("llama", ("llama",), _LLAMA_PROJ, _LLAMA_NORMS, _ATTN_BIASES, mlp_bias_flag="mlp_bias",
+           attention_bias_flag="attention_bias"),
     Family("mistral", ("mistral",), _LLAMA_PROJ, _LLAMA_NORMS, _ATTN_BIASES, per_layer_lists=("layer_types",)),
     Family(
         "qwen2",
@@ -116,6 +126,8 @@ FAMILIES: tuple[Family, ...] = (
         _LLAMA_NORMS,
         ("self_attn.qkv_proj.bias", "self_attn.o_proj.bias", "mlp.gate_up_proj.bias", "mlp.down_proj.bias"),
         per_layer_lists=("layer_types",),
+        fused_mlp=True,
+        fused_qkv=True,
     ),
 )
 
@@ -128,6 +140,11 @@ def text_config(model_or_config) -> object:
     cfg = getattr(model_or_config, "config", model_or_config)
     get = getattr(cfg, "get_text_config", None)
     return get(decoder=True) if get is not None else cfg
+
+
+def family_for_type(model_type: str | None) -> Family | None:
+    """The family of a ``model_type`` string, None when unknown."""
+    return _BY_MODEL_TYPE.get(model_type)
 
 
 def family_for(model_or_config) -> Family:

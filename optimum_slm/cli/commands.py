@@ -245,6 +245,9 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
               help="A pass-specific parameter (repeatable); 'list' shows each pass's parameters.")
+@click.option("--recipe", default=None, metavar="RECIPE.yaml",
+              help="Stages to run in order into one plan (YAML: stages: [{method: slm-plus, ratio: 0.2}, ...]); "
+                   "instead of --method and its parameters.")
 @click.option("--no-cache", is_flag=True, help="Compute the plan even when the plan cache holds it (and store it).")
 @click.option("--no-check", is_flag=True,
               help="Skip the quality check (perplexity and final-state cosine on unseen calibration text).")
@@ -256,8 +259,8 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
              allow_download: bool, allow_pickle: bool, method: str,
              ratio: float | None, num_layers: int | None, threshold: float | None, merge: str | None,
              calib_data: str | None, calib_samples: int, calib_seq_len: int, seed: int, text_field: str,
-             output: str, plan_only: bool, overwrite: bool, extra_params: Sequence[str], no_cache: bool,
-             no_check: bool, save_dtype: str | None) -> None:
+             output: str, plan_only: bool, overwrite: bool, extra_params: Sequence[str], recipe: str | None,
+             no_cache: bool, no_check: bool, save_dtype: str | None) -> None:
     """Compress a model with a pass.
 
     Writes DIR: a plain checkpoint with fewer layers, slm_plan.json (+ slm_plan.safetensors) and a model card
@@ -278,11 +281,23 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     from ..registry import get_pass
 
     # everything that can be checked without the model is checked before the (long) load and search
-    chosen = get_pass(method, **params)
+    if recipe is not None:
+        from ..recipe import load_recipe
+
+        explicit = ctx.get_parameter_source("method") == click.core.ParameterSource.COMMANDLINE
+        if params or explicit:
+            raise click.UsageError("--recipe names the methods and their parameters; drop --method, --ratio, "
+                                   "--num-layers, --threshold, --merge and --param")
+        stages = load_recipe(recipe)
+        method, params = stages, {}
+        needs_data = any(get_pass(s["method"], **{k: v for k, v in s.items() if k != "method"}).needs_calibration
+                         for s in stages)
+    else:
+        needs_data = get_pass(method, **params).needs_calibration
     if calib_data is None:
         from ..assets import WIKI_PACKAGE, package_dir
 
-        if chosen.needs_calibration or package_dir(WIKI_PACKAGE) is not None:
+        if needs_data or package_dir(WIKI_PACKAGE) is not None:
             calib_data = "wiki-leads"
     need = None if plan_only else _weights_size(model, gguf_file)
     with claim_output(output, overwrite, need_bytes=need) as target:

@@ -8,6 +8,7 @@ final swap of its layer list. A plan that fails on any op leaves the model bit-i
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 from torch import nn
@@ -16,6 +17,7 @@ from ..arch import ArchAdapter
 from ..errors import PlanError
 from .fingerprint import fingerprint_with
 from .ops import kind_of
+from .width_ops import uniform_widths
 from .schema import CompressionPlan
 
 
@@ -30,12 +32,24 @@ class ApplyContext:
         self.base_layers = list(adapter.layers)
         self.order = list(range(len(self.base_layers)))
         self.slots = {i: (i, layer) for i, layer in enumerate(self.base_layers)}
+        self._owned: set[int] = set()  # ids of modules built here (safe to change in place)
 
     def replace(self, slot: int, type_index: int, module: nn.Module) -> None:
         """Put ``module`` (a new object, never one of the model's layers modified in place) at ``slot``."""
         if slot not in self.slots:
             raise PlanError(f"layer {slot} was already removed")
         self.slots[slot] = (type_index, module)
+        self._owned.add(id(module))
+
+    def writable(self, slot: int) -> nn.Module:
+        """The module at ``slot``, copied first when it is still one of the model's own layers (copy on write)."""
+        if slot not in self.slots:
+            raise PlanError(f"layer {slot} was already removed")
+        type_index, module = self.slots[slot]
+        if id(module) not in self._owned:
+            module = copy.deepcopy(module)
+            self.replace(slot, type_index, module)
+        return module
 
     def remove(self, slots: Iterable[int]) -> None:
         gone = set(slots)
@@ -77,9 +91,17 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
     Refuses a model whose fingerprint differs from the plan's base unless ``strict=False``.
     """
     adapter = check_base(model, plan, strict)
-    plan.validate(hidden_size=int(adapter.config.hidden_size))  # tensor widths against this very model
+    shape = plan.validate(hidden_size=int(adapter.config.hidden_size))  # tensor widths against this very model
+    if plan.base.get("widths") not in (None, adapter.widths()):
+        raise PlanError(f"plan is for widths {plan.base['widths']}, the model has {adapter.widths()}")
     ctx = ApplyContext(adapter)
     for op in plan.ops:
         kind_of(op).apply(ctx, op, plan.tensors)
-    adapter.set_layers(ctx.stack())  # the only change to the model
+    widths = uniform_widths(shape)
+    adapter.set_layers(ctx.stack())  # the only change to the model (with the config's widths below)
+    if widths:
+        adapter.set_widths(intermediate_size=widths.get("intermediate_size"),
+                           num_attention_heads=widths.get("num_attention_heads"),
+                           num_key_value_heads=widths.get("num_key_value_heads"),
+                           mlp_bias=bool(widths.get("mlp_bias")), attention_bias=bool(widths.get("attention_bias")))
     return model

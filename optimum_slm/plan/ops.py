@@ -40,10 +40,14 @@ class PlanShape:
     hidden_size: int | None = None
     #: per-layer widths that differ from the base's, e.g. {13: {"intermediate_size": 1024}} (width ops)
     widths: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
+    #: the base's model type and widths (intermediate_size, heads, KV heads, head_dim), which width ops check against
+    model_type: str | None = None
+    base_widths: Mapping[str, int] | None = None
 
     @classmethod
-    def of_base(cls, num_layers: int, hidden_size: int | None = None) -> "PlanShape":
-        return cls(num_layers, tuple(range(num_layers)), frozenset(), hidden_size)
+    def of_base(cls, num_layers: int, hidden_size: int | None = None, model_type: str | None = None,
+                base_widths: Mapping[str, int] | None = None) -> "PlanShape":
+        return cls(num_layers, tuple(range(num_layers)), frozenset(), hidden_size, {}, model_type, base_widths)
 
     @property
     def num_layers(self) -> int:
@@ -101,10 +105,24 @@ class OpKind:
         """What the op does to layers, for plots and cards: ``{"merged": [[lo, hi]], "dropped": [i, ...]}``."""
         return {}
 
+    #: op keys whose values name side-car tensors (besides the ``tensors`` role → name object)
+    tensor_keys: ClassVar[tuple[str, ...]] = ()
+
     def tensor_names(self, op: Op) -> list[str]:
         """The side-car tensors the op references."""
         refs = op.get("tensors") or {}
-        return list(refs.values()) if isinstance(refs, Mapping) else []
+        names = list(refs.values()) if isinstance(refs, Mapping) else []
+        return names + [op[k] for k in self.tensor_keys if isinstance(op.get(k), str)]
+
+    def rename_tensors(self, op: Op, renamed: Mapping[str, str]) -> dict[str, Any]:
+        """``op`` with its tensor references renamed (the pipeline prefixes a later stage's tensors)."""
+        out = dict(op)
+        if isinstance(op.get("tensors"), Mapping):
+            out["tensors"] = {role: renamed.get(name, name) for role, name in op["tensors"].items()}
+        for key in self.tensor_keys:
+            if isinstance(op.get(key), str):
+                out[key] = renamed.get(op[key], op[key])
+        return out
 
     def to_base(self, op: Op, slots: Sequence[int]) -> dict[str, Any]:
         """The op written for a compressed model (positions 0..n-1), re-expressed in base numbering; ``slots[p]`` is

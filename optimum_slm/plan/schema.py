@@ -127,6 +127,7 @@ def describe_base(model: nn.Module, fingerprint_value: str | None = None) -> dic
         "model_type": adapter.config.model_type,
         "num_layers": adapter.num_layers,
         "hidden_size": int(adapter.config.hidden_size),
+        "widths": adapter.widths(),
         "fingerprint": fingerprint_value or fingerprint(model),
         "fingerprint_scheme": SCHEME,
     }
@@ -143,6 +144,10 @@ def _check_base(base: Any) -> None:
     hidden = base.get("hidden_size")
     if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden <= 1 << 20):
         raise PlanError(f"plan base.hidden_size must be a positive integer, got {hidden!r}")
+    widths = base.get("widths")
+    if widths is not None and (not isinstance(widths, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24 for v in widths.values())):
+        raise PlanError(f"plan base.widths must map width names to positive integers, got {widths!r}")
     if base.get("fingerprint_scheme", "v1") not in SCHEMES:
         raise PlanError(f"plan base.fingerprint_scheme must be one of {', '.join(SCHEMES)}, got "
                         f"{base.get('fingerprint_scheme')!r}")
@@ -245,7 +250,8 @@ class CompressionPlan:
 
     # -------------------------------------------------------------------- validation
     def base_shape(self, hidden_size: int | None = None) -> PlanShape:
-        return PlanShape.of_base(self.num_layers, hidden_size or self.base.get("hidden_size"))
+        return PlanShape.of_base(self.num_layers, hidden_size or self.base.get("hidden_size"),
+                                 self.base.get("model_type"), self.base.get("widths"))
 
     def validate(self, hidden_size: int | None = None) -> PlanShape:
         """Check everything that needs no model; returns the shape after the last op."""
@@ -272,6 +278,9 @@ class CompressionPlan:
             raise PlanError(f"plan tensor {unused[0]!r} is referenced by no op")
         if shape.num_layers < 1:
             raise PlanError("plan removes every layer")
+        from .width_ops import uniform_widths
+
+        uniform_widths(shape)  # refuses widths that differ between layers
         return shape
 
     # -------------------------------------------------------------------- JSON

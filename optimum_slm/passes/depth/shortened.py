@@ -23,6 +23,7 @@ from ...errors import PassError
 from ...hookspecs import hookimpl
 from ...plan import drop_op
 from ...progress import progress_bar
+from ..gradients import layer_gradients
 from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
 from .common import round_scores, select_lowest
 
@@ -50,40 +51,18 @@ def magnitude_scores(model: nn.Module, power: float = 1.0) -> dict[int, float]:
 
 def taylor_scores(model: nn.Module, ids: torch.Tensor, batch_size: int | None = None, power: float = 1.0) -> dict[int, float]:
     """Σ over each block's tensors of Σ|W ⊙ ∂L/∂W|^power, L the causal-LM loss on ``ids`` (gradients summed over
-    batches). A gradient pass, not a forward engine: it uses the model's own forward. The model is left as found:
-    gradients freed, ``requires_grad`` flags restored."""
-    adapter = ArchAdapter(model)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    old_grads = [p.grad for p in params]
-    device = params[0].device
-    batch_size = batch_size or ids.shape[0]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for layer in adapter.layers:  # only block weights need gradients (saves the embedding's)
-            for p in layer.parameters():
-                p.requires_grad_(True)
-        with torch.enable_grad():
-            for start in range(0, ids.shape[0], batch_size):
-                batch = ids[start : start + batch_size].to(device)
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        with torch.no_grad():
-            return {
-                i: float(
-                    sum(
-                        (p.detach().double() * p.grad.double()).abs().pow(power).sum()
-                        for p in layer.parameters()
-                        if p.grad is not None
-                    )
+    batches). A gradient pass, not a forward engine: it uses the model's own forward; the model is left as found."""
+    with layer_gradients(model, ids, batch_size), torch.no_grad():
+        return {
+            i: float(
+                sum(
+                    (p.detach().double() * p.grad.double()).abs().pow(power).sum()
+                    for p in layer.parameters()
+                    if p.grad is not None
                 )
-                for i, layer in enumerate(adapter.layers)
-            }
-    finally:
-        for p, flag, grad in zip(params, flags, old_grads):
-            p.grad = grad
-            p.requires_grad_(flag)
+            )
+            for i, layer in enumerate(ArchAdapter(model).layers)
+        }
 
 
 class _ShortenedPass(CompressionPass):

@@ -1,0 +1,87 @@
+"""``taylor-width``: LLM-Pruner's first-order Taylor importance (Ma et al., NeurIPS 2023), whole channel groups.
+
+Official code (horseee/LLM-Pruner ``hf_prune.py`` / ``llama3.py`` with Torch-Pruning's ``TaylorImportance``,
+``taylor='param_first'``): one backward pass of the causal-LM loss on the calibration set; a weight's salience is
+|W ⊙ ∇W|; a group's importance is the sum over its coupled weights (``grouping_strategy='sum'``): an MLP channel =
+its gate row, up row and down column; a KV group (GQA, ``llama3.py``: root ``k_proj`` with consecutive groups of
+head_dim) = the q rows of its query heads, its k and v rows, and the o columns of its query heads.
+
+Differences, to keep a standard checkpoint: every layer is pruned to the same widths (the official block-wise mode
+prunes only layers 4..30 and saves with ``torch.save``), ``ratio`` is the fraction of projection parameters removed
+(the official ``--pruning_ratio`` is a fraction of groups per layer), MLP widths are multiples of 8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...engine import ForwardEngine
+from ...hookspecs import hookimpl
+from ..base import CompressionPass, PassParam, PassResult
+from ..gradients import layer_gradients
+from .common import WIDTH_RATIO, check_ratio, params_trace, top_k, uniform_target, width_ops
+
+
+def _salience(linear) -> torch.Tensor:
+    return (linear.weight.detach().double() * linear.weight.grad.double()).abs()
+
+
+def group_importance(adapter, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per MLP channel, per KV group) Σ|W ⊙ ∇W| over each group's coupled weights (gradients must be present)."""
+    w = adapter.widths()
+    mlp, attn = layer.mlp, layer.self_attn
+    size, hd = w["intermediate_size"], w["head_dim"]
+    kv, heads = w["num_key_value_heads"], w["num_attention_heads"]
+    rep = heads // kv
+    down = _salience(mlp.down_proj).sum(0)
+    if adapter.family.fused_mlp:
+        rows = _salience(mlp.gate_up_proj).sum(1)
+        channels = rows[:size] + rows[size:] + down
+    else:
+        channels = _salience(mlp.gate_proj).sum(1) + _salience(mlp.up_proj).sum(1) + down
+    o_cols = _salience(attn.o_proj).sum(0).reshape(heads, hd).sum(1)
+    if adapter.family.fused_qkv:
+        rows = _salience(attn.qkv_proj).sum(1)
+        q = rows[: heads * hd].reshape(heads, hd).sum(1)
+        k = rows[heads * hd : heads * hd + kv * hd].reshape(kv, hd).sum(1)
+        v = rows[heads * hd + kv * hd :].reshape(kv, hd).sum(1)
+    else:
+        q = _salience(attn.q_proj).sum(1).reshape(heads, hd).sum(1)
+        k = _salience(attn.k_proj).sum(1).reshape(kv, hd).sum(1)
+        v = _salience(attn.v_proj).sum(1).reshape(kv, hd).sum(1)
+    groups = (q + o_cols).reshape(kv, rep).sum(1) + k + v
+    return channels, groups
+
+
+class TaylorWidthPass(CompressionPass):
+    name = "taylor-width"
+    description = "LLM-Pruner first-order Taylor importance (param_first) per MLP channel and KV group, uniform widths."
+    params = (
+        WIDTH_RATIO,
+        PassParam("prune_attention", "bool", True, "also remove whole KV groups"),
+        PassParam("batch_size", "int", None, "calibration samples per backward batch (official: all at once)"),
+    )
+
+
+    def run(self, engine: ForwardEngine) -> PassResult:
+        ids = engine.require_calibration(self.name)
+        ratio = check_ratio(self.name, self.config["ratio"])
+        adapter = engine.adapter
+        target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
+        w = adapter.widths()
+        ops, tensors, scores = [], {}, []
+        with layer_gradients(engine.model, ids, self.config["batch_size"]), torch.no_grad():
+            for i, layer in enumerate(adapter.layers):
+                channels, groups = group_importance(adapter, layer)
+                keep = top_k(channels, target.channels) if target.channels < w["intermediate_size"] else None
+                kept_groups = (top_k(groups, target.groups).tolist()
+                               if target.groups < w["num_key_value_heads"] else None)
+                ops += width_ops(i, keep, kept_groups, None, tensors)
+                scores.append([round(float(g), 6) for g in groups])
+        trace = {"criterion": "taylor param_first", "group_importance": scores, **params_trace(adapter, target)}
+        return PassResult(ops, trace, tensors)
+
+
+@hookimpl
+def register_passes(register):
+    register(TaylorWidthPass)

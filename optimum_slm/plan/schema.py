@@ -119,6 +119,20 @@ class Stage:
             raise PlanError(f"{where} has {len(self.ops)} ops; at most {MAX_OPS} are accepted")
 
 
+def _condensed(lines: list[str], kinds: list[Any], limit: int = 8) -> list[str]:
+    """A stage's op lines; past ``limit``, runs of one kind are folded into ``kind × n (first … last)``."""
+    if len(lines) <= limit:
+        return lines
+    out: list[str] = []
+    start = 0
+    for end in range(1, len(lines) + 1):
+        if end == len(lines) or kinds[end] != kinds[start]:
+            run = lines[start:end]
+            out.append(run[0] if len(run) == 1 else f"{kinds[start]} × {len(run)} ({run[0]} … {run[-1]})")
+            start = end
+    return out
+
+
 def describe_base(model: nn.Module, fingerprint_value: str | None = None) -> dict[str, Any]:
     """The ``base`` block of a plan for this model (v2 fingerprint, computed unless given)."""
     adapter = ArchAdapter(model)
@@ -421,6 +435,8 @@ class CompressionPlan:
             f"fingerprint {self.base['fingerprint'][:12]})",
             f"layers: {self.num_layers} -> {self.num_layers_after} ({self.removed_layers} removed)",
         ]
-        lines += [f"  {line}" for line in self.describe_ops()]
+        for stage in self.stages:
+            lines += [f"  {line}" for line in _condensed([kind_of(op).describe(op) for op in stage.ops],
+                                                         [op.get("op") for op in stage.ops])]
         return "\n".join(lines)
 

@@ -61,6 +61,16 @@ def add_click_params(parser: argparse.ArgumentParser, command: click.Command) ->
             parser.add_argument(*param.opts, **kwargs)
 
 
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse's own errors (a bad choice, a missing value) as ``slm`` prints them: one line, exit code 2."""
+
+    def error(message: str) -> None:
+        print(f"error: {' '.join(message.split())} (see '{parser.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 def click_argv(command: click.Command, namespace: argparse.Namespace) -> list[str]:
     """The click argument list equivalent to what argparse parsed (only the options the user gave)."""
     given = vars(namespace)
@@ -101,6 +111,7 @@ def bridged_command(group: click.Group, path: tuple[str, ...], command: click.Co
         def parse_args(parser: argparse.ArgumentParser) -> None:
             parser.description = command.help
             add_click_params(parser, command)
+            one_line_errors(parser)
 
         def run(self) -> None:
             if isinstance(command, click.Group):

@@ -195,3 +195,19 @@ def test_readme_names_every_registered_pass():
 
     text = _readme()
     assert all(f"`{name}`" in text for name in list_passes())
+
+
+def test_quiet_and_version_are_accepted_everywhere():
+    for args in (["-q", "list"], ["analyze", "-q", "--help"], ["bench", "-q", "--help"], ["--version"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
+    exe = shutil.which("optimum-cli") or os.path.join(os.path.dirname(sys.executable), "optimum-cli")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    listed = subprocess.run([exe, "slm", "-q", "list"], capture_output=True, text=True, timeout=120, env=env)
+    assert listed.returncode == 0 and "slm-plus:" in listed.stdout, listed.stderr
+    version = subprocess.run([exe, "slm", "--version"], capture_output=True, text=True, timeout=120, env=env)
+    assert version.returncode == 0 and "optimum-slm, version" in version.stdout
+    bad = subprocess.run([exe, "slm", "compress", "--model", "m", "--output", "o", "--dtype", "float8"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "invalid choice: 'float8'" in lines[0], bad.stderr

@@ -1,7 +1,7 @@
 """``SLMCompressor``: the Optimum-style front for running a pass and writing a plain HF checkpoint.
 
     compressor = SLMCompressor.from_pretrained("path/or/alias")
-    plan = compressor.compress("out/", method="slm", calibration="wiki-leads", ratio=0.2)
+    plan = compressor.compress("out/", method="slm-plus", calibration="wiki-leads", ratio=0.2)
 
 ``out/`` then holds a vanilla checkpoint (safetensors + config + tokenizer) with fewer layers, ``slm_plan.json`` (and
 ``slm_plan.safetensors`` when the plan has fitted tensors) and a model card ``README.md``. Planning goes through

@@ -1,2 +1,3 @@
-"""Width passes (one pass a file): narrowing MLP channels and attention KV groups. None ships yet; the plan's op
-registry and running shape (plan/ops.py) are where their op kinds join."""
+"""Width passes, one a file: ``flap``, ``taylor-width`` (LLM-Pruner), ``minitron-width``. They narrow every layer's
+MLP channels and attention KV groups / query heads to the same widths through the ``narrow_mlp`` / ``narrow_attn``
+op kinds (plan/width_ops.py); ``common`` holds the target widths, input statistics and op building they share."""

@@ -173,6 +173,40 @@ def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     return name_or_path
 
 
+def _layer_widths(path: str) -> list | None:
+    """The per-layer widths a checkpoint written from a non-uniform width plan records (None for others)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as fh:
+        return json.load(fh).get("slm_layer_widths")
+
+
+def _load_with_layer_widths(path: str, dtype: Any):
+    """A checkpoint whose layers have different widths: build the model at the config's (base) widths, narrow each
+    layer to its recorded widths, then load the saved weights (every one of them must be used)."""
+    import glob
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import ArchAdapter
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    ArchAdapter(model).rebuild_layer_widths()
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(f"{path}: the weights do not fit its slm_layer_widths (missing "
+                             f"{sorted(set(missing) - tied)[:2]}, unexpected {sorted(unexpected)[:2]})")
+    model.tie_weights()
+    return model
+
+
 def load_model(
     name_or_path: str,
     gguf_file: str | None = None,
@@ -198,10 +232,14 @@ def load_model(
     check_loadable(path, name_or_path, allow_download=allow_download, allow_pickle=allow_pickle)
     local = {} if allow_download else {"local_files_only": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
-            **local, **kwargs
-        )
+        layer_widths = _layer_widths(path)
+        if layer_widths:
+            model = _load_with_layer_widths(path, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+                **local, **kwargs
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **local)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types; each is one line here
         if isinstance(exc, ModelLoadError):

@@ -140,20 +140,21 @@ def test_depth_then_width_in_one_plan(tmp_path):
         assert torch.allclose(reloaded(probe).logits, compressed(probe).logits, atol=1e-5)
 
 
-def test_non_uniform_widths_and_double_narrowing_are_refused():
+def test_double_narrowing_and_partial_bias_are_refused():
     base = make_model("llama", 3)
     plan = compress(base, "taylor-width", calib_ids(3, 12), ratio=0.5, cache=False)
-    data = plan.to_dict()
-    tensors = dict(plan.tensors)
-    ops = data["stages"][0]["ops"]
-    mlp_ops = [o for o in ops if o["op"] == "narrow_mlp"]
-    tensors[mlp_ops[0]["keep"]] = tensors[mlp_ops[0]["keep"]][:-8].clone()
-    with pytest.raises(PlanError, match="widths must be the same in every layer"):
-        CompressionPlan(base=plan.base, stages=plan.stages, tensors=tensors)
+    mlp_ops = [o for o in plan.ops if o["op"] == "narrow_mlp"]
     twice = copy.deepcopy(plan.stages)
     twice[0].ops = twice[0].ops + [mlp_ops[0]]
     with pytest.raises(PlanError, match="already narrowed"):
         CompressionPlan(base=plan.base, stages=twice, tensors=plan.tensors)
+    flap = compress(base, "flap", calib_ids(3, 12), ratio=0.5, cache=False)
+    partial = copy.deepcopy(flap.stages)
+    first = next(o for o in partial[0].ops if o["op"] == "narrow_mlp")
+    first.pop("bias")
+    tensors = {k: v for k, v in flap.tensors.items() if k != f"narrow_mlp.{first['layer']}.bias"}
+    with pytest.raises(PlanError, match="bias compensation must narrow every layer"):
+        CompressionPlan(base=flap.base, stages=partial, tensors=tensors)
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -223,3 +224,36 @@ def test_recipe_and_method_together_are_refused(tmp_path, tiny_checkpoint):
     result = CliRunner().invoke(cli, ["-q", "compress", "--model", tiny_checkpoint, "--recipe", str(tmp_path / "r.yaml"),
                                       "--ratio", "0.2", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "drop --method" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ per-layer widths
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_adaptive_widths_rebuild_and_reload_through_load_model(family, tmp_path, tiny_tokenizer):
+    from optimum_slm import load_model
+
+    base = make_model(family, 4)
+    ids = calib_ids(3, 12)
+    plan = compress(base, "flap", ids, ratio=0.4, structure="AL-AM", cache=False)
+    widths = plan.trace["layer_widths"]
+    assert len({tuple(sorted(w.items())) for w in widths}) > 1  # the layers really differ
+    compressed = apply_plan(copy.deepcopy(base), plan)
+    compressed.save_pretrained(tmp_path / "out")
+    tiny_tokenizer.save_pretrained(tmp_path / "out")
+    reloaded, _ = load_model(str(tmp_path / "out"))
+    probe = calib_ids(2, 10, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(probe).logits, compressed(probe).logits, atol=1e-5)
+    with pytest.raises(Exception):  # vanilla transformers cannot hold per-layer widths in a config
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_taylor_layer_range_prunes_only_that_range():
+    base = make_model("llama", 5)
+    plan = compress(base, "taylor-width", calib_ids(3, 12), ratio=0.5, layer_start=1, layer_end=4, cache=False)
+    assert {op["layer"] for op in plan.ops} == {1, 2, 3}
+    widths = plan.shape_after.to_dict()["widths"]
+    assert set(widths) == {"1", "2", "3"}
+    model = apply_plan(copy.deepcopy(base), plan)
+    assert model.config.slm_layer_widths[0] == {} and model.config.slm_layer_widths[1]["intermediate_size"] < 128
+    with pytest.raises(Exception, match="layer range"):
+        compress(base, "taylor-width", calib_ids(3, 12), ratio=0.5, layer_start=3, layer_end=2, cache=False)

@@ -182,6 +182,40 @@ class ArchAdapter:
             attn.config.num_key_value_heads = len(groups)
             attn.config.head_dim = w["head_dim"]
 
+    def set_layer_widths(self, per_layer: list[dict[str, int]]) -> None:
+        """Record per-layer (non-uniform) widths in the config as ``slm_layer_widths`` (one entry per layer, the
+        narrowed widths only); the config's own fields keep the base's widths, from which ``rebuild_layer_widths``
+        narrows a freshly built model before its weights load."""
+        configs = [self.config] + ([self.model.config] if self.model.config is not self.config else [])
+        head_dim = self.widths()["head_dim"]
+        for cfg in configs:
+            cfg.slm_layer_widths = [dict(w) for w in per_layer]
+            cfg.head_dim = head_dim
+            if any(w.get("mlp_bias") for w in per_layer):
+                setattr(cfg, self.family.mlp_bias_flag, True)
+            if any(w.get("attention_bias") for w in per_layer):
+                setattr(cfg, self.family.attention_bias_flag, True)
+
+    def rebuild_layer_widths(self) -> None:
+        """Narrow a model built from a config with ``slm_layer_widths`` to those widths (weights are loaded after)."""
+        per_layer = getattr(self.config, "slm_layer_widths", None) or []
+        if len(per_layer) != self.num_layers:
+            raise ValueError(f"slm_layer_widths lists {len(per_layer)} layers, the model has {self.num_layers}")
+        w = self.widths()
+        rep = w["num_attention_heads"] // w["num_key_value_heads"]
+        for layer, widths in zip(self.layers, per_layer):
+            bias = None
+            if "intermediate_size" in widths:
+                if widths.get("mlp_bias"):
+                    bias = torch.zeros(int(self.config.hidden_size))
+                self.narrow_mlp(layer, torch.arange(widths["intermediate_size"]), down_bias=bias)
+            if "num_key_value_heads" in widths:
+                groups = list(range(widths["num_key_value_heads"]))
+                per_group = widths["num_attention_heads"] // widths["num_key_value_heads"]
+                heads = None if per_group == rep else [list(range(per_group)) for _ in groups]
+                o_bias = torch.zeros(int(self.config.hidden_size)) if widths.get("attention_bias") else None
+                self.narrow_attention(layer, groups, heads, o_bias=o_bias)
+
     def set_widths(self, *, intermediate_size: int | None = None, num_attention_heads: int | None = None,
                    num_key_value_heads: int | None = None, mlp_bias: bool = False,
                    attention_bias: bool = False) -> None:

@@ -17,7 +17,7 @@ from ..arch import ArchAdapter
 from ..errors import PlanError
 from .fingerprint import fingerprint_with
 from .ops import kind_of
-from .width_ops import uniform_widths
+from .width_ops import layer_widths
 from .schema import CompressionPlan
 
 
@@ -97,11 +97,13 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
     ctx = ApplyContext(adapter)
     for op in plan.ops:
         kind_of(op).apply(ctx, op, plan.tensors)
-    widths = uniform_widths(shape)
+    uniform, per_layer = layer_widths(shape)
     adapter.set_layers(ctx.stack())  # the only change to the model (with the config's widths below)
-    if widths:
-        adapter.set_widths(intermediate_size=widths.get("intermediate_size"),
-                           num_attention_heads=widths.get("num_attention_heads"),
-                           num_key_value_heads=widths.get("num_key_value_heads"),
-                           mlp_bias=bool(widths.get("mlp_bias")), attention_bias=bool(widths.get("attention_bias")))
+    if uniform:
+        adapter.set_widths(intermediate_size=uniform.get("intermediate_size"),
+                           num_attention_heads=uniform.get("num_attention_heads"),
+                           num_key_value_heads=uniform.get("num_key_value_heads"),
+                           mlp_bias=bool(uniform.get("mlp_bias")), attention_bias=bool(uniform.get("attention_bias")))
+    elif uniform is None:
+        adapter.set_layer_widths(per_layer)
     return model

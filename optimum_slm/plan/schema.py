@@ -292,9 +292,9 @@ class CompressionPlan:
             raise PlanError(f"plan tensor {unused[0]!r} is referenced by no op")
         if shape.num_layers < 1:
             raise PlanError("plan removes every layer")
-        from .width_ops import uniform_widths
+        from .width_ops import check_biases
 
-        uniform_widths(shape)  # refuses widths that differ between layers
+        check_biases(shape)
         return shape
 
     # -------------------------------------------------------------------- JSON

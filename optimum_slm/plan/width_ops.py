@@ -9,8 +9,9 @@ stage merged included.
   KV groups (so GQA stays valid), and optionally the same number of query heads ``j`` (0..n_rep-1) in each kept
   group; ``bias`` goes into ``o_proj``'s bias (the ``attention_bias`` switch).
 
-A layer is narrowed at most once per module. The plan's widths must end uniform over all alive layers (the config
-holds one ``intermediate_size`` / head count for every layer, which is what vanilla ``from_pretrained`` loads).
+A layer is narrowed at most once per module. When every alive layer ends with the same widths the config says so
+(``intermediate_size``, head counts) and vanilla ``from_pretrained`` loads the result; per-layer widths are recorded
+in the config as ``slm_layer_widths``, which ``optimum_slm.load_model`` reads to rebuild the model.
 """
 
 from __future__ import annotations
@@ -158,17 +159,22 @@ def _position(op: Mapping[str, Any], slots: Sequence[int], name: str) -> int:
     return slots[layer]
 
 
-def uniform_widths(shape: PlanShape) -> dict[str, int]:
-    """The widths every alive layer shares (empty when nothing is narrowed); ``PlanError`` when they differ."""
-    if not shape.widths:
-        return {}
-    first = shape.widths.get(shape.layers[0], {})
-    for layer in shape.layers:
-        if shape.widths.get(layer, {}) != first:
-            raise PlanError(f"layer {layer} ends with widths {dict(shape.widths.get(layer, {}))} but layer "
-                            f"{shape.layers[0]} with {dict(first)}: widths must be the same in every layer (the config "
-                            "holds one width per module); non-uniform widths are not supported yet")
-    return dict(first)
+def layer_widths(shape: PlanShape) -> tuple[dict[str, int] | None, list[dict[str, int]]]:
+    """(the widths every alive layer shares, or None when they differ; each alive layer's narrowed widths)."""
+    per_layer = [dict(shape.widths.get(layer, {})) for layer in shape.layers]
+    uniform = per_layer[0] if all(w == per_layer[0] for w in per_layer) else None
+    return uniform, per_layer
+
+
+def check_biases(shape: PlanShape) -> None:
+    """A compensation bias switches the config's bias flag on for every layer, so it must be in every layer."""
+    _, per_layer = layer_widths(shape)
+    for flag in ("mlp_bias", "attention_bias"):
+        marked = [bool(w.get(flag)) for w in per_layer]
+        if any(marked) and not all(marked):
+            layer = shape.layers[marked.index(False)]
+            raise PlanError(f"layer {layer} has no {flag.replace('_', ' ')} while other layers do: bias compensation "
+                            "must narrow every layer (the config switch is one for all layers)")
 
 
 @hookimpl

@@ -158,11 +158,11 @@ def width_ops(layer: int, keep_channels: torch.Tensor | None, groups: list[int] 
     return ops
 
 
-def params_trace(adapter: ArchAdapter, target: UniformTarget) -> dict[str, Any]:
-    """Parameters of the pruned modules before and after, for the plan's trace."""
+def params_trace(adapter: ArchAdapter, target: UniformTarget, layers: int | None = None) -> dict[str, Any]:
+    """Parameters of the pruned modules (``layers`` of them, default all) before and after, for the plan's trace."""
     w = adapter.widths()
     hidden = int(adapter.config.hidden_size)
-    layers = adapter.num_layers
+    layers = adapter.num_layers if layers is None else layers
     before = layers * layer_params(w, hidden, w["num_key_value_heads"],
                                    w["num_attention_heads"] // w["num_key_value_heads"], w["intermediate_size"])
     after = layers * layer_params(w, hidden, target.groups, target.heads_per_group, target.channels)

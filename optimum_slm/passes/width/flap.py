@@ -7,10 +7,13 @@ and fluctuation (sample variance over all calibration tokens). The default metri
 (here: per KV group, whole groups, so GQA stays valid — the official code hard-codes head_dim 128 and MHA). The
 removed channels' mean contribution W[:, P] x̄_P is added to the output projection's bias (bias compensation).
 
-Differences from the official code, each to keep the result a standard checkpoint: the structure is ``UL-UM``
-(the same widths in every layer; the official default ``AL-AM`` gives per-layer widths, which a config cannot
-hold), KV groups instead of single heads, MLP widths rounded to multiples of 8, and ``ratio`` is the fraction of the
-projection parameters removed (see passes/width/common.py). Bias compensation needs the family's ``mlp_bias`` /
+Differences from the official code: the default structure is ``UL-UM`` (the same widths in every layer, so the
+checkpoint is a standard config; ``structure=AL-AM``, the official default, standardises the scores within each
+layer, ranks every KV group (weighted by its parameters in MLP channels) and MLP channel of the model together and
+keeps the most important (1 − ratio) of the parameters, giving per-layer widths that ``optimum_slm.load_model``
+reloads), KV groups instead of single heads, UL-UM MLP widths rounded to multiples of 8, and ``ratio`` is the
+fraction of the projection parameters removed (see passes/width/common.py). AL-AM's statistics come from the
+unpruned model in one pass (the global ranking needs every layer's scores before any layer is pruned). Bias compensation needs the family's ``mlp_bias`` /
 ``attention_bias`` switches (Llama); elsewhere it is off by default and refused when asked for.
 """
 
@@ -50,6 +53,9 @@ class FLAPPass(CompressionPass):
         PassParam("bias_compensation", "bool", None,
                   "add the removed channels' mean output as bias (default: on where the family allows it)"),
         PassParam("prune_attention", "bool", True, "also remove whole KV groups (attention heads of a group)"),
+        PassParam("structure", "str", "UL-UM",
+                  "UL-UM: the same widths in every layer (standard checkpoint); AL-AM: official adaptive per-layer "
+                  "widths (reload with optimum_slm.load_model)", choices=("UL-UM", "AL-AM")),
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
     )
 
@@ -65,6 +71,8 @@ class FLAPPass(CompressionPass):
             raise PassError(f"flap: bias compensation needs mlp_bias/attention_bias config switches, which "
                             f"{family.name} does not have; use --param bias_compensation=false")
         compensate = representable if compensate is None else compensate
+        if self.config["structure"] == "AL-AM":
+            return self._adaptive(engine, ratio, compensate)
         target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
         w = adapter.widths()
         engine.record_layer_inputs()
@@ -98,6 +106,64 @@ class FLAPPass(CompressionPass):
         trace = {"metric": self.config["metric"], "bias_compensation": bool(compensate), "structure": "UL-UM",
                  **params_trace(adapter, target)}
         return PassResult(ops, trace, tensors)
+
+    def _adaptive(self, engine: ForwardEngine, ratio: float, compensate: bool) -> PassResult:
+        """AL-AM: z-scored scores of every KV group and MLP channel of the model ranked together."""
+        adapter = engine.adapter
+        w = adapter.widths()
+        rep, hd = w["num_attention_heads"] // w["num_key_value_heads"], w["head_dim"]
+        group_weight = hd * (2 * rep + 2) / 3  # a KV group's parameters in units of one MLP channel's
+        engine.record_layer_inputs()
+        layers = list(adapter.layers)
+        stats, candidates = [], []  # candidates: (z-score, weight, layer, "mlp"|"attn", index)
+        with progress_bar(total=len(layers), desc="flap: scoring layers", unit="layer") as bar:
+            for i, layer in enumerate(layers):
+                attn_stats, mlp_stats, _ = collect_input_stats(engine, layer, i, engine.inputs[i])
+                stats.append((attn_stats, mlp_stats))
+                mlp_score = _zscore(channel_metric(self.config["metric"], mlp_stats, layer.mlp.down_proj.weight))
+                candidates += [(float(s), 1.0, i, "mlp", j) for j, s in enumerate(mlp_score)]
+                if self.config["prune_attention"]:
+                    attn_score = channel_metric(self.config["metric"], attn_stats, layer.self_attn.o_proj.weight)
+                    _, per_group = group_scores(attn_score.pow(2), adapter)
+                    candidates += [(float(s), group_weight, i, "attn", g) for g, s in enumerate(_zscore(per_group))]
+                bar.update(1)
+        total = sum(c[1] for c in candidates)
+        kept: dict[tuple[int, str], list[int]] = {}
+        mass = 0.0
+        for score, weight, i, kind, index in sorted(candidates, key=lambda c: (-c[0], c[2], c[3], c[4])):
+            if mass >= (1 - ratio) * total:
+                break
+            kept.setdefault((i, kind), []).append(index)
+            mass += weight
+        ops: list[dict[str, Any]] = []
+        tensors: dict[str, torch.Tensor] = {}
+        widths = []
+        for i, layer in enumerate(layers):
+            attn_stats, mlp_stats = stats[i]
+            channels = sorted(kept.get((i, "mlp"), [])) or [int(torch.argmax(mlp_stats.variance))]  # keep >= 1
+            keep = torch.tensor(channels)
+            groups = None
+            if self.config["prune_attention"]:
+                groups = sorted(kept.get((i, "attn"), [])) or [0]
+            narrow_mlp = compensate or len(channels) < w["intermediate_size"]
+            narrow_attn = groups is not None and (compensate or len(groups) < w["num_key_value_heads"])
+            mlp_bias = _compensation(layer.mlp.down_proj, mlp_stats.mean, keep) if compensate else None
+            attn_bias = None
+            if compensate and groups is not None:
+                attn_bias = _compensation(layer.self_attn.o_proj, attn_stats.mean, adapter.attention_rows(groups)[0])
+            ops += width_ops(i, keep if narrow_mlp else None, groups if narrow_attn else None, None, tensors,
+                             mlp_bias if narrow_mlp else None, attn_bias if narrow_attn else None)
+            widths.append({"intermediate_size": len(channels), "num_key_value_heads": len(groups or range(
+                w["num_key_value_heads"]))})
+        trace = {"metric": self.config["metric"], "bias_compensation": bool(compensate), "structure": "AL-AM",
+                 "kept_fraction": round(mass / total, 4), "layer_widths": widths}
+        return PassResult(ops, trace, tensors)
+
+
+def _zscore(scores: torch.Tensor) -> torch.Tensor:
+    """FLAP's standardisation within a layer: (x − mean) / std."""
+    std = scores.std()
+    return (scores - scores.mean()) / (std if std > 0 else 1.0)
 
 
 def _compensation(linear, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

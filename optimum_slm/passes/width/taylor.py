@@ -6,9 +6,11 @@ Official code (horseee/LLM-Pruner ``hf_prune.py`` / ``llama3.py`` with Torch-Pru
 its gate row, up row and down column; a KV group (GQA, ``llama3.py``: root ``k_proj`` with consecutive groups of
 head_dim) = the q rows of its query heads, its k and v rows, and the o columns of its query heads.
 
-Differences, to keep a standard checkpoint: every layer is pruned to the same widths (the official block-wise mode
-prunes only layers 4..30 and saves with ``torch.save``), ``ratio`` is the fraction of projection parameters removed
-(the official ``--pruning_ratio`` is a fraction of groups per layer), MLP widths are multiples of 8.
+Differences: by default every layer is pruned to the same widths, a standard checkpoint (the official block-wise
+mode prunes only layers 4..30 of a 32-layer model and saves with ``torch.save``); ``layer_start`` / ``layer_end``
+restrict pruning to that range as the official code does, giving per-layer widths that ``optimum_slm.load_model``
+reloads. ``ratio`` is the fraction of the pruned layers' projection parameters removed (the official
+``--pruning_ratio`` is a fraction of groups per layer); MLP widths are multiples of 8.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from ...engine import ForwardEngine
 from ...hookspecs import hookimpl
+from ...errors import PassError
 from ..base import CompressionPass, PassParam, PassResult
 from ..gradients import layer_gradients
 from .common import WIDTH_RATIO, check_ratio, params_trace, top_k, uniform_target, width_ops
@@ -59,6 +62,8 @@ class TaylorWidthPass(CompressionPass):
     params = (
         WIDTH_RATIO,
         PassParam("prune_attention", "bool", True, "also remove whole KV groups"),
+        PassParam("layer_start", "int", None, "first layer pruned (official block_*_layer_start; default: 0)"),
+        PassParam("layer_end", "int", None, "layer after the last pruned (official block_*_layer_end; default: all)"),
         PassParam("batch_size", "int", None, "calibration samples per backward batch (official: all at once)"),
     )
 
@@ -69,16 +74,24 @@ class TaylorWidthPass(CompressionPass):
         adapter = engine.adapter
         target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
         w = adapter.widths()
+        start = self.config["layer_start"] or 0
+        end = adapter.num_layers if self.config["layer_end"] is None else self.config["layer_end"]
+        if not 0 <= start < end <= adapter.num_layers:
+            raise PassError(f"taylor-width: layer range [{start}, {end}) must lie in [0, {adapter.num_layers}] and be "
+                            "non-empty")
         ops, tensors, scores = [], {}, []
         with layer_gradients(engine.model, ids, self.config["batch_size"]), torch.no_grad():
             for i, layer in enumerate(adapter.layers):
+                if not start <= i < end:
+                    continue
                 channels, groups = group_importance(adapter, layer)
                 keep = top_k(channels, target.channels) if target.channels < w["intermediate_size"] else None
                 kept_groups = (top_k(groups, target.groups).tolist()
                                if target.groups < w["num_key_value_heads"] else None)
                 ops += width_ops(i, keep, kept_groups, None, tensors)
                 scores.append([round(float(g), 6) for g in groups])
-        trace = {"criterion": "taylor param_first", "group_importance": scores, **params_trace(adapter, target)}
+        trace = {"criterion": "taylor param_first", "layers": [start, end], "group_importance": scores,
+                 **params_trace(adapter, target, end - start)}
         return PassResult(ops, trace, tensors)
 
 

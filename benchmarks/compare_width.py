@@ -126,6 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rewrite(path: str) -> None:
+    """Regenerate the markdown from a results JSON (``--rewrite``)."""
+    with open(path + ".json", encoding="utf-8") as fh:
+        data = json.load(fh)
+    write_markdown(path + ".md", data["rows"], data["settings"])
+
+
+def _fold(ops: str) -> str:
+    """Runs of ops of one kind shown as ``kind × n (first … last)``, as ``slm inspect`` does."""
+    from optimum_slm.plan.schema import _condensed
+
+    items = ops.split("; ")
+    return "; ".join(_condensed(items, [item.split(" ")[0] for item in items], limit=4))
+
+
 def write_markdown(path: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     lines = [
         "# Depth vs width on SmolLM2-135M",
@@ -147,10 +162,13 @@ def write_markdown(path: str, rows: list[dict[str, Any]], settings: dict[str, An
             f"{r['params'] / 1e6:.1f} M | {100 * r['layer_params_removed']:.1f}% | {r['ppl']:.2f} | {r['avg']:.1f} | "
             f"{paired_text} | {r.get('prefill_x_b1', 0):.2f} | {r.get('decode_x_b1', 0):.2f} | "
             f"{r.get('prefill_x_b16', 0):.2f} | {r.get('decode_x_b16', 0):.2f} | {r['plan_s']} |")
-    lines += ["", "Plans:", ""] + [f"* {r['config']} @ {r['ratio']}: {r['ops']}" for r in rows if r["ops"]]
+    lines += ["", "Plans:", ""] + [f"* {r['config']} @ {r['ratio']}: {_fold(r['ops'])}" for r in rows if r["ops"]]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--rewrite"]:
+        rewrite(os.path.join(HERE, "results", "width_smollm2"))
+        sys.exit(0)
     sys.exit(main())

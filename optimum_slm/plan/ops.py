@@ -88,6 +88,14 @@ class OpKind:
     """One kind of plan operation. Subclasses set ``name`` and implement ``validate``, ``apply`` and ``describe``."""
 
     name: ClassVar[str] = ""
+    #: the keys an op of this kind may have (``op`` included); anything else is refused
+    keys: ClassVar[frozenset[str]] = frozenset({"op"})
+
+    def check_keys(self, op: Op, what: str) -> None:
+        """Refuse keys this kind does not know (a typo would otherwise be ignored silently)."""
+        unknown = sorted(set(op) - self.keys)
+        if unknown:
+            raise PlanError(f"{what}: unknown keys {unknown}")
 
     def validate(self, op: Op, shape: PlanShape, tensors: Tensors) -> PlanShape:  # pragma: no cover - abstract
         """Check ``op`` against the running ``shape`` and the plan's tensors; return the shape after it."""
@@ -132,6 +140,7 @@ class OpKind:
 
 class DropOp(OpKind):
     name = "drop"
+    keys = frozenset({"op", "layers"})
 
     def validate(self, op: Op, shape: PlanShape, tensors: Tensors) -> PlanShape:
         layers = int_list(op.get("layers"), "drop op 'layers'")
@@ -139,8 +148,7 @@ class DropOp(OpKind):
             raise PlanError("drop op needs at least one layer")
         if len(set(layers)) != len(layers):
             raise PlanError(f"drop op lists a layer twice: {layers}")
-        if set(op) - {"op", "layers"}:
-            raise PlanError(f"drop op has unknown keys {sorted(set(op) - {'op', 'layers'})}")
+        self.check_keys(op, "drop op")
         check_in_base(layers, shape, "drop op")
         check_alive(layers, shape, "drop op")
         return shape.without(layers)
@@ -162,11 +170,9 @@ class DropOp(OpKind):
         return drop_op(slots[p] for p in layers)
 
 
-_MERGE_KEYS = {"op", "layers", "rule", "args", "tensors"}
-
-
 class MergeOp(OpKind):
     name = "merge"
+    keys = frozenset({"op", "layers", "rule", "args", "tensors"})
 
     @staticmethod
     def _rule(op: Op):
@@ -189,8 +195,7 @@ class MergeOp(OpKind):
         what = f"merge window [{low}, {high}]"
         if low >= high:
             raise PlanError(f"{what} needs start < end")
-        if set(op) - _MERGE_KEYS:
-            raise PlanError(f"{what}: unknown keys {sorted(set(op) - _MERGE_KEYS)}")
+        self.check_keys(op, what)
         check_in_base(layers, shape, what)
         window = list(range(low, high + 1))
         check_alive(window, shape, what)

@@ -44,10 +44,11 @@ def _base_width(shape: PlanShape, key: str, what: str) -> int:
     return value
 
 
-def _bias(op: Mapping[str, Any], shape: PlanShape, tensors: Tensors, flag: str, what: str) -> None:
+def _bias(op: Mapping[str, Any], shape: PlanShape, tensors: Tensors, flag: str, what: str) -> dict[str, int]:
+    """Check the op's compensation bias, if any; the width flag it sets (``{"mlp_bias": 1}``) or nothing."""
     name = op.get("bias")
     if name is None:
-        return
+        return {}
     if not isinstance(name, str) or name not in tensors:
         raise PlanError(f"{what}: bias tensor {name!r} is not in the plan's tensors")
     t = tensors[name]
@@ -57,6 +58,7 @@ def _bias(op: Mapping[str, Any], shape: PlanShape, tensors: Tensors, flag: str, 
     if family is None or getattr(family, flag) is None:
         raise PlanError(f"{what}: {shape.model_type} has no config switch for this bias (bias compensation needs "
                         f"{'mlp_bias' if 'mlp' in flag else 'attention_bias'})")
+    return {flag.removesuffix("_flag"): 1}
 
 
 def _narrowed(shape: PlanShape, layer: int, update: dict[str, int], what: str) -> PlanShape:
@@ -72,11 +74,11 @@ def _narrowed(shape: PlanShape, layer: int, update: dict[str, int], what: str) -
 class NarrowMLP(OpKind):
     name = "narrow_mlp"
     tensor_keys = ("keep", "bias")
+    keys = frozenset({"op", "layer", "keep", "bias"})
 
     def validate(self, op, shape, tensors):
         what = f"narrow_mlp op (layer {op.get('layer')})"
-        if set(op) - {"op", "layer", "keep", "bias"}:
-            raise PlanError(f"{what}: unknown keys {sorted(set(op) - {'op', 'layer', 'keep', 'bias'})}")
+        self.check_keys(op, what)
         layer = _layer(op, shape, what)
         size = _base_width(shape, "intermediate_size", what)
         name = op.get("keep")
@@ -89,10 +91,7 @@ class NarrowMLP(OpKind):
             raise PlanError(f"{what}: tensor {name!r} must list channels in increasing order, each once")
         if int(keep[0]) < 0 or int(keep[-1]) >= size:
             raise PlanError(f"{what}: channel indices must be in 0..{size - 1}")
-        _bias(op, shape, tensors, "mlp_bias_flag", what)
-        update = {"intermediate_size": int(keep.numel())}
-        if op.get("bias") is not None:
-            update["mlp_bias"] = 1
+        update = {"intermediate_size": int(keep.numel()), **_bias(op, shape, tensors, "mlp_bias_flag", what)}
         return _narrowed(shape, layer, update, what)
 
     def apply(self, ctx, op, tensors):
@@ -110,11 +109,11 @@ class NarrowMLP(OpKind):
 class NarrowAttention(OpKind):
     name = "narrow_attn"
     tensor_keys = ("bias",)
+    keys = frozenset({"op", "layer", "groups", "heads", "bias"})
 
     def validate(self, op, shape, tensors):
         what = f"narrow_attn op (layer {op.get('layer')})"
-        if set(op) - {"op", "layer", "groups", "heads", "bias"}:
-            raise PlanError(f"{what}: unknown keys {sorted(set(op) - {'op', 'layer', 'groups', 'heads', 'bias'})}")
+        self.check_keys(op, what)
         layer = _layer(op, shape, what)
         kv = _base_width(shape, "num_key_value_heads", what)
         rep = _base_width(shape, "num_attention_heads", what) // kv
@@ -132,10 +131,8 @@ class NarrowAttention(OpKind):
                 if len(h) != per_group or not h or h != sorted(set(h)) or h[0] < 0 or h[-1] >= rep:
                     raise PlanError(f"{what}: every kept group keeps the same number (>= 1) of increasing query "
                                     f"heads in 0..{rep - 1}")
-        _bias(op, shape, tensors, "attention_bias_flag", what)
-        update = {"num_key_value_heads": len(groups), "num_attention_heads": len(groups) * per_group}
-        if op.get("bias") is not None:
-            update["attention_bias"] = 1
+        update = {"num_key_value_heads": len(groups), "num_attention_heads": len(groups) * per_group,
+                  **_bias(op, shape, tensors, "attention_bias_flag", what)}
         return _narrowed(shape, layer, update, what)
 
     def apply(self, ctx, op, tensors):

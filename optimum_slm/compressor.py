@@ -155,10 +155,9 @@ class SLMCompressor:
 
     def _compress(self, save_directory, method, calibration, overwrite, plan_only, n_samples, seq_len, seed,
                   text_field, cache, check, save_dtype, command, params) -> CompressionPlan:
-        model = self._fresh_model()
-        ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)
-        plan = compress(model, method, ids, tokenizer=self.tokenizer, cache=cache, name_or_path=self._source,
-                        **params)
+        ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)  # kept: the check reads them
+        plan = self.plan(method, ids, cache=cache, **params)
+        model = self.model
         before = param_count(model)
         probe = None
         unseen = unseen_documents(ids) if ids is not None and check else []
@@ -168,14 +167,12 @@ class SLMCompressor:
         if plan_only:  # the compressor's model stays the base; the check runs on a copy
             if probe is not None:
                 plan.stages[-1].trace["quality_check"] = probe.run(apply_plan(copy.deepcopy(model), plan))
+            save_plan_only(plan, save_directory, overwrite)
         else:
             apply_plan(model, plan)
             self._consumed = True
             if probe is not None:
                 plan.stages[-1].trace["quality_check"] = probe.run(model)
-        if plan_only:
-            save_plan_only(plan, save_directory, overwrite)
-        else:
             save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite,
                             save_dtype=save_dtype, command=command)
         return plan

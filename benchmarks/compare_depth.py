@@ -1,11 +1,16 @@
-"""Every depth pass on SmolLM2-135M: removed layers, held-out perplexity, plan time; a markdown table and a chart.
+"""Every depth pass on SmolLM2-135M: removed layers, held-out perplexity on two corpora, plan cost; a table and a chart.
 
     OMP_NUM_THREADS=2 python benchmarks/compare_depth.py [--passes shortgpt,sleb] [--ratios 0.2,0.35]
-        [--output benchmarks/results/depth_smollm2.md]
+        [--output benchmarks/results/depth_smollm2.md] [--plans-from benchmarks/results/quality_smollm2.json]
 
-Setup: the ``smollm2-135m`` alias in fp32; one calibration set for every pass (10 x 128 tokens of the ``wiki-leads``
-split, seed 1234); perplexity on the held-out ``wiki-leads-test`` split (16 x 512 tokens, ``evaluate.heldout_ids``),
-which no pass sees. Each plan is applied to a deep copy of the base. By default every registered pass runs except
+Setup: the ``smollm2-135m`` alias in fp32; one calibration for every pass: the search set (10 x 128 tokens of the
+``wiki-leads`` split, seed 1234) and the fit set (256 x 256 packed tokens of the documents after the search set's,
+read only by passes that fit a map). Perplexity on two held-out texts no pass sees (16 x 512 tokens each,
+``evaluate.heldout_ids``): ``wiki-leads-test`` (the calibration domain) and ``lambada-books`` (BookCorpus fiction,
+out of domain). Per row: wall time (the whole plan, and the fit), decoder-layer evaluations in passes over the search
+set (load-independent), and the peak RSS during the row (VmHWM, reset before each row). ``--plans-from`` applies
+the plans a ``quality.py`` results file holds for a pass and ratio instead of searching again (those rows show no
+plan cost). Each plan is applied to a deep copy of the base. By default every registered pass runs except
 ``drop`` (which needs an explicit layer list), so a newly registered pass appears without editing this script;
 ``slm`` runs once per merge rule and ``laco`` once per RDSC mode. The chart (same name, ``.png``) has one bar per pass
 and ratio on a log perplexity axis, with the dense model as a line.
@@ -28,13 +33,37 @@ os.environ.setdefault("OPTIMUM_SLM_QUIET", "1")
 
 import torch
 
-from optimum_slm import apply_plan, get_pass, list_passes, load_calibration, load_model
+from optimum_slm import CalibrationConfig, apply_plan, get_pass, list_passes, load_model
 from optimum_slm.errors import SLMError
 from optimum_slm.evaluate import heldout_ids, perplexity
+
+#: the held-out texts every row is scored on: (row key, corpus alias)
+HELDOUT = (("ppl", "wiki-leads-test"), ("ppl_ood", "lambada-books"))
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's VmHWM (Linux: writing 5 to clear_refs), so the next reading is this row's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
 
 #: passes that run more than once, with these parameter sets (label suffix = the values)
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "slm": [{"merge": r} for r in ("official", "paper", "mean", "keep-bottom", "keep-top")],
+    "slm-plus": [{}, {"merge": "calibrated"}, {"merge": "keep-top-lstsq"}, {"merge": "lstsq"}],
     "laco": [{"merge": "official"}, {"merge": "paper"}],
 }
 #: registered passes that cannot run from a ratio alone
@@ -60,15 +89,27 @@ def describe_ops(plan) -> str:
     return "; ".join(plan.describe_ops())
 
 
-def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: float) -> dict[str, Any]:
+def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: float,
+            known: dict[tuple[str, float], Any] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"pass": name, "params": extra, "ratio": ratio}
-    try:
-        start = time.perf_counter()
-        plan = get_pass(name, ratio=ratio, **extra).plan(model, calib)
-        row["plan_s"] = round(time.perf_counter() - start, 2)
-    except SLMError as exc:
-        row["error"] = str(exc)
-        return row
+    reset_peak_rss()
+    plan = (known or {}).get((name, ratio)) if not extra else None
+    if plan is not None:
+        row["plan_reused"] = True
+    else:
+        try:
+            start = time.perf_counter()
+            plan = get_pass(name, ratio=ratio, **extra).plan(model, calib)
+            row["plan_s"] = round(time.perf_counter() - start, 2)
+        except SLMError as exc:
+            row["error"] = str(exc)
+            return row
+        row["layer_evaluations"] = plan.stages[0].trace.get("layer_evaluations")
+        fit = plan.stages[0].trace.get("fit")
+        if fit:
+            row["fit_s"] = plan.timings[0].get("fit_seconds")
+            row["fit_tokens"] = fit["fit_tokens"]
+            row["fit_layer_passes"] = fit["fit_layer_passes"]
     row["removed"] = plan.removed_layers
     row["layers_after"] = plan.num_layers_after
     row["ops"] = describe_ops(plan)
@@ -76,27 +117,48 @@ def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: floa
         row["_plan"] = plan
     if "threshold" in plan.params and name in ("slm", "laco"):
         row["threshold"] = plan.params["threshold"]
-    return measure_perplexity(row, model, plan, heldout)
+    row = measure_perplexity(row, model, plan, heldout)
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
 
 
 def measure_perplexity(row: dict[str, Any], model, plan, heldout) -> dict[str, Any]:
-    """``row`` with the held-out perplexity of ``plan`` applied to a copy of ``model`` and its time."""
+    """``row`` with the perplexity of ``plan`` applied to a copy of ``model`` on every held-out text, and its time."""
     compressed = apply_plan(copy.deepcopy(model), plan)
     start = time.perf_counter()
-    row["ppl"] = perplexity(compressed, heldout)
+    for key, ids in heldout.items():
+        row[key] = perplexity(compressed, ids)
     row["eval_s"] = round(time.perf_counter() - start, 1)
     return row
 
 
-def prefix_rows(model, calib, heldout, name: str, ratios: list[float]) -> list[dict[str, Any]]:
+def known_plans(path: str | None, model) -> dict[tuple[str, float], Any]:
+    """The self-contained plans of a ``quality.py`` results file, by (pass, ratio)."""
+    if not path:
+        return {}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import known_plan
+
+    with open(path, encoding="utf-8") as fh:
+        rows = json.load(fh)["rows"]
+    plans = {}
+    for r in rows.values():
+        if r.get("pass") not in (None, "dense") and r.get("ratio") is not None:
+            plan = known_plan(model, r["pass"], r["ratio"], r.get("ops"))
+            if plan is not None:
+                plans[(r["pass"], r["ratio"])] = plan
+    return plans
+
+
+def prefix_rows(model, calib, heldout, name: str, ratios: list[float], known=None) -> list[dict[str, Any]]:
     """Rows of a greedy pass for all ``ratios`` from ONE run at the largest: the smaller plans are prefixes of its
     removal order, their plan time the sum of their rounds' times (plus the shared recording, in round 1)."""
     from optimum_slm.plan import CompressionPlan, drop_op
 
     top = max(ratios)
-    big = run_one(model, calib, heldout, name, {}, top)
+    big = run_one(model, calib, heldout, name, {}, top, known)
     rows = [big]
-    if "error" in big:
+    if "error" in big or "_plan" not in big:
         return rows
     full = big.pop("_plan")
     order = full.trace[GREEDY[name]]
@@ -113,30 +175,39 @@ def prefix_rows(model, calib, heldout, name: str, ratios: list[float]) -> list[d
     return rows
 
 
+def _num(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
 def _ppl(value: float) -> str:
     return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
 
 
-def write_markdown(path: str, rows: list[dict[str, Any]], dense: float, command: str, setup: str) -> None:
+def write_markdown(path: str, rows: list[dict[str, Any]], dense: dict[str, float], command: str, setup: str) -> None:
     lines = [
         "# Depth passes on SmolLM2-135M (30 layers)",
         "",
         setup,
         "",
-        f"Dense model: held-out perplexity **{dense:.2f}**.",
+        f"Dense model: perplexity **{dense['ppl']:.2f}** on `wiki-leads-test`, **{dense['ppl_ood']:.2f}** on "
+        "`lambada-books`.",
         "",
-        "| pass | ratio | layers | removed / merged (base numbering) | held-out PPL | plan time (s) |",
-        "|---|---:|---:|---|---:|---:|",
+        "| pass | ratio | layers | removed / merged (base numbering) | wiki-leads PPL | lambada-books PPL | plan s "
+        "| of which fit s | layer evaluations | peak RSS MB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["ratio"], r.get("ppl", float("inf")))):
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['ratio']} | – | error: {r['error']} | – | – |")
+            lines.append(f"| {r['label']} | {r['ratio']} | – | error: {r['error']} | – | – | – | – | – | – |")
             continue
         ops = r["ops"] + (f" (T={r['threshold']:.4g})" if "threshold" in r else "")
         if "prefix_of" in r:
             ops += f" (first {r['removed']} rounds of the ratio-{r['prefix_of']} run)"
+        cost = "plan from --plans-from" if r.get("plan_reused") else f"{r['plan_s']:.1f}"
         lines.append(
-            f"| {r['label']} | {r['ratio']} | {r['layers_after']} | {ops} | {_ppl(r['ppl'])} | {r['plan_s']:.1f} |"
+            f"| {r['label']} | {r['ratio']} | {r['layers_after']} | {ops} | {_ppl(r['ppl'])} | "
+            f"{_ppl(r['ppl_ood']) if 'ppl_ood' in r else '–'} | {cost} | {_num(r.get('fit_s'))} | "
+            f"{_num(r.get('layer_evaluations'))} | {_num(r.get('peak_rss_mb'), 0)} |"
         )
     lines += ["", "Rows are sorted by ratio, then perplexity (best first).", "", "Regenerate with:", "",
               "```", command, "```", ""]
@@ -144,7 +215,7 @@ def write_markdown(path: str, rows: list[dict[str, Any]], dense: float, command:
         fh.write("\n".join(lines))
 
 
-def write_chart(path: str, rows: list[dict[str, Any]], dense: float, ratios: list[float]) -> None:
+def write_chart(path: str, rows: list[dict[str, Any]], dense: dict[str, float], ratios: list[float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,6 +236,7 @@ def write_chart(path: str, rows: list[dict[str, Any]], dense: float, ratios: lis
         for bar, y in zip(bars, ys):
             ax.annotate(f"{y:.3g}" if y >= 1e4 else f"{y:.0f}" if y >= 100 else f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
                         ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
+    dense = dense["ppl"]
     ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
     ax.set_yscale("log")
     ax.set_ylim(bottom=dense / 2)
@@ -192,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run greedy passes (sleb) once at the largest ratio; smaller ratios use the first rounds of that run",
     )
     parser.add_argument("--note", default="", help="a sentence appended to the setup paragraph")
-    parser.add_argument("--dense-ppl", type=float, default=None, help="reuse a dense perplexity measured before")
+    parser.add_argument("--plans-from", default=None, help="a quality.py results .json whose plans are applied "
+                        "instead of searching again (rows of passes with extra parameters always plan)")
     parser.add_argument("--redraw", action="store_true", help="rewrite the table and chart from the saved .json only")
     parser.add_argument(
         "--combine", default=None, help="with --redraw: comma-separated .json files of partial runs to join first"
@@ -230,17 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     model, tokenizer = load_model(args.model, dtype="float32")
-    calib = load_calibration(tokenizer, "wiki-leads", n_samples=10, seq_len=128, seed=1234)
-    heldout = heldout_ids(tokenizer)
-    dense = perplexity(model, heldout) if args.dense_ppl is None else args.dense_ppl
+    config = CalibrationConfig("wiki-leads", n_samples=10, seq_len=128, seed=1234)
+    calib = config.load(tokenizer)
+    heldout = {key: heldout_ids(tokenizer, source) for key, source in HELDOUT}
+    dense = {key: perplexity(model, ids) for key, ids in heldout.items()}
+    known = known_plans(args.plans_from, model)
     setup = (
         f"Model `{args.model}` (fp32, CPU, torch threads: {torch.get_num_threads()}). Calibration for every pass: "
-        f"{calib.shape[0]} x {calib.shape[1]} tokens of `wiki-leads` (seed 1234). Perplexity: held-out "
-        f"`wiki-leads-test`, {heldout.shape[0]} x {heldout.shape[1]} tokens. Pass defaults unless named "
-        "(`slm[rule]`: merge rule, `laco[mode]`: RDSC mode; T = the threshold the target search chose). "
-        + args.note
+        f"search set {calib.shape[0]} x {calib.shape[1]} tokens of `wiki-leads` (seed 1234); fit set (read by "
+        f"`replaceme` and the `*-lstsq` merge rules only) {config.fit_samples} x {config.fit_seq_len} packed tokens "
+        f"of the next `wiki-leads` documents. Perplexity: held-out `wiki-leads-test` and `lambada-books`, "
+        f"16 x 512 tokens each. Pass defaults unless named (`slm[rule]`, `slm-plus[rule]`: merge rule, "
+        "`laco[mode]`: RDSC mode; T = the threshold the target search chose). " + args.note
     ).strip()
-    print(f"dense perplexity {dense:.3f}", flush=True)
+    print(f"dense perplexity {dense}", flush=True)
     rows: list[dict[str, Any]] = []
 
     def record(new_rows: list[dict[str, Any]], label: str) -> None:
@@ -256,11 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = variants(names)
     if args.reuse_greedy:
         for label, name, extra in [v for v in runs if v[1] in GREEDY and not v[2]]:
-            record(prefix_rows(model, calib, heldout, name, ratios), label)
+            record(prefix_rows(model, calib, heldout, name, ratios, known), label)
         runs = [v for v in runs if not (v[1] in GREEDY and not v[2])]
     for ratio in ratios:
         for label, name, extra in runs:
-            record([run_one(model, calib, heldout, name, extra, ratio)], label)
+            record([run_one(model, calib, heldout, name, extra, ratio, known)], label)
     write_chart(base + ".png", rows, dense, ratios)
     print(f"wrote {args.output}, {base}.png, {base}.json")
     return 0 if all("ppl" in r for r in rows) else 1

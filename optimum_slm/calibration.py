@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from .assets import corpus_alias
+from .calibration_defaults import FIT_SAMPLES, FIT_SEQ_LEN, SAMPLINGS
 from .errors import CalibrationError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+logger = logging.getLogger(__name__)
 
 
 def _split_txt(text: str) -> list[str]:
@@ -135,16 +138,19 @@ def _load_hf_dataset(name: str, text_field: str) -> list[str]:
     return [str(t) for t in ds[text_field]]
 
 
-def sample_token_crops(
-    tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int
-) -> torch.Tensor:
-    """``n_samples`` random ``seq_len``-token crops from distinct documents with at least ``seq_len`` tokens."""
+def _permutation(n: int, seed: int) -> tuple[random.Random, list[int]]:
     rng = random.Random(seed)
-    order = list(range(len(docs)))
+    order = list(range(n))
     rng.shuffle(order)
+    return rng, order
+
+
+def _crop_rows(tokenizer, docs: list[str], order: list[int], rng: random.Random, n_samples: int, seq_len: int
+               ) -> tuple[list[list[int]], int, int]:
+    """The official crops: (rows, documents long enough seen, how many of ``order`` were read)."""
     rows: list[list[int]] = []
-    long_enough = 0
-    for i in order:
+    long_enough = read = 0
+    for read, i in enumerate(order, 1):
         ids = tokenizer(docs[i], add_special_tokens=True)["input_ids"]
         if len(ids) < seq_len:
             continue
@@ -153,14 +159,100 @@ def sample_token_crops(
         rows.append(list(ids[start : start + seq_len]))
         if len(rows) == n_samples:
             break
-    if len(rows) < n_samples:
-        raise CalibrationError(
-            f"only {long_enough} of {len(docs)} documents have >= {seq_len} tokens; need {n_samples} "
-            "(use a larger corpus, fewer samples or a shorter --calib-seq-len)"
-        )
-    out = torch.tensor(rows, dtype=torch.long)
-    # the documents the sampling did not reach: text the calibration never saw (the quality check reads them)
-    out.slm_unseen_documents = [docs[i] for i in order[order.index(i) + 1 :]]
+    return rows, long_enough, read
+
+
+def _separator(tokenizer) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        return [eos]
+    return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+
+
+def pack_documents(tokenizer, docs: list[str], order: Sequence[int], n_samples: int, seq_len: int
+                   ) -> tuple[torch.Tensor, int]:
+    """``[n_samples, seq_len]`` ids cut from the documents of ``order`` concatenated, each followed by the
+    tokenizer's EOS (a blank line when it has none); returns the ids and how many of ``order`` were read."""
+    sep, need = _separator(tokenizer), n_samples * seq_len
+    stream: list[int] = []
+    read = 0
+    for read, i in enumerate(order, 1):
+        stream.extend(tokenizer(docs[i], add_special_tokens=False)["input_ids"])
+        stream.extend(sep)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise CalibrationError(f"the corpus holds {len(stream):,} tokens (documents joined by EOS); {n_samples} x "
+                               f"{seq_len} needs {need:,} (use a larger corpus or fewer/shorter sequences)")
+    return torch.tensor(stream[:need], dtype=torch.long).view(n_samples, seq_len), read
+
+
+class CalibrationDraw:
+    """One calibration request's documents in sampling order, and how far sampling has read them.
+
+    The search set is read first; the fit set (``fit_ids``), drawn on demand, packs the documents that follow; the
+    documents after both are the unseen text the quality check reads. So the three never share a document.
+    """
+
+    def __init__(self, tokenizer, docs: list[str], order: list[int], read: int,
+                 fit_samples: int | None = None, fit_seq_len: int = 256):
+        self.tokenizer, self.docs, self.order, self.read = tokenizer, docs, order, read
+        self.fit_samples, self.fit_seq_len = fit_samples, fit_seq_len
+        self._fit: torch.Tensor | None = None
+
+    def fit_ids(self) -> torch.Tensor | None:
+        """The fit set ``[fit_samples, fit_seq_len]`` (packed), drawn once; None when no fit set was asked for."""
+        if self.fit_samples is None:
+            return None
+        if self._fit is None:
+            ids, read = pack_documents(self.tokenizer, self.docs, self.order[self.read :], self.fit_samples,
+                                       self.fit_seq_len)
+            self.read += read
+            ids.slm_calibration = {"sampling": "pack", "n_samples": self.fit_samples, "seq_len": self.fit_seq_len}
+            self._fit = ids
+        return self._fit
+
+    def unseen(self) -> list[str]:
+        return [self.docs[i] for i in self.order[self.read :]]
+
+
+def sample_token_crops(
+    tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int, sampling: str = "crop",
+    fit_samples: int | None = None, fit_seq_len: int = 256,
+) -> torch.Tensor:
+    """``n_samples`` x ``seq_len`` calibration ids.
+
+    ``sampling``: ``crop`` (official SLM: random ``seq_len``-token crops of distinct documents with at least
+    ``seq_len`` tokens), ``pack`` (documents in seeded random order joined by EOS and cut into sequences), ``auto``
+    (crop when enough documents are long enough, else pack). The tensor carries ``.slm_draw`` (a
+    ``CalibrationDraw``: the fit set and the unseen documents) and ``.slm_sampling``.
+    """
+    if sampling not in SAMPLINGS:
+        raise CalibrationError(f"calibration sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    rng, order = _permutation(len(docs), seed)
+    used = "pack"
+    if sampling != "pack":
+        rows, long_enough, read = _crop_rows(tokenizer, docs, order, rng, n_samples, seq_len)
+        if len(rows) == n_samples:
+            out, used = torch.tensor(rows, dtype=torch.long), "crop"
+        elif sampling == "crop":
+            raise CalibrationError(
+                f"only {long_enough} of {len(docs)} documents have >= {seq_len} tokens; need {n_samples} "
+                "(use --calib-sampling pack, a larger corpus, fewer samples or a shorter --calib-seq-len)"
+            )
+        else:
+            logger.info("only %d of %d documents have >= %d tokens: packing documents instead of cropping",
+                        long_enough, len(docs), seq_len)
+    if used == "pack":
+        try:
+            out, read = pack_documents(tokenizer, docs, order, n_samples, seq_len)
+        except CalibrationError as exc:
+            if sampling == "pack":
+                raise
+            raise CalibrationError(f"only {long_enough} of {len(docs)} documents have >= {seq_len} tokens, and packed, "
+                                   f"{exc}") from None
+    out.slm_sampling = used
+    out.slm_draw = CalibrationDraw(tokenizer, docs, order, read, fit_samples, fit_seq_len)
     return out
 
 
@@ -171,13 +263,18 @@ def load_calibration(
     seq_len: int = 128,
     seed: int = 1234,
     text_field: str = "text",
+    sampling: str = "auto",
+    fit_samples: int | None = None,
+    fit_seq_len: int = 256,
 ) -> torch.Tensor:
     """Calibration token ids, a ``LongTensor [n_samples, seq_len]``.
 
     ``source``: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``/``.json`` file (field
     ``text_field``), a directory of such files, a corpus alias (``wiki-leads``), a ``datasets`` name (offline cache;
-    ``name:config``), or a list of strings. Deterministic for a seed. The returned tensor carries
-    ``.slm_calibration`` (source, sizes, seed) for the plan.
+    ``name:config``), or a list of strings. Deterministic for a seed. ``sampling``: see ``sample_token_crops``.
+    ``fit_samples`` x ``fit_seq_len``: the fit set (packed from the documents the search set did not use), drawn
+    when a pass fits a map (``fit_ids``). The returned tensor carries ``.slm_calibration`` (source, sizes, seed,
+    sampling) for the plan.
     """
     if n_samples < 1 or seq_len < 1:
         raise CalibrationError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
@@ -185,14 +282,23 @@ def load_calibration(
         docs, name = load_documents(source, text_field), source
     else:
         docs, name = [str(d) for d in source], "<documents>"
-    ids = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed)
-    ids.slm_calibration = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
+    ids = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed, sampling, fit_samples, fit_seq_len)
+    ids.slm_calibration = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed,
+                           "sampling": ids.slm_sampling}
     return ids
 
 
+def fit_ids(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The fit set drawn alongside calibration ids (None for bare ids or when none was asked for)."""
+    draw = getattr(ids, "slm_draw", None)
+    return draw.fit_ids() if draw is not None else None
+
+
 def unseen_documents(ids: torch.Tensor) -> list[str]:
-    """The documents of the corpus ``ids`` were sampled from that the sampling never read (empty for bare ids)."""
-    return list(getattr(ids, "slm_unseen_documents", None) or [])
+    """The documents of the corpus ``ids`` were sampled from that neither the search set nor the fit set read
+    (empty for bare ids)."""
+    draw = getattr(ids, "slm_draw", None)
+    return draw.unseen() if draw is not None else []
 
 
 #: upper bounds on a calibration request, refused before any text is read
@@ -204,8 +310,11 @@ MAX_SEQ_LEN = 1_000_000
 class CalibrationConfig:
     """Where calibration token ids come from and how many: the one description every front door passes on.
 
-    ``source``: a corpus (see ``load_calibration``); ``n_samples`` sequences of ``seq_len`` tokens, sampled with
-    ``seed``; ``text_field`` names the text of .jsonl/.json/datasets rows.
+    Two roles, one corpus. The *search set*: ``n_samples`` sequences of ``seq_len`` tokens sampled with ``seed``
+    (``sampling``: ``auto``/``crop``/``pack``, see ``sample_token_crops``), what passes score candidates on. The
+    *fit set*: ``fit_samples`` x ``fit_seq_len`` tokens packed from the documents after the search set's, read only
+    by passes that fit least-squares maps (``replaceme``, the ``*-lstsq`` merge rules), streamed in batches.
+    ``text_field`` names the text of .jsonl/.json/datasets rows.
     """
 
     source: str | None = None
@@ -213,22 +322,32 @@ class CalibrationConfig:
     seq_len: int = 128
     seed: int = 1234
     text_field: str = "text"
+    sampling: str = "auto"
+    fit_samples: int = FIT_SAMPLES
+    fit_seq_len: int = FIT_SEQ_LEN
 
     def __post_init__(self) -> None:
         for name, value, low, high in (("n_samples", self.n_samples, 1, MAX_SAMPLES),
-                                       ("seq_len", self.seq_len, 2, MAX_SEQ_LEN)):
+                                       ("seq_len", self.seq_len, 2, MAX_SEQ_LEN),
+                                       ("fit_samples", self.fit_samples, 1, MAX_SAMPLES),
+                                       ("fit_seq_len", self.fit_seq_len, 2, MAX_SEQ_LEN)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise CalibrationError(f"calibration {name} must be an integer in {low}..{high}, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise CalibrationError(f"calibration seed must be an integer, got {self.seed!r}")
+        if self.sampling not in SAMPLINGS:
+            raise CalibrationError(f"calibration sampling must be one of {', '.join(SAMPLINGS)}, got "
+                                   f"{self.sampling!r}")
 
     def load(self, tokenizer) -> torch.Tensor:
-        """The token ids ``[n_samples, seq_len]`` (with ``.slm_calibration`` describing them)."""
+        """The search-set ids ``[n_samples, seq_len]`` (with ``.slm_calibration`` describing them; ``fit_ids(ids)``
+        draws the fit set)."""
         if self.source is None:
             raise CalibrationError("no calibration source given (--calib-data / CalibrationConfig(source=...))")
         if tokenizer is None:
             raise CalibrationError("a tokenizer is needed to build calibration data from text")
-        return load_calibration(tokenizer, self.source, self.n_samples, self.seq_len, self.seed, self.text_field)
+        return load_calibration(tokenizer, self.source, self.n_samples, self.seq_len, self.seed, self.text_field,
+                                self.sampling, self.fit_samples, self.fit_seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

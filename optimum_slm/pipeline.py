@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .calibration import CalibrationConfig, describe_calibration, load_calibration
+from .calibration import CalibrationConfig, describe_calibration, fit_ids as drawn_fit_ids, load_calibration
 from .engine import ForwardEngine
 from .errors import PassError, SLMError
 from .passes.base import CompressionPass
@@ -108,7 +109,8 @@ def _requested(p: CompressionPass) -> dict[str, Any]:
     return {k: v for k, v in jsonable(p.public_params()).items() if k not in p.search_outputs}
 
 
-def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionPass], ids_sha: str | None) -> str | None:
+def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionPass], ids_sha: str | None,
+                   fit_sha: str | None = None) -> str | None:
     """Why a cached plan does not answer this request (None when it does)."""
     if plan.base.get("fingerprint") != fp or plan.base.get("fingerprint_scheme") != "v2":
         return "it was made for another base"
@@ -120,6 +122,8 @@ def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionP
             return f"its {p.name} parameters differ"
         if p.needs_calibration and (stage.calibration or {}).get("sha256") != ids_sha:
             return "it was made on other calibration data"
+        if p.needs_fit_set and ((stage.calibration or {}).get("fit") or {}).get("sha256") != fit_sha:
+            return "it was fitted on another fit set"
     return None
 
 
@@ -129,6 +133,7 @@ def compress(
     calibration: CalibrationConfig | str | torch.Tensor | Sequence[str] | None = None,
     *,
     tokenizer=None,
+    fit: torch.Tensor | None = None,
     cache: CacheSpec = True,
     name_or_path: str | None = None,
     **params: Any,
@@ -137,7 +142,9 @@ def compress(
 
     ``method``: a pass name (``params`` are its parameters), a ``CompressionPass``, or a list of stages, each a name,
     a pass or ``{"method": name, **params}``. ``calibration``: a ``CalibrationConfig`` or corpus source (needs
-    ``tokenizer``), or token ids ``[n, seq]``. ``cache``: True (the user cache), a folder or ``PlanCache``, or False;
+    ``tokenizer``), or token ids ``[n, seq]``. ``fit``: the fit set ``[n, seq]`` for passes that fit least-squares
+    maps (default: the one drawn with a ``CalibrationConfig``'s ``fit_samples``; bare ids fall back to the search
+    set, with a warning). ``cache``: True (the user cache), a folder or ``PlanCache``, or False;
     a cached plan is used only when it matches the request, and the returned plan's ``reused_from`` then names it.
     ``name_or_path`` is recorded as the base's name.
     """
@@ -147,15 +154,28 @@ def compress(
     if ids is None and needs:
         raise PassError(f"pass {needs[0]!r} needs calibration data (--calib-data / calibration=...)")
     ids_sha = describe_calibration(ids)["sha256"] if ids is not None else None
+    if any(p.needs_fit_set for p in passes):
+        if fit is None:
+            fit = drawn_fit_ids(ids)
+        if fit is not None and (not isinstance(fit, torch.Tensor) or fit.dim() != 2 or fit.dtype != torch.long):
+            raise PassError(f"fit must be token ids [n, seq_len] (a LongTensor), got {getattr(fit, 'shape', fit)!r}")
+    else:
+        fit = None
+    fit_sha = describe_calibration(fit)["sha256"] if fit is not None else None
+    if fit is None and ids is not None and any(p.needs_fit_set for p in passes):
+        fit_sha = ids_sha  # the passes fall back to the search set
     fp = fingerprint(model)
     store = _cache(cache)
     key = None
     if store is not None:
         dtype = str(next(model.parameters()).dtype)
-        key = plan_key(fp, [(p.name, p.public_params()) for p in passes], ids_sha if needs else None, dtype)
+        data_sha = ids_sha if needs else None
+        if fit_sha is not None:
+            data_sha = f"{data_sha}+fit:{fit_sha}"
+        key = plan_key(fp, [(p.name, p.public_params()) for p in passes], data_sha, dtype)
         cached = store.get(key)
         if cached is not None:
-            why = _entry_matches(cached, fp, passes, ids_sha)
+            why = _entry_matches(cached, fp, passes, ids_sha, fit_sha)
             if why is None:
                 cached.reused_from = store.path(key)
                 logger.info("reusing the cached plan %s", store.path(key))
@@ -164,16 +184,28 @@ def compress(
     base = describe_base(model, fp)
     if name_or_path:
         base["name_or_path"] = name_or_path
-    plan = _run_stages(model, passes, ids, base)
+    plan = _run_stages(model, passes, ids, base, fit)
     if store is not None and key is not None:
         store.put(key, plan)
     return plan
 
 
+def _stage_calibration(p: CompressionPass, ids: torch.Tensor | None, fit: torch.Tensor | None
+                       ) -> dict[str, Any] | None:
+    """The plan stage's ``calibration`` block: the search set, and the fit set when the pass read one."""
+    if ids is None or not p.needs_calibration:
+        return None
+    block = describe_calibration(ids)
+    if p.needs_fit_set:
+        block["fit"] = describe_calibration(fit if fit is not None else ids)
+    return block
+
+
 def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.Tensor | None,
-                base: dict[str, Any]) -> CompressionPlan:
+                base: dict[str, Any], fit: torch.Tensor | None = None) -> CompressionPlan:
     stages: list[Stage] = []
     tensors: dict[str, torch.Tensor] = {}
+    timings: list[dict[str, Any]] = []
     plan: CompressionPlan | None = None
     for k, p in enumerate(passes):
         if plan is None:
@@ -181,8 +213,14 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
         else:  # plan on the model the earlier stages produced; positions map back to base layers
             work = apply_plan(copy.deepcopy(model), plan, strict=False)
             slots = list(plan.shape_after.layers)
-        engine = ForwardEngine(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"))
+        engine = ForwardEngine(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
+                               fit_ids=fit if p.needs_fit_set else None)
+        started = time.perf_counter()
         result = p.run(engine)
+        # the load-independent cost goes into the plan (decoder-layer runs, in passes over the search set); the wall
+        # time only into ``plan.timings``, so the same plan always has the same bytes
+        result.trace["layer_evaluations"] = round(engine.layer_evaluations, 2)
+        timing = {"method": p.name, "seconds": round(time.perf_counter() - started, 2), **result.timings}
         del engine
         prefix = f"stage{k}." if k else ""
         renamed = {name: prefix + name for name in result.tensors}
@@ -194,10 +232,12 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
             method=p.name,
             params=dict(result.params) if result.params is not None else p.public_params(),
             ops=ops,
-            calibration=describe_calibration(ids) if ids is not None and p.needs_calibration else None,
+            calibration=_stage_calibration(p, ids, fit),
             trace=result.trace,
         )
         stages.append(stage)
+        timings.append(timing)
         plan = CompressionPlan(base=base, stages=list(stages), tensors=dict(tensors))
     assert plan is not None
+    plan.timings = timings
     return plan

@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "optimum_slm.passes.depth.slm_plus",
     "optimum_slm.passes.depth.shortgpt",
     "optimum_slm.passes.depth.angular",
+    "optimum_slm.passes.depth.replaceme",
     "optimum_slm.passes.depth.sleb",
     "optimum_slm.passes.depth.shortened",
     "optimum_slm.passes.depth.laco",

@@ -6,8 +6,10 @@
       - method: flap
         ratio: 0.2
 
-Each stage names a pass and its parameters; each plans on the model the stages before it produced. A recipe is
-checked in full when it is read — unknown keys, unknown passes or parameters, out-of-range values — with one line
+Each stage names a pass and its parameters; each plans on the model the stages before it produced. An optional
+``calibration`` mapping sets the calibration data of the run (any of ``source``, ``n_samples``, ``seq_len``,
+``seed``, ``text_field``, ``sampling``, ``fit_samples``, ``fit_seq_len``; see ``CalibrationConfig``); a value given
+explicitly on the command line wins over the recipe's. A recipe is checked in full when it is read — unknown keys, unknown passes or parameters, out-of-range values — with one line
 naming the stage, before any model is loaded.
 """
 
@@ -19,7 +21,8 @@ from typing import Any
 
 from .errors import PassError, SLMError
 
-RECIPE_KEYS = {"stages"}
+RECIPE_KEYS = {"stages", "calibration"}
+CALIBRATION_KEYS = ("source", "n_samples", "seq_len", "seed", "text_field", "sampling", "fit_samples", "fit_seq_len")
 
 
 class RecipeError(SLMError):
@@ -28,6 +31,11 @@ class RecipeError(SLMError):
 
 def load_recipe(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The stages of a recipe file, validated (each becomes a ``{"method": ..., **params}`` object)."""
+    return read_recipe(path)[0]
+
+
+def read_recipe(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A recipe file's stages and its ``calibration`` settings (empty when it has none), validated."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -46,7 +54,26 @@ def load_recipe(path: str | os.PathLike) -> list[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - yaml and json raise their own types; one line either way
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise RecipeError(f"recipe {path} is not valid YAML/JSON: {first}") from None
-    return parse_recipe(data, path)
+    return parse_recipe(data, path), parse_calibration(data, path)
+
+
+def parse_calibration(data: Any, where: str = "recipe") -> dict[str, Any]:
+    """A recipe's ``calibration`` mapping, checked by building a ``CalibrationConfig`` from it."""
+    from .calibration import CalibrationConfig
+
+    block = data.get("calibration") if isinstance(data, dict) else None
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}: 'calibration' must be a mapping, got {type(block).__name__}")
+    unknown = sorted(set(block) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise RecipeError(f"{where}: unknown calibration key {unknown[0]!r}; valid: {', '.join(CALIBRATION_KEYS)}")
+    try:
+        CalibrationConfig(**{"source": "x", **block})
+    except SLMError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    return dict(block)
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> list[dict[str, Any]]:
@@ -57,7 +84,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> list[dict[str, Any]]:
         raise RecipeError(f"{where}: a recipe is a mapping with 'stages', got {type(data).__name__}")
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r} (a recipe has only 'stages')")
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r} (a recipe has 'stages' and optionally 'calibration')")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{where}: 'stages' must be a non-empty list")

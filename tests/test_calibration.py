@@ -55,8 +55,11 @@ def test_jsonl_json_and_directory_sources(tiny_tokenizer, tmp_path):
 def test_thin_corpus_says_how_many_were_found(tiny_tokenizer, tmp_path):
     path = write_corpus(tmp_path / "c.txt", n_docs=3, words=10)
     with pytest.raises(CalibrationError) as err:
-        load_calibration(tiny_tokenizer, path, n_samples=10, seq_len=64)
+        load_calibration(tiny_tokenizer, path, n_samples=10, seq_len=64, sampling="crop")
     assert "only 0 of 3 documents have >= 64 tokens; need 10" in str(err.value)
+    with pytest.raises(CalibrationError) as err:  # auto: packing is tried too, and both shortfalls are named
+        load_calibration(tiny_tokenizer, path, n_samples=10, seq_len=64)
+    assert "only 0 of 3 documents have >= 64 tokens, and packed, the corpus holds" in str(err.value)
 
 
 def test_missing_source_and_offline_dataset(tiny_tokenizer, tmp_path):

@@ -128,7 +128,7 @@ def test_thin_corpus(tiny_checkpoint, tmp_path):
     thin.write_text("too short\n\nalso short\n")
     out = tmp_path / "out"
     fails("compress", "--model", tiny_checkpoint, "--ratio", "0.3", "--calib-data", str(thin), "--output", str(out),
-          message="documents have >= 128 tokens; need 10")
+          message="documents have >= 128 tokens, and packed, the corpus holds 16 tokens")
     assert not out.exists()
 
 

@@ -107,6 +107,30 @@ class ArchAdapter:
                 else:  # pragma: no cover - families are data defined above
                     raise ValueError(f"unknown fold {b.fold!r}")
 
+    def _branch(self, name: str):
+        return next(b for b in self.family.branches if b.name == name)
+
+    def check_mlp_output_map(self, layer: nn.Module | None = None, branch: str = "mlp") -> None:
+        """Refuse (one line) a family where a d×d map on a branch's output (``mlp`` or ``attn``) cannot be folded
+        exactly into a weight."""
+        b = self._branch(branch)
+        if b.fold != "rows":
+            raise UnsupportedArchitectureError(
+                f"{self.family.name}: a norm ({b.target}) sits between the {branch.upper()} and the residual add, so "
+                f"a least-squares map on its output cannot be folded exactly into a weight; use a merge rule "
+                "without a fitted map")
+
+    def fold_mlp_output_map(self, layer: nn.Module, t: torch.Tensor, branch: str = "mlp") -> None:
+        """Make a branch's output x·T (T: [hidden, hidden]) by folding T into its output projection (``down_proj``,
+        or ``o_proj`` for ``attn``): W ← Tᵀ·W, b ← b·T."""
+        self.check_mlp_output_map(layer, branch)
+        target = layer.get_submodule(self._branch(branch).target)
+        with torch.no_grad():
+            t64 = t.to(device=target.weight.device, dtype=torch.float64)
+            target.weight.copy_((t64.T @ target.weight.double()).to(target.weight.dtype))
+            if getattr(target, "bias", None) is not None:
+                target.bias.copy_((target.bias.double() @ t64).to(target.bias.dtype))
+
     # ------------------------------------------------------------------ widths (channel groups)
     def widths(self) -> dict[str, int]:
         """The base widths width ops refer to: MLP channels, query heads, KV heads (groups), head dim."""

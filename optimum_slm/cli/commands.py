@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import click
 
 from .._version import __version__
+from ..calibration_defaults import FIT_SAMPLES, FIT_SEQ_LEN, SAMPLINGS
 from ..errors import SLMError
 
 #: the model dtypes and devices the loaders accept
@@ -238,6 +239,13 @@ def cli() -> None:
                    "datasets name. Default: wiki-leads (when its package is installed or the pass needs data).")
 @click.option("--calib-samples", type=int, default=10, show_default=True, help="Calibration sequences.")
 @click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib-sampling", type=click.Choice(SAMPLINGS), default="auto", show_default=True,
+              help="crop: random crops of long-enough documents (official SLM); pack: documents joined by EOS and "
+                   "cut; auto: crop when enough documents are long enough, else pack.")
+@click.option("--fit-samples", type=int, default=FIT_SAMPLES, show_default=True,
+              help="Fit-set sequences (packed, after the search set's documents) for passes that fit a "
+                   "least-squares map: replaceme, the *-lstsq merge rules.")
+@click.option("--fit-seq-len", type=int, default=FIT_SEQ_LEN, show_default=True, help="Tokens per fit-set sequence.")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Calibration sampling seed.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.json/datasets rows.")
 @click.option("--output", "-o", required=True, metavar="DIR", help="Output folder (must be empty or new).")
@@ -258,7 +266,8 @@ def cli() -> None:
 def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str | None, device: str,
              allow_download: bool, allow_pickle: bool, method: str,
              ratio: float | None, num_layers: int | None, threshold: float | None, merge: str | None,
-             calib_data: str | None, calib_samples: int, calib_seq_len: int, seed: int, text_field: str,
+             calib_data: str | None, calib_samples: int, calib_seq_len: int, calib_sampling: str,
+             fit_samples: int, fit_seq_len: int, seed: int, text_field: str,
              output: str, plan_only: bool, overwrite: bool, extra_params: Sequence[str], recipe: str | None,
              no_cache: bool, no_check: bool, save_dtype: str | None) -> None:
     """Compress a model with a pass.
@@ -282,13 +291,24 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
 
     # everything that can be checked without the model is checked before the (long) load and search
     if recipe is not None:
-        from ..recipe import load_recipe
+        from ..recipe import read_recipe
 
         explicit = ctx.get_parameter_source("method") == click.core.ParameterSource.COMMANDLINE
         if params or explicit:
             raise click.UsageError("--recipe names the methods and their parameters; drop --method, --ratio, "
                                    "--num-layers, --threshold, --merge and --param")
-        stages = load_recipe(recipe)
+        stages, recipe_calibration = read_recipe(recipe)
+        # the recipe's calibration settings fill in what the command line left at its defaults
+        options = {"source": "calib_data", "n_samples": "calib_samples", "seq_len": "calib_seq_len", "seed": "seed",
+                   "text_field": "text_field", "sampling": "calib_sampling", "fit_samples": "fit_samples",
+                   "fit_seq_len": "fit_seq_len"}
+        given = {key: value for key, value in recipe_calibration.items()
+                 if ctx.get_parameter_source(options[key]) != click.core.ParameterSource.COMMANDLINE}
+        calib_data = given.get("source", calib_data)
+        calib_samples, calib_seq_len = given.get("n_samples", calib_samples), given.get("seq_len", calib_seq_len)
+        seed, text_field = given.get("seed", seed), given.get("text_field", text_field)
+        calib_sampling = given.get("sampling", calib_sampling)
+        fit_samples, fit_seq_len = given.get("fit_samples", fit_samples), given.get("fit_seq_len", fit_seq_len)
         method, params = stages, {}
         needs_data = any(get_pass(s["method"], **{k: v for k, v in s.items() if k != "method"}).needs_calibration
                          for s in stages)
@@ -299,17 +319,23 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
 
         if needs_data or package_dir(WIKI_PACKAGE) is not None:
             calib_data = "wiki-leads"
+    from ..calibration import CalibrationConfig
+
+    calibration = CalibrationConfig(calib_data, calib_samples, calib_seq_len, seed, text_field, calib_sampling,
+                                    fit_samples, fit_seq_len)  # checks the numbers before the load
     need = None if plan_only else _weights_size(model, gguf_file)
     with claim_output(output, overwrite, need_bytes=need) as target:
         compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
                                                    allow_download=allow_download, allow_pickle=allow_pickle)
-        plan = compressor.compress(target, method=method, calibration=calib_data, overwrite=overwrite,
-                                   plan_only=plan_only, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                                   text_field=text_field, cache=_plan_cache(no_cache), check=not no_check,
-                                   save_dtype=save_dtype, command=_command_line(ctx), **params)
+        plan = compressor.compress(target, method=method, calibration=calibration if calib_data else None,
+                                   overwrite=overwrite, plan_only=plan_only, cache=_plan_cache(no_cache),
+                                   check=not no_check, save_dtype=save_dtype, command=_command_line(ctx), **params)
     if plan.reused_from:
         click.echo(f"reused the cached plan {plan.reused_from} (--no-cache recomputes it)")
     click.echo(plan.summary())
+    for timing in plan.timings:
+        fit = f", of which fitting {timing['fit_seconds']:.1f} s" if "fit_seconds" in timing else ""
+        click.echo(f"planned {timing['method']} in {timing['seconds']:.1f} s{fit}")
     _echo_check(plan, no_check)
     files = f"{PLAN_FILE} (plan only)" if plan_only else f"checkpoint, {PLAN_FILE}, README.md"
     click.echo(f"wrote {target} ({files}, {_size(target)}) in {_duration(time.perf_counter() - started)}")

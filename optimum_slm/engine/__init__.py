@@ -4,6 +4,6 @@ build their own. ``ForwardEngine`` keeps everything in memory (a streaming engin
 interface)."""
 
 from ..metrics import Batches
-from .memory import ForwardEngine, Slot
+from .memory import FitBatch, ForwardEngine, Slot
 
-__all__ = ["Batches", "ForwardEngine", "Slot"]
+__all__ = ["Batches", "FitBatch", "ForwardEngine", "Slot"]

@@ -13,7 +13,8 @@ disk to a GPU without changing the passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +22,10 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..errors import PassError
 from ..metrics import Batches, next_token_nll
+from ..progress import progress_bar
+
+#: fit-set rows per streamed batch: big enough for fast matmuls, small enough that one batch's activations are cheap
+DEFAULT_FIT_BATCH = 16
 
 _DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "use_cache", "output_attentions"}
 
@@ -52,11 +57,15 @@ class ForwardEngine:
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         storage_device: str | torch.device | None = None,
+        fit_ids: torch.Tensor | None = None,
+        fit_batch_size: int | None = None,
     ):
         if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[0] < 1):
             raise PassError(f"calibration ids must be [n_samples, seq_len], got shape {tuple(input_ids.shape)}")
         if batch_size is not None and batch_size < 1:
             raise PassError(f"batch_size must be >= 1, got {batch_size}")
+        if fit_ids is not None and (fit_ids.dim() != 2 or fit_ids.shape[0] < 1):
+            raise PassError(f"fit ids must be [n_samples, seq_len], got shape {tuple(fit_ids.shape)}")
         self.model = model
         self.adapter = ArchAdapter(model)
         self.input_ids = input_ids
@@ -72,6 +81,13 @@ class ForwardEngine:
         #: them and valid for the engine's lifetime, since the recording happens once
         self.derived: dict[str, Any] = {}
         self._recorded = False
+        #: the fit set (None: passes that fit maps fall back to the search set), streamed ``fit_batch_size`` rows at a
+        #: time by ``stream_fit``; never recorded whole
+        self.fit_ids = fit_ids
+        self.fit_batch_size = fit_batch_size or DEFAULT_FIT_BATCH
+        #: cost counters: tokens run through one decoder layer, on the search set and on the fit set
+        self.layer_tokens = 0
+        self.fit_layer_tokens = 0
 
     # ---------------------------------------------------------------------------------------------- recording
     def require_calibration(self, pass_name: str, min_seq_len: int = 2) -> torch.Tensor:
@@ -130,9 +146,75 @@ class ForwardEngine:
 
     # ---------------------------------------------------------------------------------------------- running
     def _call(self, module: nn.Module, type_index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
-        kwargs = self.layer_kwargs[type_index][batch]
-        out = module(hidden.to(self.device), **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        self.layer_tokens += hidden.shape[0] * hidden.shape[1]
+        return call_layer(module, self.layer_kwargs[type_index][batch], hidden.to(self.device))
+
+    @property
+    def layer_evaluations(self) -> float:
+        """Decoder-layer runs so far, in passes over the whole search set (load-independent planning cost)."""
+        if self.input_ids is None:
+            return 0.0
+        return self.layer_tokens / self.input_ids.numel()
+
+    # ---------------------------------------------------------------------------------------------- the fit set
+    def fit_set(self, pass_name: str, min_tokens: int = 0) -> torch.Tensor:
+        """The ids a pass fits maps on: the fit set, or (with a warning) the search set when none was given."""
+        if self.fit_ids is not None:
+            return self.fit_ids
+        ids = self.require_calibration(pass_name)
+        if ids.numel() < min_tokens:
+            warnings.warn(f"{pass_name}: no fit set; fitting on the {ids.numel():,} search-set tokens, which "
+                          f"over-fits a map that needs ~{min_tokens:,} (give --fit-samples / fit=...)", stacklevel=3)
+        self.fit_ids = ids
+        return ids
+
+    @torch.inference_mode()
+    def stream_fit(self, points: Sequence[int], desc: str = "fitting",
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator["FitBatch"]:
+        """The fit set batch by batch: for each, the base's hidden state entering every base layer in ``points``
+        (``num_layers``: the last layer's output, before the final norm) and every layer's call kwargs up to there.
+
+        The base forward stops at the highest point, and nothing of a batch outlives the next one: memory does not
+        grow with the fit set. ``reduce`` (e.g. the last token) is applied to each captured state before it is kept.
+        """
+        keep = reduce or (lambda h: h)
+        ids_all = self.fit_set("stream_fit")
+        n, top = self.num_layers, max(points)
+        wanted = set(points)
+        layers = self.adapter.layers
+        with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
+            for start in range(0, ids_all.shape[0], self.fit_batch_size):
+                ids = ids_all[start : start + self.fit_batch_size]
+                batch = FitBatch(self, ids)
+                handles = []
+
+                def pre(module, args, kwargs, i):
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    batch.kwargs[i] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+                    if i in wanted:
+                        batch.inputs[i] = keep(hidden.detach())
+                    if i == top:
+                        raise _StopForward
+
+                def post(module, args, out):
+                    batch.inputs[n] = keep((out[0] if isinstance(out, tuple) else out).detach())
+                    raise _StopForward
+
+                for i in range(min(top, n - 1) + 1):
+                    handles.append(layers[i].register_forward_pre_hook(
+                        lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True))
+                if top == n:
+                    handles.append(layers[n - 1].register_forward_hook(post))
+                try:
+                    self.adapter.decoder(input_ids=ids.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
+                finally:
+                    for h in handles:
+                        h.remove()
+                self.fit_layer_tokens += ids.numel() * min(top + 1, n)
+                yield batch
+                bar.update(ids.shape[0])
 
     @torch.inference_mode()
     def run_layers(
@@ -193,6 +275,35 @@ class ForwardEngine:
 
     def _on_device(self, module: nn.Module):
         return _OnDevice(module, self.device)
+
+
+def call_layer(module: nn.Module, kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
+    """One decoder layer's output hidden state for ``hidden`` with the call kwargs the model gave it."""
+    out = module(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _StopForward(Exception):
+    """Raised by a hook once a streamed fit batch has what it needs: the rest of the forward is skipped."""
+
+
+class FitBatch:
+    """One batch of the fit set: its ids, the base's hidden states at the requested points, and the per-layer call
+    kwargs (attention mask, position embeddings) to run layers on it."""
+
+    def __init__(self, engine: ForwardEngine, ids: torch.Tensor):
+        self.engine, self.ids = engine, ids
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.kwargs: dict[int, dict[str, Any]] = {}
+
+    def run(self, slots: Sequence[Slot], hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``slots`` bottom to top on ``hidden`` (raw residual stream out)."""
+        engine = self.engine
+        for slot in slots:
+            engine.fit_layer_tokens += hidden.shape[0] * hidden.shape[1]
+            with engine._on_device(slot.module):
+                hidden = call_layer(slot.module, self.kwargs[slot.type_index], hidden)
+        return hidden
 
 
 class _OnDevice:

@@ -18,6 +18,10 @@ Formulas (θ_i = a layer's tensors, window l..h):
   θ_l. It expresses chained merges exactly, e.g. LaCo's RDSC applied again to an already merged layer
   (``paper`` applied twice is not ``paper`` on the union window). Anchor: bottom.
 
+* ``lstsq``     ``keep-bottom``, then one least-squares d×d map T on the kept layer's MLP output, fitted on the fit
+  set after the search so the layer's output matches the base's at the window's top (ReplaceMe's fold; see
+  lstsq.py); ``keep-top-lstsq``: the same on ``keep-top``; ``calibrated-lstsq``: ``calibrated``, then the map. The
+  map is the op's side-car tensor ``map`` ([hidden, hidden]); ``finish`` folds it into ``down_proj``.
 * ``calibrated`` every tensor: θ_h, in θ_h's slot (``keep-top``), then per-channel output scales of each residual
   branch folded into the weights (see calibrated.py). The scales are fitted at plan time (``fit``) and stored as the
   op's side-car tensors ``attn`` and ``mlp`` (one value per hidden channel); ``finish`` folds them at apply time.
@@ -40,6 +44,11 @@ from ..errors import PassError, PlanError
 from ..hookspecs import hookimpl
 
 State = Mapping[str, torch.Tensor]
+#: the role of a fitted d×d map among a rule's side-car tensors: on the MLP output, and on the attention output
+MAP_ROLE = "map"
+ATTN_MAP_ROLE = "attn_map"
+#: residual branch -> the role of its map
+BRANCH_ROLES = {"attn": ATTN_MAP_ROLE, "mlp": MAP_ROLE}
 Kinds = Mapping[str, str]
 
 
@@ -59,6 +68,13 @@ class MergeRule:
     finish: Callable[..., None] | None = None
     #: ``fit(engine, module, type_index, low, high) -> tensors``: fits and folds the tensors at plan time
     fit: Callable[..., dict[str, torch.Tensor]] | None = None
+    #: True: after the search, the pass fits a least-squares d×d map on the fit set for each committed window and
+    #: folds it into the merged layer's ``down_proj`` (role ``map``, a [hidden, hidden] tensor; see lstsq.py)
+    fit_map: bool = False
+
+    def tensor_shape(self, role: str, hidden: int) -> tuple[int, ...]:
+        """The shape of a side-car tensor of this rule: the map is [hidden, hidden], every other role [hidden]."""
+        return (hidden, hidden) if self.fit_map and role in (MAP_ROLE, ATTN_MAP_ROLE) else (hidden,)
 
     def __call__(self, states: Sequence[State], kinds: Kinds, **args) -> dict[str, torch.Tensor]:
         if len(states) < 2:
@@ -157,6 +173,19 @@ def _fold_scales(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
     adapter.fold_branch_scales(module, tensors)
 
 
+def _fold_map(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
+    # plan-time order: the attention map (when the rule has one) was fitted first, the MLP map on top of it
+    if ATTN_MAP_ROLE in tensors:
+        adapter.fold_mlp_output_map(module, tensors[ATTN_MAP_ROLE], "attn")
+    adapter.fold_mlp_output_map(module, tensors[MAP_ROLE])
+
+
+def _fold_scales_then_map(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
+    # the order of plan time: the scales were fitted first and the map fitted on the scaled layer
+    adapter.fold_branch_scales(module, tensors)
+    _fold_map(adapter, module, tensors)
+
+
 def _fit_scales(engine, module, type_index: int, low: int, high: int) -> dict[str, torch.Tensor]:
     from .calibrated import calibrate_window
 
@@ -179,6 +208,26 @@ MERGE_RULES: dict[str, MergeRule] = {
             "calibrated", merge_keep_top, "top",
             "top layer with per-channel branch output scales fitted by least squares (side-car tensors)",
             tensor_roles=("attn", "mlp"), finish=_fold_scales, fit=_fit_scales,
+        ),
+        MergeRule(
+            "lstsq", merge_keep_bottom, "bottom",
+            "bottom layer kept, the rest deleted; a least-squares map on its MLP output stands in for them (ReplaceMe)",
+            tensor_roles=(MAP_ROLE,), finish=_fold_map, fit_map=True,
+        ),
+        MergeRule(
+            "lstsq-attn", merge_keep_bottom, "bottom",
+            "lstsq with a second least-squares map on the kept layer's attention output (fitted first)",
+            tensor_roles=(ATTN_MAP_ROLE, MAP_ROLE), finish=_fold_map, fit_map=True,
+        ),
+        MergeRule(
+            "keep-top-lstsq", merge_keep_top, "top",
+            "top layer kept, the rest deleted; a least-squares map on its MLP output",
+            tensor_roles=(MAP_ROLE,), finish=_fold_map, fit_map=True,
+        ),
+        MergeRule(
+            "calibrated-lstsq", merge_keep_top, "top",
+            "calibrated (top layer, fitted branch scales), then a least-squares map on its MLP output",
+            tensor_roles=("attn", "mlp", MAP_ROLE), finish=_fold_scales_then_map, fit=_fit_scales, fit_map=True,
         ),
     )
 }

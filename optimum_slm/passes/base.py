@@ -93,6 +93,10 @@ class PassParam:
 RATIO = PassParam("ratio", "float", None, "fraction of decoder layers to remove, in (0, 1): round(ratio x L)")
 NUM_LAYERS = PassParam("num_layers", "int", None, "number of decoder layers to remove")
 PROTECT = PassParam("protect", "int_list", None, "base layer indices that are never removed or merged")
+#: the least-squares map parameters of passes that fit one (None: the defaults, bottom-up and 0)
+FIT_ORDER = PassParam("fit_order", "str", None, "maps of several windows: bottom-up (default) or independent",
+                      choices=("bottom-up", "independent"))
+RIDGE = PassParam("ridge", "float", None, "least-squares ridge, x the mean diagonal of MᵀM (default 0: plain)")
 
 
 @dataclass
@@ -104,6 +108,8 @@ class PassResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     #: the parameters to record, when the search settled one (slm's threshold in target mode); default: as given
     params: dict[str, Any] | None = None
+    #: wall-clock seconds of parts of the run (e.g. ``fit_seconds``): reported, never written into the plan
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class CompressionPass:
@@ -133,8 +139,16 @@ class CompressionPass:
             self.config[p.name] = p.parse(params[p.name]) if params.get(p.name) is not None else p.default
         self.validate()
 
+    @property
+    def needs_fit_set(self) -> bool:
+        """Whether ``run`` streams the fit set (``engine.stream_fit``); the pipeline then draws it and records it."""
+        return False
+
     def validate(self) -> None:
         """Check parameter combinations (override; call super)."""
+        ridge = self.config.get("ridge")
+        if ridge is not None and not 0 <= ridge < float("inf"):
+            raise PassError(f"ridge must be a finite number >= 0, got {ridge}")
         ratio = self.config.get("ratio")
         if ratio is not None and not 0 < ratio < 1:
             raise PassError(f"ratio must be in (0, 1), got {ratio}")

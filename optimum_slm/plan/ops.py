@@ -225,11 +225,13 @@ class MergeOp(OpKind):
             if not isinstance(name, str) or name not in tensors:
                 raise PlanError(f"{what}: tensor {name!r} ({role}) is not in the plan's tensors")
             t = tensors[name]
-            if t.dim() != 1 or t.dtype != torch.float32:
-                raise PlanError(f"{what}: tensor {name!r} must be a 1-D float32 vector, got {t.dtype} "
-                                f"{list(t.shape)}")
-            if shape.hidden_size is not None and t.numel() != shape.hidden_size:
-                raise PlanError(f"{what}: tensor {name!r} has {t.numel()} values, hidden size is {shape.hidden_size}")
+            rank = len(rule.tensor_shape(role, 0))
+            if t.dim() != rank or t.dtype != torch.float32:
+                kind = "1-D float32 vector" if rank == 1 else "2-D float32 matrix"
+                raise PlanError(f"{what}: tensor {name!r} ({role}) must be a {kind}, got {t.dtype} {list(t.shape)}")
+            if shape.hidden_size is not None and tuple(t.shape) != rule.tensor_shape(role, shape.hidden_size):
+                raise PlanError(f"{what}: tensor {name!r} ({role}) has shape {list(t.shape)}, hidden size is "
+                                f"{shape.hidden_size}")
 
     def apply(self, ctx, op: Op, tensors: Tensors) -> None:
         low, high = op["layers"]

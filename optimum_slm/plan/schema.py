@@ -177,6 +177,9 @@ class CompressionPlan:
     created_with: str = f"optimum-slm {__version__}"
     #: the plan-cache file this plan was reused from (set by the pipeline; not part of the plan)
     reused_from: str | None = field(default=None, init=False, compare=False, repr=False)
+    #: wall-clock seconds of the run that made this plan, per stage (``{"method", "seconds", ...}``); kept out of the
+    #: file so a plan's bytes depend only on what was found (empty for a loaded or cached plan)
+    timings: list = field(default_factory=list, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.shape_after = self.validate()

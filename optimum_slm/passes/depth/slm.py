@@ -48,7 +48,7 @@ from ...merge import MERGE_RULES, get_merge_rule
 from ...plan import merge_op
 from ...progress import advance_to, progress_bar
 from ...similarity import SIMILARITIES, get_similarity
-from ..base import NUM_LAYERS, RATIO, CompressionPass, PassParam, PassResult
+from ..base import FIT_ORDER, NUM_LAYERS, RATIO, RIDGE, CompressionPass, PassParam, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,30 @@ class WindowEvaluator:
             tensors[name] = value
             refs[role] = name
         return merge_op(window[0], window[1], self.rule.name, tensors=refs)
+
+    def fit_maps(self, windows, order: str, ridge: float) -> dict[str, Any]:
+        """Fit the rule's least-squares map of every window on the fit set and fold it into the merged layers;
+        returns the fit's cost record."""
+        from ...merge.lstsq import MapSite, fit_output_maps
+        from ...merge.rules import BRANCH_ROLES
+
+        ordered = sorted(windows)
+        self.commit(ordered)  # the merged layers must persist: lower ones carry their maps into higher fits
+        branches = tuple(b for b, role in BRANCH_ROLES.items() if role in self.rule.tensor_roles)
+        sites = [MapSite(f"{lo}-{hi}", self.slot((lo, hi)).module, self.rule.anchor_index(lo, hi), lo, hi + 1,
+                         branches) for lo, hi in ordered]
+        first = ordered[0][0]
+
+        def stack_below(k: int) -> list[Slot]:
+            full = self.stack(ordered, first)
+            stop = next(i for i, s in enumerate(full) if s.module is sites[k].module)
+            return full[:stop]
+
+        maps, cost = fit_output_maps(self.engine, sites, stack_below, order, ridge, what=self.rule.name)
+        for (lo, hi), site in zip(ordered, sites):
+            for branch, t in maps[site.name].items():
+                self._fitted.setdefault((lo, hi), {})[BRANCH_ROLES[branch]] = t
+        return {"order": order, "ridge": ridge, **cost}
 
     # ------------------------------------------------------------------ scoring
     def score_set(self, windows, start: int | None = None, start_hidden: Batches | None = None) -> float:
@@ -352,11 +376,21 @@ class SLMPass(CompressionPass):
         PassParam("protect", "int_list", None, "base layers never placed in a window"),
         PassParam("max_window", "int", None, "largest window size in layers (global/greedy default: 8)"),
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
+        FIT_ORDER,
+        RIDGE,
     )
+
+    @property
+    def needs_fit_set(self) -> bool:
+        return get_merge_rule(self.config["merge"]).fit_map
 
     def validate(self) -> None:
         super().validate()
-        get_merge_rule(self.config["merge"])
+        rule = get_merge_rule(self.config["merge"])
+        for name in ("fit_order", "ridge"):
+            if self.config.get(name) is not None and not rule.fit_map:
+                raise PassError(f"{name} applies to merge rules with a fitted map (e.g. calibrated-lstsq), not "
+                                f"{rule.name!r}")
         threshold = self.config.get("threshold")
         if threshold is not None:
             # nll is exp(NLL_base - NLL_candidate) > 0; every other criterion is a cosine-like score in [-1, 1]
@@ -414,6 +448,11 @@ class SLMPass(CompressionPass):
                 fn = global_window_search if search == "global" else greedy_window_search
                 windows, tried = fn(evaluator, target, n, protect, max_window, progress=bar)
             bar.set_postfix(committed=len(windows), removed=removed_by(windows))
+            timings: dict[str, float] = {}
+            if windows and evaluator.rule.fit_map:
+                trace["fit"] = evaluator.fit_maps(windows, self.config["fit_order"] or "bottom-up",
+                                                  self.config["ridge"] or 0.0)
+                timings["fit_seconds"] = trace["fit"].pop("fit_seconds")
             tensors: dict[str, torch.Tensor] = {}
             ops = [evaluator.op(w, tensors) for w in windows]
         if not windows:
@@ -436,7 +475,7 @@ class SLMPass(CompressionPass):
                 )
                 trace["note"] = msg
                 warnings.warn(msg, stacklevel=2)
-        return PassResult(ops, trace, tensors, params)
+        return PassResult(ops, trace, tensors, params, timings)
 
     @staticmethod
     def _search_threshold(run, target: int, bar) -> tuple[float, list[Window], list, list]:

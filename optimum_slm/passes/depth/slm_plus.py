@@ -9,7 +9,7 @@ output scales). See the README's Results section for the evidence.
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
-from ..base import NUM_LAYERS, RATIO, PassParam
+from ..base import FIT_ORDER, NUM_LAYERS, RATIO, RIDGE, PassParam
 from .slm import CALIBRATED, SEARCHES, SLMPass
 from ...similarity import SIMILARITIES
 
@@ -26,6 +26,8 @@ class SLMPlusPass(SLMPass):
         PassParam("protect", "int_list", None, "base layers never placed in a window"),
         PassParam("max_window", "int", None, "largest window size in layers (default 8)"),
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
+        FIT_ORDER,
+        RIDGE,
     )
 
     def validate(self) -> None:

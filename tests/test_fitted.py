@@ -1,0 +1,255 @@
+"""Fitted maps: ReplaceMe against a literal port of the official computation, the lstsq merge rules, the fit set."""
+
+from __future__ import annotations
+
+import copy
+import numpy as np
+import pytest
+import torch
+from conftest import calib_ids, make_model, write_corpus
+
+from optimum_slm import apply_plan, compress
+from optimum_slm.calibration import CalibrationConfig, fit_ids, load_calibration, unseen_documents
+from optimum_slm.engine import ForwardEngine
+from optimum_slm.errors import CalibrationError, PassError, PlanError, UnsupportedArchitectureError
+from optimum_slm.merge.lstsq import LeastSquares
+from optimum_slm.plan import CompressionPlan
+
+
+# ------------------------------------------------------------------ the official computation, literally
+def official_replaceme(model, fit: torch.Tensor, layers_to_skip: int, batch_size: int, num_a: int = 1):
+    """mts-ai/ReplaceMe distance.py + lstsq.py + utils.py, transcribed step by step (HF forward with
+    output_hidden_states, hooks on every layer's mlp, float64 sums, inv(AᵀA) @ AᵀB, truncate then fold)."""
+    model = copy.deepcopy(model)
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    batches = [fit[i : i + batch_size] for i in range(0, fit.shape[0], batch_size)]
+    all_distances = [[] for _ in range(L - layers_to_skip)]
+    with torch.no_grad():
+        for ids in batches:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            mask = torch.ones_like(ids)
+            last = [torch.stack([layer[b, mask[b].nonzero()[-1], :] for b in range(ids.shape[0])])
+                    for layer in out.hidden_states][1:]
+            for l in range(len(last) - layers_to_skip):
+                x, y = last[l], last[l + layers_to_skip]
+                xn, yn = x / torch.norm(x, dim=-1, keepdim=True), y / torch.norm(y, dim=-1, keepdim=True)
+                cos = (xn * yn).sum(-1).clamp(min=-1, max=1)
+                all_distances[l].append((torch.acos(cos) / torch.pi).mean().item())
+    average = [np.mean(x) for x in all_distances]
+    blocks = [(i + 1, i + layers_to_skip + 1, a) for i, a in enumerate(average)]
+    selected, used = [], set()
+    for start, end, _ in sorted(blocks, key=lambda x: x[2]):
+        if not set(range(start, end)) & used:
+            selected.append((start, end, _))
+            used.update(range(start, end))
+            if len(selected) >= num_a:
+                break
+    selected.sort()
+    merged, (cs, ce, _) = [], selected[0]
+    for start, end, _ in selected[1:]:
+        if start == ce:
+            ce = end
+        else:
+            merged.append((cs, ce))
+            cs, ce = start, end
+    merged.append((cs, ce))
+    acts = {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o, k=k: acts.__setitem__(k, o.detach()))
+             for k, layer in enumerate(model.model.layers)]
+    start_ids, end_ids = sorted(b[0] for b in merged), sorted(b[1] for b in merged)
+    a1t_a1 = [torch.zeros(d, d, dtype=torch.float64) for _ in merged]
+    a1t_a2 = [torch.zeros(d, d, dtype=torch.float64) for _ in merged]
+    with torch.no_grad():
+        for ids in batches:
+            hs = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[1:]
+            mlp = [acts[i].view(-1, d).double() for i in range(L) if i + 1 in start_ids]
+            h_i = [hs[i].view(-1, d).double() for i in range(L) if i + 1 in start_ids]
+            h_n = [hs[i].view(-1, d).double() for i in range(L) if i + 1 in end_ids]
+            for k in range(len(merged)):
+                a1, a2 = mlp[k], h_n[k] + mlp[k] - h_i[k]
+                a1t_a1[k] += a1.t() @ a1
+                a1t_a2[k] += a1.t() @ a2
+    for h in hooks:
+        h.remove()
+    transforms = [torch.linalg.inv(a1t_a1[k]) @ a1t_a2[k] for k in range(len(merged))]
+    counts = [0] + [sum(e - s for s, e in merged[: k + 1]) for k in range(len(merged))]
+    for k, (s, e) in enumerate(merged):
+        keep = [layer for i, layer in enumerate(model.model.layers) if not s - counts[k] <= i < e - counts[k]]
+        model.model.layers = torch.nn.ModuleList(keep)
+        model.config.num_hidden_layers -= e - s
+        down = model.model.layers[s - counts[k] - 1].mlp.down_proj
+        down.weight.data = (transforms[k].T @ down.weight.double()).float()
+    return merged, transforms, model
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_replaceme_matches_the_official_computation(num_blocks):
+    model = make_model("llama", 8, seed=3)
+    fit = calib_ids(48, 24, seed=5)
+    size = 2
+    blocks, maps, reference = official_replaceme(model, fit, size, batch_size=16, num_a=num_blocks)
+    plan = compress(model, "replaceme", calib_ids(2, 8), fit=fit, cache=False, num_layers=size * num_blocks,
+                    num_blocks=num_blocks)
+    stage = plan.stages[0]
+    assert [tuple(b) for b in stage.trace["removed_blocks"]] == [(s, e - 1) for s, e in blocks]
+    for op, (s, e), t in zip(sorted(stage.ops, key=lambda o: o["layers"]), blocks, maps):
+        assert op["layers"] == [s - 1, e - 1] and op["rule"] == "lstsq"
+        torch.testing.assert_close(plan.tensors[op["tensors"]["map"]], t.float(), rtol=2e-3, atol=2e-4)
+    ours = apply_plan(copy.deepcopy(model), plan)
+    probe = calib_ids(2, 12, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(probe).logits, reference(probe, use_cache=False).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_replaceme_block_at_the_top_targets_the_post_norm_state():
+    # a block ending at the last layer: the official target is HF's hidden_states[-1], after the final norm
+    model = make_model("llama", 6, seed=1)
+    fit = calib_ids(40, 20, seed=2)
+    blocks, maps, reference = official_replaceme(model, fit, 5, batch_size=16)
+    assert blocks == [(1, 6)]
+    plan = compress(model, "replaceme", calib_ids(2, 8), fit=fit, cache=False, num_layers=5)
+    torch.testing.assert_close(plan.tensors["replaceme.0-5.map"], maps[0].float(), rtol=2e-3, atol=2e-4)
+
+
+# ------------------------------------------------------------------ the lstsq merge rules
+def _window_error(model, compressed, ids, low_top_out: int, kept_index: int) -> float:
+    """Squared error between the base's hidden state after base layer ``low_top_out`` and the compressed model's
+    after its layer ``kept_index``."""
+    with torch.no_grad():
+        base = model.model(ids, output_hidden_states=True).hidden_states[low_top_out + 1]
+        ours = compressed.model(ids, output_hidden_states=True).hidden_states[kept_index + 1]
+    return float((base - ours).pow(2).sum())
+
+
+@pytest.mark.parametrize("rule", ["lstsq", "lstsq-attn", "keep-top-lstsq", "calibrated-lstsq"])
+def test_a_fitted_map_reduces_the_fit_error_it_minimises(rule):
+    model = make_model("llama", 8, seed=4)
+    fit = calib_ids(64, 24, seed=6)
+    without = {"lstsq": "keep-bottom", "lstsq-attn": "keep-bottom", "keep-top-lstsq": "keep-top",
+               "calibrated-lstsq": "calibrated"}[rule]
+    kw = dict(search="greedy", num_layers=3, cache=False, fit=fit)
+    fitted = compress(model, "slm", calib_ids(4, 16), merge=rule, **kw)
+    plain = compress(model, "slm", calib_ids(4, 16), merge=without, **kw)
+    windows = sorted(op["layers"] for op in fitted.stages[0].ops)
+    assert windows == sorted(op["layers"] for op in plain.stages[0].ops)  # the map is fitted after the search
+    low, high = windows[0]  # the lowest window's map is fitted on the base's own input
+    a, b = apply_plan(copy.deepcopy(model), fitted), apply_plan(copy.deepcopy(model), plain)
+    # least squares on the fit set: the map can only lower the error at the window's top there
+    assert _window_error(model, a, fit, high, low) < 0.9 * _window_error(model, b, fit, high, low)
+    assert fitted.stages[0].trace["fit"]["fit_tokens"] == fit.numel()
+    assert fitted.stages[0].calibration["fit"]["n_samples"] == 64
+
+
+def test_bottom_up_fits_see_the_windows_below(tiny_llama):
+    model = make_model("llama", 10, seed=2)
+    fit = calib_ids(64, 16, seed=1)
+    kw = dict(search="greedy", num_layers=4, max_window=3, cache=False, fit=fit, merge="keep-top-lstsq")
+    up = compress(model, "slm", calib_ids(4, 16), **kw)
+    ind = compress(model, "slm", calib_ids(4, 16), fit_order="independent", **kw)
+    assert len(up.stages[0].ops) >= 2, "needs two windows to tell the orders apart"
+    lowest = min(up.stages[0].ops, key=lambda o: o["layers"])
+    top = max(up.stages[0].ops, key=lambda o: o["layers"])
+    # the lowest window sees the base either way; the higher one's input differs
+    torch.testing.assert_close(up.tensors[lowest["tensors"]["map"]], ind.tensors[lowest["tensors"]["map"]])
+    assert not torch.allclose(up.tensors[top["tensors"]["map"]], ind.tensors[top["tensors"]["map"]])
+
+
+def test_map_plan_round_trips_and_refuses_a_tampered_map(tmp_path):
+    model = make_model("llama", 6)
+    plan = compress(model, "slm", calib_ids(4, 16), fit=calib_ids(32, 16, seed=2), cache=False, search="greedy",
+                    num_layers=2, merge="lstsq")
+    plan.save(tmp_path / "plan.json")
+    again = CompressionPlan.load(tmp_path / "plan.json")
+    with torch.no_grad():
+        ids = calib_ids(2, 8)
+        torch.testing.assert_close(apply_plan(copy.deepcopy(model), again)(ids).logits,
+                                   apply_plan(copy.deepcopy(model), plan)(ids).logits)
+    name = plan.stages[0].ops[0]["tensors"]["map"]
+    with pytest.raises(PlanError, match="2-D float32 matrix"):
+        CompressionPlan(base=plan.base, stages=plan.stages, tensors={name: plan.tensors[name][0]})
+
+
+def test_gemma_refuses_a_map_it_cannot_fold():
+    model = make_model("gemma2", 6)
+    with pytest.raises(UnsupportedArchitectureError, match="cannot be folded exactly"):
+        compress(model, "replaceme", calib_ids(4, 16), fit=calib_ids(32, 16), cache=False, num_layers=2)
+    with pytest.raises(UnsupportedArchitectureError, match="cannot be folded exactly"):
+        compress(model, "slm", calib_ids(4, 16), fit=calib_ids(32, 16), cache=False, search="greedy",
+                 num_layers=2, merge="calibrated-lstsq")
+
+
+def test_least_squares_refuses_too_few_tokens_and_accepts_a_ridge():
+    system = LeastSquares(8)
+    a = torch.randn(5, 8)
+    system.add(a, a)
+    with pytest.raises(PassError, match="cannot determine"):
+        system.solve()
+    t = system.solve(ridge=0.1)
+    assert torch.isfinite(t).all() and t.shape == (8, 8)
+
+
+def test_fit_params_need_a_map_rule():
+    from optimum_slm import get_pass
+
+    with pytest.raises(PassError, match="fitted map"):
+        get_pass("slm-plus", merge="calibrated", ridge=0.1)
+    with pytest.raises(PassError, match="ridge"):
+        get_pass("slm-plus", merge="calibrated-lstsq", ridge=-1)
+
+
+def test_search_set_fallback_warns():
+    model = make_model("llama", 6)
+    with pytest.warns(UserWarning, match="over-fits"):
+        compress(model, "slm", calib_ids(8, 16), cache=False, search="greedy", num_layers=2, merge="lstsq")
+
+
+# ------------------------------------------------------------------ streaming: memory does not grow with the fit set
+def test_stream_fit_keeps_one_batch_and_stops_early():
+    model = make_model("llama", 6)
+    fit = calib_ids(40, 16)
+    engine = ForwardEngine(model, calib_ids(2, 8), fit_ids=fit, fit_batch_size=16)
+    sizes = []
+    for batch in engine.stream_fit([2, 3]):
+        assert set(batch.inputs) == {2, 3}
+        assert set(batch.kwargs) == {0, 1, 2, 3}  # the forward stopped at layer 3
+        sizes.append(batch.ids.shape[0])
+        with torch.no_grad():
+            ref = model.model(batch.ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(batch.inputs[3], ref[3])
+    assert sizes == [16, 16, 8]
+    assert engine.fit_layer_tokens == fit.numel() * 4
+
+
+# ------------------------------------------------------------------ calibration: packing and the fit set
+def test_packing_serves_sequences_longer_than_any_document(tiny_tokenizer, tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=60, words=4)
+    with pytest.raises(CalibrationError, match="--calib-sampling pack"):
+        load_calibration(tiny_tokenizer, corpus, 4, 64, sampling="crop")
+    ids = load_calibration(tiny_tokenizer, corpus, 4, 64)  # auto: packs
+    assert ids.shape == (4, 64) and ids.slm_calibration["sampling"] == "pack"
+    eos = tiny_tokenizer.eos_token_id
+    assert (ids == eos).sum() >= 4  # documents are joined by EOS
+    with pytest.raises(CalibrationError, match="needs"):
+        load_calibration(tiny_tokenizer, corpus, 4000, 64, sampling="pack")
+
+
+def test_search_fit_and_unseen_documents_are_disjoint(tiny_tokenizer, tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=80, words=30, seed=3)
+    ids = CalibrationConfig(corpus, 3, 16, fit_samples=6, fit_seq_len=32).load(tiny_tokenizer)
+    draw = ids.slm_draw
+    search_read = draw.read
+    before = unseen_documents(ids)
+    fit = fit_ids(ids)
+    assert fit.shape == (6, 32) and fit_ids(ids) is fit  # drawn once
+    after = unseen_documents(ids)
+    fit_docs = {draw.docs[i] for i in draw.order[search_read : draw.read]}
+    assert fit_docs and len(after) == len(before) - (draw.read - search_read)
+    assert not fit_docs & set(after)  # the quality check never reads text the map was fitted on
+    first_fit_doc = draw.docs[draw.order[search_read]]
+    assert fit[0, :5].tolist() == tiny_tokenizer(first_fit_doc, add_special_tokens=False)["input_ids"][:5]
+
+
+def test_calibration_config_refuses_bad_fit_sizes():
+    for bad in (dict(fit_samples=0), dict(fit_seq_len=1), dict(fit_samples=True), dict(sampling="random")):
+        with pytest.raises(CalibrationError):
+            CalibrationConfig("wiki-leads", **bad)

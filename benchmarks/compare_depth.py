@@ -10,7 +10,8 @@ read only by passes that fit a map). Perplexity on two held-out texts no pass se
 out of domain). Per row: wall time (the whole plan, and the fit), decoder-layer evaluations in passes over the search
 set (load-independent), and the peak RSS during the row (VmHWM, reset before each row). ``--plans-from`` applies
 the plans a ``quality.py`` results file holds for a pass and ratio instead of searching again (those rows show no
-plan cost). Each plan is applied to a deep copy of the base. By default every registered pass runs except
+plan cost; a quality row ``slm-plus[merge=calibrated]`` serves the depth row ``slm-plus[calibrated]``). Each plan
+is applied to a deep copy of the base. By default every registered pass runs except
 ``drop`` (which needs an explicit layer list), so a newly registered pass appears without editing this script;
 ``slm`` runs once per merge rule and ``laco`` once per RDSC mode. The chart (same name, ``.png``) has one bar per pass
 and ratio on a log perplexity axis, with the dense model as a line.
@@ -33,7 +34,7 @@ os.environ.setdefault("OPTIMUM_SLM_QUIET", "1")
 
 import torch
 
-from optimum_slm import CalibrationConfig, apply_plan, get_pass, list_passes, load_model
+from optimum_slm import CalibrationConfig, apply_plan, compress, get_pass, list_passes, load_model
 from optimum_slm.errors import SLMError
 from optimum_slm.evaluate import heldout_ids, perplexity
 
@@ -63,7 +64,7 @@ def peak_rss_mb() -> float | None:
 #: passes that run more than once, with these parameter sets (label suffix = the values)
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "slm": [{"merge": r} for r in ("official", "paper", "mean", "keep-bottom", "keep-top")],
-    "slm-plus": [{}, {"merge": "calibrated"}, {"merge": "keep-top-lstsq"}, {"merge": "lstsq"}],
+    "slm-plus": [{}, {"merge": "calibrated"}],
     "laco": [{"merge": "official"}, {"merge": "paper"}],
 }
 #: registered passes that cannot run from a ratio alone
@@ -90,24 +91,26 @@ def describe_ops(plan) -> str:
 
 
 def run_one(model, calib, heldout, name: str, extra: dict[str, Any], ratio: float,
-            known: dict[tuple[str, float], Any] | None = None) -> dict[str, Any]:
+            known: dict[tuple[str, str], Any] | None = None, use_cache: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"pass": name, "params": extra, "ratio": ratio}
     reset_peak_rss()
-    plan = (known or {}).get((name, ratio)) if not extra else None
+    plan = (known or {}).get(request_key(name, extra, ratio))
     if plan is not None:
         row["plan_reused"] = True
     else:
         try:
             start = time.perf_counter()
-            plan = get_pass(name, ratio=ratio, **extra).plan(model, calib)
+            plan = compress(model, get_pass(name, ratio=ratio, **extra), calib, cache=use_cache)
             row["plan_s"] = round(time.perf_counter() - start, 2)
         except SLMError as exc:
             row["error"] = str(exc)
             return row
+        if plan.reused_from:
+            row["plan_cached"] = True  # the plan cache held it: no wall time for this row
         row["layer_evaluations"] = plan.stages[0].trace.get("layer_evaluations")
         fit = plan.stages[0].trace.get("fit")
         if fit:
-            row["fit_s"] = plan.timings[0].get("fit_seconds")
+            row["fit_s"] = plan.timings[0].get("fit_seconds") if plan.timings else None
             row["fit_tokens"] = fit["fit_tokens"]
             row["fit_layer_passes"] = fit["fit_layer_passes"]
     row["removed"] = plan.removed_layers
@@ -132,21 +135,27 @@ def measure_perplexity(row: dict[str, Any], model, plan, heldout) -> dict[str, A
     return row
 
 
-def known_plans(path: str | None, model) -> dict[tuple[str, float], Any]:
-    """The self-contained plans of a ``quality.py`` results file, by (pass, ratio)."""
+def request_key(name: str, extra: dict[str, Any], ratio: float) -> tuple[str, str]:
+    """What a plan was requested with: the pass and its full parameters (defaults included) as JSON."""
+    return name, json.dumps(get_pass(name, ratio=ratio, **extra).public_params(), sort_keys=True, default=str)
+
+
+def known_plans(path: str | None, model) -> dict[tuple[str, str], Any]:
+    """The self-contained plans of a ``quality.py`` results file, by ``request_key``."""
     if not path:
         return {}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from quality import known_plan
+    from quality import known_plan, parse_entry
 
     with open(path, encoding="utf-8") as fh:
         rows = json.load(fh)["rows"]
     plans = {}
     for r in rows.values():
         if r.get("pass") not in (None, "dense") and r.get("ratio") is not None:
-            plan = known_plan(model, r["pass"], r["ratio"], r.get("ops"))
+            name, extra = parse_entry(r["pass"])
+            plan = known_plan(model, name, r["ratio"], r.get("ops"))
             if plan is not None:
-                plans[(r["pass"], r["ratio"])] = plan
+                plans[request_key(name, extra, r["ratio"])] = plan
     return plans
 
 
@@ -203,7 +212,8 @@ def write_markdown(path: str, rows: list[dict[str, Any]], dense: dict[str, float
         ops = r["ops"] + (f" (T={r['threshold']:.4g})" if "threshold" in r else "")
         if "prefix_of" in r:
             ops += f" (first {r['removed']} rounds of the ratio-{r['prefix_of']} run)"
-        cost = "plan from --plans-from" if r.get("plan_reused") else f"{r['plan_s']:.1f}"
+        cost = ("plan from --plans-from" if r.get("plan_reused") else "plan cache" if r.get("plan_cached")
+                else f"{r['plan_s']:.1f}")
         lines.append(
             f"| {r['label']} | {r['ratio']} | {r['layers_after']} | {ops} | {_ppl(r['ppl'])} | "
             f"{_ppl(r['ppl_ood']) if 'ppl_ood' in r else '–'} | {cost} | {_num(r.get('fit_s'))} | "
@@ -264,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run greedy passes (sleb) once at the largest ratio; smaller ratios use the first rounds of that run",
     )
     parser.add_argument("--note", default="", help="a sentence appended to the setup paragraph")
+    parser.add_argument("--plan-cache", action="store_true",
+                        help="take plans from the user plan cache when it holds them (rows say so; no plan time)")
     parser.add_argument("--plans-from", default=None, help="a quality.py results .json whose plans are applied "
                         "instead of searching again (rows of passes with extra parameters always plan)")
     parser.add_argument("--redraw", action="store_true", help="rewrite the table and chart from the saved .json only")
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [v for v in runs if not (v[1] in GREEDY and not v[2])]
     for ratio in ratios:
         for label, name, extra in runs:
-            record([run_one(model, calib, heldout, name, extra, ratio, known)], label)
+            record([run_one(model, calib, heldout, name, extra, ratio, known, args.plan_cache)], label)
     write_chart(base + ".png", rows, dense, ratios)
     print(f"wrote {args.output}, {base}.png, {base}.json")
     return 0 if all("ppl" in r for r in rows) else 1

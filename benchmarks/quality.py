@@ -171,6 +171,27 @@ def known_plan(model, name: str, ratio: float | None, ops: list[dict[str, Any]] 
     return CompressionPlan(base=describe_base(model), stages=[Stage(**upgraded["stages"][0])], tensors=tensors)
 
 
+def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """``"slm-plus[merge=calibrated]"`` -> ``("slm-plus", {"merge": "calibrated"})`` (a configuration's label is
+    the entry as written)."""
+    name, _, rest = entry.partition("[")
+    params = {}
+    for item in filter(None, rest.rstrip("]").split(";" if ";" in rest else ",")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = value.strip()
+    return name, params
+
+
+def requested_params(entry: str, ratio: float | None) -> dict[str, Any] | None:
+    """The parameters a configuration plans with (defaults included): a cached row made with others is stale."""
+    from optimum_slm import get_pass
+
+    if entry == "dense":
+        return None
+    name, params = parse_entry(entry)
+    return json.loads(json.dumps(get_pass(name, ratio=ratio, **params).public_params()))
+
+
 def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
                done: dict[str, dict[str, Any]], known_ops: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Plan (unless dense), apply, evaluate; returns one result row.
@@ -185,18 +206,22 @@ def run_config(name: str, ratio: float | None, args, ids, heldout, limit,
 
     t0 = time.time()
     compressor = SLMCompressor.from_pretrained(args.model, dtype="float32", device="cpu")
-    row: dict[str, Any] = {"pass": name, "ratio": ratio}
+    row: dict[str, Any] = {"pass": name, "ratio": ratio, "pass_params": requested_params(name, ratio)}
+    pass_name, pass_params = parse_entry(name)
     if name == "dense":
         model = compressor.model
     else:
-        plan = known_plan(compressor.model, name, ratio, known_ops)
+        plan = known_plan(compressor.model, pass_name, ratio, known_ops)
         if plan is not None:
             row["plan_reused"] = True
         else:
-            plan = compressor.plan(name, calibration=ids, ratio=ratio)
+            plan = compressor.plan(pass_name, calibration=ids, ratio=ratio, **pass_params)
+            if plan.stages[0].trace.get("fit"):
+                row["fit_tokens"] = plan.stages[0].trace["fit"]["fit_tokens"]
             row["plan_s"] = round(time.time() - t0, 1)
         row["ops"] = plan.ops
-        twin = done.get(ops_key(plan.ops))
+        # ops that reference fitted tensors name them, not their values: such plans never share an evaluation
+        twin = None if plan.tensors else done.get(ops_key(plan.ops))
         if twin is not None:
             row.update({k: twin[k] for k in EVAL_KEYS}, layers=twin["layers"], params=twin["params"],
                        same_as=f"{twin['pass']}@{twin['ratio']}")
@@ -401,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
 
     import optimum_slm
-    from optimum_slm.calibration import load_calibration
+    from optimum_slm.calibration import CalibrationConfig
     from optimum_slm.evaluate import heldout_ids
     from optimum_slm.loading import load_model
 
@@ -410,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     require_data()
     available = optimum_slm.list_passes()
     passes = [p for p in args.passes.split(",") if p] if args.passes else [p for p in available if p != "drop"]
-    unknown = [p for p in passes if p not in available]
+    unknown = [p for p in passes if parse_entry(p)[0] not in available]
     if unknown:
         raise SystemExit(f"error: unknown pass(es) {', '.join(unknown)}; available: {', '.join(available)}")
 
@@ -431,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             known_plans = {**saved.get("plans", {}), **plans_of(saved.get("rows", {}))}
 
     _, tokenizer = load_model(args.model)
-    ids = load_calibration(tokenizer, args.calib_data, args.calib_samples, args.calib_seq_len, args.seed)
+    # the search set, and the fit set (default size, drawn on demand) that replaceme and the *-lstsq rules read
+    ids = CalibrationConfig(args.calib_data, args.calib_samples, args.calib_seq_len, args.seed).load(tokenizer)
     heldout = heldout_ids(tokenizer)
 
     # ratio-major so that an interrupted run still has complete, comparable rows for the first ratio; there the SLM
@@ -446,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, ratio in configs:
         key = f"{name}@{ratio}"
-        if key in cache and "avg" in cache[key]:
+        stale = key in cache and "pass_params" in cache[key] and cache[key]["pass_params"] != requested_params(
+            name, ratio)
+        if stale:
+            print(f"[quality] {key}: the cached row was planned with other parameters; running again", flush=True)
+            known_plans.pop(key, None)
+        if key in cache and "avg" in cache[key] and not stale:
             row = cache[key]
             print(f"[quality] {key}: cached AVE {100 * row['avg']:.1f}", flush=True)
         else:

@@ -127,16 +127,27 @@ def _lambada_passages() -> tuple[str, ...]:
     return tuple(passages)
 
 
-def lambada_books() -> list[str]:
-    """The LAMBADA-OpenAI test passages (BookCorpus fiction, 5,153) in a fixed shuffled order: an out-of-domain
-    held-out text for models calibrated on Wikipedia. Never a calibration source in our benchmarks."""
+#: passages of the lambada-books test split; the rest is its validation split
+LAMBADA_TEST_PASSAGES = 2500
+
+
+def lambada_books(split: str = "test") -> list[str]:
+    """The LAMBADA-OpenAI test passages (BookCorpus fiction, 5,153) in a fixed shuffled order, split into ``test``
+    (the first 2,500) and ``valid`` (the rest): out-of-domain held-out text for models calibrated on Wikipedia (the
+    valid split is for choosing settings, the test split for reporting). Never a calibration source in our
+    benchmarks."""
     passages = list(_lambada_passages())
     random.Random(0).shuffle(passages)
-    return passages
+    if split == "test":
+        return passages[:LAMBADA_TEST_PASSAGES]
+    if split == "valid":  # LAMBADA repeats a few passages: none of the test split's is in valid
+        test = set(passages[:LAMBADA_TEST_PASSAGES])
+        return [p for p in passages[LAMBADA_TEST_PASSAGES:] if p not in test]
+    raise CalibrationError(f"unknown lambada-books split {split!r}; use test or valid")
 
 
 #: corpora that are not Wikipedia leads: alias -> loader
-OTHER_CORPORA = {"lambada-books": lambada_books}
+OTHER_CORPORA = {"lambada-books": lambda: lambada_books("test"), "lambada-books-valid": lambda: lambada_books("valid")}
 
 
 def corpus_alias(name: str) -> list[str] | None:

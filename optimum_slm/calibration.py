@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -169,18 +170,30 @@ def _separator(tokenizer) -> list[int]:
     return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
 
 
+class _Stream(list):
+    read = 0
+
+
+def pack_stream(tokenizer, docs: list[str], order: Sequence[int], need: int | None = None) -> list[int]:
+    """The token ids of the documents of ``order`` joined by EOS, up to ``need`` tokens (all when None); the list's
+    ``read`` says how many documents it took."""
+    sep = _separator(tokenizer)
+    stream = _Stream()
+    for stream.read, i in enumerate(order, 1):
+        stream.extend(tokenizer(docs[i], add_special_tokens=False)["input_ids"])
+        stream.extend(sep)
+        if need is not None and len(stream) >= need:
+            break
+    return stream
+
+
 def pack_documents(tokenizer, docs: list[str], order: Sequence[int], n_samples: int, seq_len: int
                    ) -> tuple[torch.Tensor, int]:
     """``[n_samples, seq_len]`` ids cut from the documents of ``order`` concatenated, each followed by the
     tokenizer's EOS (a blank line when it has none); returns the ids and how many of ``order`` were read."""
-    sep, need = _separator(tokenizer), n_samples * seq_len
-    stream: list[int] = []
-    read = 0
-    for read, i in enumerate(order, 1):
-        stream.extend(tokenizer(docs[i], add_special_tokens=False)["input_ids"])
-        stream.extend(sep)
-        if len(stream) >= need:
-            break
+    need = n_samples * seq_len
+    stream = pack_stream(tokenizer, docs, order, need)
+    read = stream.read
     if len(stream) < need:
         raise CalibrationError(f"the corpus holds {len(stream):,} tokens (documents joined by EOS); {n_samples} x "
                                f"{seq_len} needs {need:,} (use a larger corpus or fewer/shorter sequences)")
@@ -205,10 +218,22 @@ class CalibrationDraw:
         if self.fit_samples is None:
             return None
         if self._fit is None:
-            ids, read = pack_documents(self.tokenizer, self.docs, self.order[self.read :], self.fit_samples,
-                                       self.fit_seq_len)
+            rest = self.order[self.read :]
+            try:
+                ids, read = pack_documents(self.tokenizer, self.docs, rest, self.fit_samples, self.fit_seq_len)
+            except CalibrationError:
+                # a small corpus: as many whole sequences as the documents left hold, said out loud
+                available = len(pack_stream(self.tokenizer, self.docs, rest)) // self.fit_seq_len
+                if available < 1:
+                    warnings.warn(f"the calibration corpus has no text left for a fit set of {self.fit_seq_len}-token "
+                                  "sequences; maps are fitted on the search set", stacklevel=2)
+                    return None
+                warnings.warn(f"the calibration corpus holds {available} fit-set sequences of {self.fit_seq_len} "
+                              f"tokens after the search set, not the {self.fit_samples} asked for; fitting on "
+                              f"{available * self.fit_seq_len:,} tokens", stacklevel=2)
+                ids, read = pack_documents(self.tokenizer, self.docs, rest, available, self.fit_seq_len)
             self.read += read
-            ids.slm_calibration = {"sampling": "pack", "n_samples": self.fit_samples, "seq_len": self.fit_seq_len}
+            ids.slm_calibration = {"sampling": "pack", "n_samples": ids.shape[0], "seq_len": self.fit_seq_len}
             self._fit = ids
         return self._fit
 

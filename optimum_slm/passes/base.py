@@ -96,7 +96,8 @@ PROTECT = PassParam("protect", "int_list", None, "base layer indices that are ne
 #: the least-squares map parameters of passes that fit one (None: the defaults, bottom-up and 0)
 FIT_ORDER = PassParam("fit_order", "str", None, "maps of several windows: bottom-up (default) or independent",
                       choices=("bottom-up", "independent"))
-RIDGE = PassParam("ridge", "float", None, "least-squares ridge, x the mean diagonal of MᵀM (default 0: plain)")
+RIDGE = PassParam("ridge", "float", None, "least-squares ridge, x the mean diagonal of MᵀM (default 0: plain); "
+                  "the *-lstsq rules shrink towards the identity, replaceme towards zero (official)")
 
 
 @dataclass

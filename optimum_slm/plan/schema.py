@@ -441,5 +441,12 @@ class CompressionPlan:
         for stage in self.stages:
             lines += [f"  {line}" for line in _condensed([kind_of(op).describe(op) for op in stage.ops],
                                                          [op.get("op") for op in stage.ops])]
+        for stage in self.stages:
+            cost, fit = stage.trace.get("layer_evaluations"), stage.trace.get("fit")
+            if isinstance(fit, dict) and isinstance(fit.get("fit_tokens"), int):
+                lines.append(f"fit: least-squares maps on {fit['fit_tokens']:,} tokens ({fit.get('order')}, ridge "
+                             f"{fit.get('ridge')}), {fit.get('fit_layer_passes')} layer passes over the fit set")
+            if isinstance(cost, (int, float)) and cost:
+                lines.append(f"cost: {cost:,.1f} layer evaluations over the search set ({stage.method})")
         return "\n".join(lines)
 

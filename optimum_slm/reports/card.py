@@ -80,8 +80,11 @@ def model_card(plan: CompressionPlan, params_before: int, params_after: int, *, 
             lines += [f"> **{loud}**", ""]
     c = plan.calibration
     if c:
+        fit = c.get("fit") if isinstance(c.get("fit"), dict) else None
+        fit_text = (f" Least-squares maps fitted on {fit.get('n_samples')} × {fit.get('seq_len')} packed tokens "
+                    "of the documents after those." if fit else "")
         lines += [f"Calibration: `{c.get('source')}`, {c.get('n_samples')} × {c.get('seq_len')} tokens, "
-                  f"seed {c.get('seed')}.", ""]
+                  f"seed {c.get('seed')}.{fit_text}", ""]
     if command:
         lines += ["Reproduce:", "", "```bash", command, "```", ""]
     side = " and its side-car `slm_plan.safetensors`" if plan.tensors else ""

@@ -77,7 +77,12 @@ def inspect_lines(plan: CompressionPlan, path: str) -> list[str]:
     if cal:
         digest = (cal.get("sha256") or "")[:12]
         lines.append(f"calibration: {cal.get('source')}, {cal.get('n_samples')} x {cal.get('seq_len')} tokens, "
-                     f"seed {cal.get('seed')}" + (f", ids sha256 {digest}" if digest else ""))
+                     f"seed {cal.get('seed')}" + (f", {cal['sampling']}" if cal.get("sampling") else "")
+                     + (f", ids sha256 {digest}" if digest else ""))
+        fit = cal.get("fit")
+        if isinstance(fit, dict):
+            lines.append(f"fit set: {fit.get('n_samples')} x {fit.get('seq_len')} tokens "
+                         f"({fit.get('sampling', 'pack')}), ids sha256 {(fit.get('sha256') or '')[:12]}")
     else:
         lines.append("calibration: none")
     for k, stage in enumerate(plan.stages):

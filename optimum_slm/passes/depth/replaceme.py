@@ -14,7 +14,7 @@
 Both steps read the fit set (the official code uses one dataset for both; our packed sequences have no padding, so
 "last non-padded" is the last token). The plan expresses a block as a ``merge`` op of window [s−1, e−1] with rule
 ``lstsq`` (keep the bottom layer, fold the map): the same model. Differences, all documented: ``ridge`` is relative
-(× mean diagonal of MᵀM; 0, the official default, is identical); batch means are over our fit batches (16 rows, the
+(× mean diagonal of MᵀM, towards zero as the official α; 0, the official default, is identical); batch means are over our fit batches (16 rows, the
 official config uses 8 samples of different lengths); ``fit_order=bottom-up`` is an option the official code lacks.
 """
 
@@ -124,7 +124,8 @@ class ReplaceMePass(CompressionPass):
             return slots
 
         maps, cost = fit_output_maps(engine, sites, stack_below, self.config["fit_order"] or "independent",
-                                     self.config["ridge"] or 0.0, final_norm_target=True, what=self.name)
+                                     self.config["ridge"] or 0.0, final_norm_target=True, what=self.name,
+                                     prior="zero")
         tensors, ops = {}, []
         for (s, e), site in zip(blocks, sites):
             name = f"replaceme.{site.name}.map"

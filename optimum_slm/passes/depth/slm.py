@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 Window = tuple[int, int]
 CALIBRATED = "calibrated"
 SEARCHES = ("official", "global", "greedy")
+SEARCH_RIDGE = PassParam("search_ridge", "float", None, "score candidates with a map fitted on the search set with this "
+                         "ridge (rules with a fitted map; default: off)")
 
 
 class WindowEvaluator:
@@ -64,8 +66,11 @@ class WindowEvaluator:
     one extra layer beyond the committed ones is alive at a time.
     """
 
-    def __init__(self, engine: ForwardEngine, merge: str, similarity: str):
+    def __init__(self, engine: ForwardEngine, merge: str, similarity: str, search_ridge: float | None = None):
         self.engine = engine
+        #: when set (and the rule fits a map), every scored candidate gets a map fitted on the search set with this
+        #: ridge, so the search sees what a map can recover; the final maps are fitted on the fit set afterwards
+        self.search_ridge = search_ridge if get_merge_rule(merge).fit_map else None
         self.adapter: ArchAdapter = engine.adapter
         self.layers = list(self.adapter.layers)
         self.rule = get_merge_rule(merge)
@@ -87,7 +92,31 @@ class WindowEvaluator:
         load_layer_state(module, self.rule(states, self.kinds))
         if self.rule.fit is not None:
             self._fitted[(low, high)] = self.rule.fit(self.engine, module, anchor, low, high)
+        if self.search_ridge is not None:
+            self._search_map(module, anchor, low, high)
         return module
+
+    @torch.inference_mode()
+    def _search_map(self, module: nn.Module, anchor: int, low: int, high: int) -> None:
+        """Fold a map fitted on the search set's recorded base activations (window input → window output)."""
+        from ...merge.lstsq import LeastSquares
+        from ...merge.rules import BRANCH_ROLES
+
+        engine = self.engine
+        for branch in (b for b, role in BRANCH_ROLES.items() if role in self.rule.tensor_roles):
+            system = LeastSquares(self.adapter.config.hidden_size, engine.device)
+            captured: list[torch.Tensor] = []
+            sub = self.adapter.branch_modules(module)[branch]
+            handle = sub.register_forward_hook(
+                lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+            try:
+                outs = engine.run_layers([Slot(module, anchor)], low, final_norm=False)
+            finally:
+                handle.remove()
+            for part, out, target in zip(captured, outs, engine.inputs[high + 1]):
+                system.add(part, target.to(engine.device).double() - (out.double() - part.double()))
+            t = system.solve(self.search_ridge, f"search map {low}-{high}", "identity")
+            self.adapter.fold_mlp_output_map(module, t, branch)
 
     def slot(self, window: Window) -> Slot:
         low, high = window
@@ -136,7 +165,11 @@ class WindowEvaluator:
         from ...merge.rules import BRANCH_ROLES
 
         ordered = sorted(windows)
-        self.commit(ordered)  # the merged layers must persist: lower ones carry their maps into higher fits
+        # rebuild the merged layers without the search-set maps, then keep them: lower ones carry their maps into
+        # higher fits
+        self.search_ridge = None
+        self._merged.clear()
+        self.commit(ordered)
         branches = tuple(b for b, role in BRANCH_ROLES.items() if role in self.rule.tensor_roles)
         sites = [MapSite(f"{lo}-{hi}", self.slot((lo, hi)).module, self.rule.anchor_index(lo, hi), lo, hi + 1,
                          branches) for lo, hi in ordered]
@@ -378,6 +411,7 @@ class SLMPass(CompressionPass):
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
         FIT_ORDER,
         RIDGE,
+        SEARCH_RIDGE,
     )
 
     @property
@@ -387,7 +421,10 @@ class SLMPass(CompressionPass):
     def validate(self) -> None:
         super().validate()
         rule = get_merge_rule(self.config["merge"])
-        for name in ("fit_order", "ridge"):
+        search_ridge = self.config.get("search_ridge")
+        if search_ridge is not None and not 0 < search_ridge < float("inf"):
+            raise PassError(f"search_ridge must be a finite number > 0, got {search_ridge}")
+        for name in ("fit_order", "ridge", "search_ridge"):
             if self.config.get(name) is not None and not rule.fit_map:
                 raise PassError(f"{name} applies to merge rules with a fitted map (e.g. calibrated-lstsq), not "
                                 f"{rule.name!r}")
@@ -429,7 +466,8 @@ class SLMPass(CompressionPass):
                        "greedy": ("layer", target)}[search]
         with progress_bar(desc=f"{self.name}: searching windows", unit=unit, total=total) as bar:
             engine.record_layer_inputs()
-            evaluator = WindowEvaluator(engine, self.config["merge"], self.config["similarity"])
+            evaluator = WindowEvaluator(engine, self.config["merge"], self.config["similarity"],
+                                        self.config.get("search_ridge"))
             if search == "official":
 
                 def run(t: float):

@@ -1,37 +1,66 @@
 """``slm-plus``: the SLM variant that wins on our benchmarks, as the recommended default for users.
 
 Same machinery as ``slm`` (windows of merged layers, the same engine and plan ops), with the choices that won the
-ablation in ``benchmarks/results/ablation_smollm2.md``: a greedy window search scored by the per-token cosine of the
-final hidden states against the base model, and the calibrated merge (keep the window's top layer, refit its branch
-output scales). See the README's Results section for the evidence.
+ablations (``benchmarks/results/ablation_smollm2.md`` for the search, ``benchmarks/results/fitted_smollm2.md`` for
+the merge):
+
+* a greedy window search scored by the per-token cosine of the final hidden states against the base model;
+* the ``lstsq-attn`` merge: each window keeps its bottom layer and two least-squares d×d maps, on that layer's
+  attention and MLP outputs, stand in for the layers it drops (ReplaceMe's fold, with a second map);
+* the search sees the maps (``search_ridge``): every scored candidate gets maps fitted on the search set, shrunk
+  towards the identity, so the search prefers windows a map can recover (contiguous blocks);
+* the final maps are fitted after the search on the fit set (65,536 tokens by default), bottom-up, with a small
+  ridge towards the identity (``ridge``, chosen on ``wiki-leads-valid``).
+
+The merged layers fold their maps into ``o_proj`` / ``down_proj``: the checkpoint is a vanilla one. Families with a
+norm between a branch and the residual add (Gemma-2/3) refuse the fitted merge; ``merge=calibrated`` (the previous
+default) serves them.
 """
 
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
-from ..base import FIT_ORDER, NUM_LAYERS, RATIO, RIDGE, PassParam
-from .slm import CALIBRATED, SEARCHES, SLMPass
 from ...similarity import SIMILARITIES
+from ..base import NUM_LAYERS, RATIO, PassParam
+from .slm import SEARCHES, SLMPass
+
+#: the defaults the fitted-merge ablation chose (``benchmarks/fitted_ablation.py``)
+MERGE = "lstsq-attn"
+SEARCH_RIDGE_DEFAULT = 0.1
+RIDGE_DEFAULT = 0.1
 
 
 class SLMPlusPass(SLMPass):
     name = "slm-plus"
-    description = "Recommended: SLM windows found by greedy per-token-cosine search, calibrated keep-top merge."
+    description = ("Recommended: SLM windows found by a greedy per-token-cosine search that sees the fitted maps; "
+                   "each window keeps its bottom layer with least-squares maps on its attention and MLP outputs")
     params = (
         RATIO,
         NUM_LAYERS,
-        PassParam("merge", "str", CALIBRATED, "merge rule (see slm)"),
+        PassParam("merge", "str", MERGE, "merge rule (see slm); calibrated: the previous default, no fit set"),
         PassParam("similarity", "str", "token-cosine", "similarity criterion", choices=tuple(SIMILARITIES)),
         PassParam("search", "str", "greedy", "window search: global or greedy", choices=SEARCHES[1:]),
         PassParam("protect", "int_list", None, "base layers never placed in a window"),
         PassParam("max_window", "int", None, "largest window size in layers (default 8)"),
         PassParam("batch_size", "int", None, "calibration samples per forward batch (run-time only)"),
-        FIT_ORDER,
-        RIDGE,
+        PassParam("fit_order", "str", None, "maps of several windows: bottom-up (default) or independent",
+                  choices=("bottom-up", "independent")),
+        PassParam("ridge", "float", None, f"ridge of the final maps, towards the identity (default {RIDGE_DEFAULT} "
+                  "with a fitted merge)"),
+        PassParam("search_ridge", "float", None, "ridge of the search-set maps candidates are scored with "
+                  f"(default {SEARCH_RIDGE_DEFAULT} with a fitted merge)"),
     )
 
     def validate(self) -> None:
         self.config.setdefault("threshold", None)
+        from ...merge import get_merge_rule
+
+        if get_merge_rule(self.config["merge"]).fit_map:
+            # the fitted-merge defaults apply only to rules that fit a map (slm refuses them elsewhere)
+            if self.config["ridge"] is None:
+                self.config["ridge"] = RIDGE_DEFAULT
+            if self.config["search_ridge"] is None:
+                self.config["search_ridge"] = SEARCH_RIDGE_DEFAULT
         super().validate()
 
 

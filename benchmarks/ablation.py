@@ -49,7 +49,8 @@ CONFIGS: dict[str, dict] = {
     "greedy/token-cosine/calibrated-lstsq": {"search": "greedy", "similarity": "token-cosine",
                                              "merge": "calibrated-lstsq"},
     "greedy/token-cosine/lstsq-attn/search-map": {"search": "greedy", "similarity": "token-cosine",
-                                                  "merge": "lstsq-attn", "search_ridge": 0.1, "ridge": 0.1},
+                                                  "merge": "lstsq-attn", "search_ridge": 0.1, "ridge": 0.1,
+                                                  "fit_order": "independent"},
 }
 
 

@@ -195,7 +195,7 @@ def test_lazy_greedy_matches_exhaustive_greedy_with_fewer_scores():
 
 def test_slm_plus_is_the_documented_slm_configuration():
     """slm-plus = slm with the ablations' winning search, criterion, fitted merge and ridges (and nothing else)."""
-    from optimum_slm.passes.depth.slm_plus import RIDGE_DEFAULT, SEARCH_RIDGE_DEFAULT, SLMPlusPass
+    from optimum_slm.passes.depth.slm_plus import FIT_ORDER_DEFAULT, RIDGE_DEFAULT, SEARCH_RIDGE_DEFAULT, SLMPlusPass
 
     model = make_model("llama", 8)
     ids = calib_ids(3, 12)
@@ -204,8 +204,9 @@ def test_slm_plus_is_the_documented_slm_configuration():
     defaults = {p.name: p.default for p in SLMPlusPass.params if p.name in ("search", "similarity", "merge")}
     assert defaults == {"search": "greedy", "similarity": "token-cosine", "merge": "lstsq-attn"}  # as the README says
     assert plus.params["ridge"] == RIDGE_DEFAULT and plus.params["search_ridge"] == SEARCH_RIDGE_DEFAULT
+    assert plus.params["fit_order"] == FIT_ORDER_DEFAULT == "independent"
     same = compress(model, "slm", ids, fit=fit, cache=False, num_layers=3, ridge=RIDGE_DEFAULT,
-                    search_ridge=SEARCH_RIDGE_DEFAULT, **defaults)
+                    search_ridge=SEARCH_RIDGE_DEFAULT, fit_order=FIT_ORDER_DEFAULT, **defaults)
     assert plus.removed_layers == 3 and plus.ops == same.ops
     assert all(torch.equal(plus.tensors[name], same.tensors[name]) for name in plus.tensors)
     assert all(op["op"] == "merge" and op["rule"] == "lstsq-attn" and set(op["tensors"]) == {"attn_map", "map"}

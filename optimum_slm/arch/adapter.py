@@ -110,7 +110,7 @@ class ArchAdapter:
     def _branch(self, name: str):
         return next(b for b in self.family.branches if b.name == name)
 
-    def check_mlp_output_map(self, layer: nn.Module | None = None, branch: str = "mlp") -> None:
+    def check_output_map(self, layer: nn.Module | None = None, branch: str = "mlp") -> None:
         """Refuse (one line) a family where a d×d map on a branch's output (``mlp`` or ``attn``) cannot be folded
         exactly into a weight."""
         b = self._branch(branch)
@@ -118,12 +118,12 @@ class ArchAdapter:
             raise UnsupportedArchitectureError(
                 f"{self.family.name}: a norm ({b.target}) sits between the {branch.upper()} and the residual add, so "
                 f"a least-squares map on its output cannot be folded exactly into a weight; use a merge rule "
-                "without a fitted map")
+                "without a fitted map (slm-plus: --merge calibrated)")
 
-    def fold_mlp_output_map(self, layer: nn.Module, t: torch.Tensor, branch: str = "mlp") -> None:
+    def fold_output_map(self, layer: nn.Module, t: torch.Tensor, branch: str = "mlp") -> None:
         """Make a branch's output x·T (T: [hidden, hidden]) by folding T into its output projection (``down_proj``,
         or ``o_proj`` for ``attn``): W ← Tᵀ·W, b ← b·T."""
-        self.check_mlp_output_map(layer, branch)
+        self.check_output_map(layer, branch)
         target = layer.get_submodule(self._branch(branch).target)
         with torch.no_grad():
             t64 = t.to(device=target.weight.device, dtype=torch.float64)

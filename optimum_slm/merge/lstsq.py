@@ -10,7 +10,7 @@ set (only the two d×d sums live in memory: O(d²), whatever the number of token
 ``W_down ← Tᵀ·W_down`` (and a ``down_proj`` bias b ← b·T): the checkpoint stays a vanilla one.
 
 The fold is exact only where the MLP output enters the residual stream linearly. Gemma-2/3 put a norm between the
-MLP and the residual add; there ``ArchAdapter.fold_mlp_output_map`` refuses rather than fold silently wrong.
+MLP and the residual add; there ``ArchAdapter.fold_output_map`` refuses rather than fold silently wrong.
 
 Two fit orders for several windows: ``independent`` (every map on the base's own activations, one pass; the
 official code fits all blocks from one forward of the base) and ``bottom-up`` (each map on the activations of the
@@ -127,7 +127,7 @@ def fit_output_maps(
         raise PassError(f"fit order must be one of {', '.join(FIT_ORDERS)}, got {order!r}")
     for site in sites:
         for branch in site.branches:
-            engine.adapter.check_mlp_output_map(site.module, branch)
+            engine.adapter.check_output_map(site.module, branch)
     hidden = engine.adapter.config.hidden_size
     fit = engine.fit_set(what, min_tokens=16 * hidden)
     started, layer_tokens = time.perf_counter(), engine.fit_layer_tokens
@@ -161,7 +161,7 @@ def fit_output_maps(
                     system.add(part, target.double() - (out.double() - part.double()))
             for site, system in zip(members, systems):
                 t = system.solve(ridge, f"{what} {site.name}", prior)
-                engine.adapter.fold_mlp_output_map(site.module, t, branch)
+                engine.adapter.fold_output_map(site.module, t, branch)
                 maps[site.name][branch] = t
     cost = {
         "fit_tokens": int(fit.numel()),

@@ -176,8 +176,8 @@ def _fold_scales(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
 def _fold_map(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
     # plan-time order: the attention map (when the rule has one) was fitted first, the MLP map on top of it
     if ATTN_MAP_ROLE in tensors:
-        adapter.fold_mlp_output_map(module, tensors[ATTN_MAP_ROLE], "attn")
-    adapter.fold_mlp_output_map(module, tensors[MAP_ROLE])
+        adapter.fold_output_map(module, tensors[ATTN_MAP_ROLE], "attn")
+    adapter.fold_output_map(module, tensors[MAP_ROLE])
 
 
 def _fold_scales_then_map(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:

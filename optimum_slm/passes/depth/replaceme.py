@@ -99,7 +99,7 @@ class ReplaceMePass(CompressionPass):
         size = target // num_blocks
         if L - size < num_blocks:
             raise PassError(f"replaceme: {num_blocks} blocks of {size} layers do not fit in {L} layers")
-        engine.adapter.check_mlp_output_map()
+        engine.adapter.check_output_map()
         distances = self.block_distances(engine, size)
         blocks = select_non_overlapping_blocks(distances, size, num_blocks)
         removed = sum(e - s for s, e in blocks)

@@ -116,7 +116,7 @@ class WindowEvaluator:
             for part, out, target in zip(captured, outs, engine.inputs[high + 1]):
                 system.add(part, target.to(engine.device).double() - (out.double() - part.double()))
             t = system.solve(self.search_ridge, f"search map {low}-{high}", "identity")
-            self.adapter.fold_mlp_output_map(module, t, branch)
+            self.adapter.fold_output_map(module, t, branch)
 
     def slot(self, window: Window) -> Slot:
         low, high = window

@@ -202,10 +202,11 @@ def write_markdown(path: str, rows: list[dict[str, Any]], dense: dict[str, float
         "`lambada-books`.",
         "",
         "| pass | ratio | layers | removed / merged (base numbering) | wiki-leads PPL | lambada-books PPL | plan s "
-        "| of which fit s | layer evaluations | peak RSS MB |",
+        "| of which fit s | search layer evaluations | peak RSS MB |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r["ratio"], r.get("ppl", float("inf")))):
+    unique = {(r["label"], r["ratio"]): r for r in rows}  # a configuration named twice is one row (the last run)
+    for r in sorted(unique.values(), key=lambda r: (r["ratio"], r.get("ppl", float("inf")))):
         if "error" in r:
             lines.append(f"| {r['label']} | {r['ratio']} | – | error: {r['error']} | – | – | – | – | – | – |")
             continue

@@ -215,3 +215,25 @@ def test_slm_plus_is_the_documented_slm_configuration():
     assert "ridge" not in calibrated.params and all(op["rule"] == "calibrated" for op in calibrated.ops)
     with pytest.raises(Exception, match="needs ratio or num_layers"):
         get_pass("slm-plus").plan(model, ids)
+
+
+def test_greedy_resumes_from_the_winners_recorded_activations(monkeypatch):
+    """Each greedy round resumes candidates from the previous winner's scoring run instead of re-running the stack:
+    the same windows, scores and fitted tensors as running the new stack explicitly (the fallback), for fewer layer
+    evaluations."""
+    from optimum_slm.passes.depth import slm as slm_module
+
+    model = make_model("llama", 12, seed=5)
+    kw = dict(fit=calib_ids(40, 24, seed=2), cache=False, num_layers=5, max_window=3)
+    fast = compress(model, "slm-plus", calib_ids(6, 24), **kw)
+    original = slm_module.WindowEvaluator.score_set
+
+    def without_recording(self, windows, start=None, start_hidden=None, record=None):
+        return original(self, windows, start, start_hidden, None)
+
+    monkeypatch.setattr(slm_module.WindowEvaluator, "score_set", without_recording)
+    explicit = compress(model, "slm-plus", calib_ids(6, 24), **kw)
+    assert fast.stages[0].ops == explicit.stages[0].ops and len(fast.stages[0].ops) >= 2
+    assert fast.stages[0].trace["tried"] == explicit.stages[0].trace["tried"]
+    assert all(torch.equal(fast.tensors[k], explicit.tensors[k]) for k in fast.tensors)
+    assert fast.stages[0].trace["layer_evaluations"] < explicit.stages[0].trace["layer_evaluations"]

@@ -187,8 +187,11 @@ class WindowEvaluator:
         return {"order": order, "ridge": ridge, **cost}
 
     # ------------------------------------------------------------------ scoring
-    def score_set(self, windows, start: int | None = None, start_hidden: Batches | None = None) -> float:
-        """Similarity of the base with ``windows`` merged. ``start``/``start_hidden`` resume from a given point."""
+    def score_set(self, windows, start: int | None = None, start_hidden: Batches | None = None,
+                  record: list | None = None) -> float:
+        """Similarity of the base with ``windows`` merged. ``start``/``start_hidden`` resume from a given point;
+        ``record`` (an empty list) receives the input of every slot run (see ``ForwardEngine.run_layers``), unless
+        the score was memoised."""
         windows = [tuple(w) for w in windows]
         key = frozenset(windows)
         if key in self.memo:
@@ -196,7 +199,7 @@ class WindowEvaluator:
         if start is None:
             start = min((w[0] for w in windows), default=self.adapter.num_layers - 1)
         slots = self.stack(windows, start)
-        final = self.engine.run_layers(slots, start if start_hidden is None else start_hidden)
+        final = self.engine.run_layers(slots, start if start_hidden is None else start_hidden, slot_inputs=record)
         value = float(self.similarity(self.engine, final))
         self.memo[key] = value
         self.evaluations += 1
@@ -339,19 +342,15 @@ def greedy_window_search(
     more similar to the base, in practice), so candidates are scored in order of that bound and a round stops once
     no remaining bound beats the best score found; new growths are always scored. ``lazy=False`` scores all.
     """
-    engine = evaluator.engine
+    engine = evaluator.engine.record_layer_inputs()
     windows: list[Window] = []
     tried: list[dict[str, Any]] = []
     bounds: dict[tuple, float] = {}
+    # the input of every slot of the current compressed stack, by the base index it starts at, so candidates resume
+    # at their lowest changed layer: first the base's own recorded inputs, then after each round the winner's
+    # activations from its scoring run (the layers below its first change are unchanged)
+    starts: dict[int, Batches] = {i: engine.inputs[i] for i in range(num_layers)}
     for round_no in range(target):
-        # activations of the current compressed stack, so candidates resume at their lowest changed layer
-        slot_inputs: list[Batches] = []
-        slots = evaluator.stack(windows, 0)
-        engine.run_layers(slots, 0, slot_inputs=slot_inputs)
-        starts, i = {}, 0
-        for k, slot in enumerate(slots):
-            starts[i] = slot_inputs[k]
-            i = next((w[1] + 1 for w in windows if w[0] == i), i + 1)
         # (change key, candidate windows, first changed layer)
         options: list[tuple[tuple, list[Window], int]] = []
         for i in range(num_layers - 1):
@@ -371,23 +370,39 @@ def greedy_window_search(
             raise PassError(f"greedy search: nothing left to merge after removing {round_no} layers")
         inf = float("inf")
         order = sorted(options, key=lambda o: -(bounds.get(o[0], inf) if lazy else inf))
-        best_s, best, scored = -inf, None, 0
+        best_s, best, best_start, best_inputs, scored = -inf, None, 0, [], 0
         for key, cand, start in order:
             if lazy and key in bounds and bounds[key] <= best_s:
                 break
-            s = evaluator.score_set(cand, start=start, start_hidden=starts[start])
+            recorded: list[Batches] = []
+            s = evaluator.score_set(cand, start=start, start_hidden=starts[start], record=recorded)
             bounds[key] = s
             scored += 1
             if best is None or (s, sorted(cand)) > (best_s, sorted(best)):
-                best_s, best = s, cand
+                best_s, best, best_start, best_inputs = s, cand, start, recorded
         tried.append({"round": round_no, "windows": sorted([list(w) for w in best], reverse=True),
                       "sim": round(best_s, 6), "candidates": len(options), "scored": scored})
         windows = best
         evaluator.commit(windows)
+        if not best_inputs:  # a memoised score recorded nothing: run the new stack from its first change
+            best_inputs = []
+            engine.run_layers(evaluator.stack(windows, best_start), starts[best_start], slot_inputs=best_inputs)
+        starts = {i: h for i, h in starts.items() if i < best_start}
+        starts.update(zip(slot_starts(windows, best_start, num_layers), best_inputs))
         advance_to(progress, round_no + 1)
         if progress is not None:
             progress.set_postfix(scored=evaluator.evaluations, windows=len(windows))
     return sorted(windows, reverse=True), tried
+
+
+def slot_starts(windows, start: int, num_layers: int) -> list[int]:
+    """The base index each slot of the compressed stack begins at, from base layer ``start`` up."""
+    by_low = {w[0]: w for w in windows}
+    out, i = [], start
+    while i < num_layers:
+        out.append(i)
+        i = by_low[i][1] + 1 if i in by_low else i + 1
+    return out
 
 
 def removed_by(windows) -> int:

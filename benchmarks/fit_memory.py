@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="benchmarks/results/fit_memory_smollm2.md")
     parser.add_argument("--update", action="store_true",
                         help="keep the other sizes' rows of the existing .json (rerun only the sizes given)")
+    parser.add_argument("--redraw", action="store_true", help="only rewrite the table from the .json")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     saved = os.path.splitext(args.output)[0] + ".json"
     sizes = [int(x) for x in args.fit_samples.split(",") if x]
-    if args.update and os.path.exists(saved):
+    if args.redraw:
+        sizes = []
+    if (args.update or args.redraw) and os.path.exists(saved):
         with open(saved, encoding="utf-8") as fh:
             rows = [r for r in json.load(fh)["rows"] if r["fit_samples"] not in sizes]
     for n in sizes:
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/fit_memory.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
+    if args.redraw and os.path.exists(saved):
+        with open(saved, encoding="utf-8") as fh:
+            command = json.load(fh).get("command", command)
+    lines += [f"* {r['fit_tokens']:,} tokens: {r['note']}" for r in rows if r.get("note")]
     lines += ["", f"torch threads: {rows[0]['threads']}, one process at a time on an otherwise idle 2-core machine. "
               "\"search s\" is the pass's run time without the fit (\"plan s\" adds reading and tokenising the corpus, "
               "drawing the fit set and fingerprinting the base); "

@@ -54,10 +54,10 @@ class LeastSquares:
         self.rows += a.shape[0]
 
     def solve(self, ridge: float = 0.0, what: str = "map", prior: str = "zero") -> torch.Tensor:
-        """argmin ‖A·T − B‖² + α‖T − P‖² as float32, α = ``ridge`` × the mean diagonal of AᵀA: T = (AᵀA + αI)⁻¹
-        (AᵀB + αP). ``prior`` P: ``zero`` (ReplaceMe's ridge; α = 0, plain least squares, is the official default)
-        or ``identity`` (shrink towards leaving the branch unchanged). A problem with fewer rows than columns and no
-        ridge is refused (T would be arbitrary)."""
+        """argmin ‖A·T − B‖² + α‖T − P‖² as float32, α = ``ridge`` × the mean diagonal of AᵀA:
+        T = (AᵀA + αI)⁻¹ (AᵀB + αP). ``prior`` P: ``zero`` (ReplaceMe's ridge; α = 0, plain least squares, is the
+        official default) or ``identity`` (shrink towards leaving the branch unchanged). A problem with fewer rows
+        than columns and no ridge is refused (T would be arbitrary)."""
         if self.rows < self.dim and ridge <= 0:
             raise PassError(f"{what}: {self.rows:,} fit tokens cannot determine a {self.dim}x{self.dim} map; give a "
                             f"fit set of more than {self.dim:,} tokens (--fit-samples) or a ridge")
@@ -71,8 +71,8 @@ class LeastSquares:
         try:
             t = torch.linalg.solve(ata, atb)
         except RuntimeError:  # torch raises _LinAlgError (a RuntimeError) on a singular system
-            raise PassError(f"{what}: the fit set's MLP outputs are rank-deficient; give a larger fit set or a ridge"
-                            ) from None
+            raise PassError(f"{what}: the fit set's branch outputs are rank-deficient; give a larger fit set or a "
+                            "ridge") from None
         if not torch.isfinite(t).all():
             raise PassError(f"{what}: the least-squares map is not finite; give a larger fit set or a ridge")
         return t.float().cpu()
@@ -118,9 +118,9 @@ def fit_output_maps(
     ``sites`` bottom to top. ``stack_below(k)``: the slots from base layer ``sites[0].input_at`` up to site k's
     module (the compressed model, whose lower sites already hold their maps) — used by the ``bottom-up`` order.
     ``prior``: what a ridge shrinks the map towards (see ``LeastSquares.solve``). ``final_norm_target``: a target at
-    the stack's output (base layer ``num_layers``) is the post-norm state (the
-    official ReplaceMe reads ``hidden_states[-1]``, which HF returns after the final norm). Returns the maps by site
-    name and branch, and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
+    the stack's output (base layer ``num_layers``) is the post-norm state (the official ReplaceMe reads
+    ``hidden_states[-1]``, which HF returns after the final norm). Returns the maps by site name and branch, and a
+    cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
     ``fit_seconds`` (wall time: a timing, kept out of plan files).
     """
     if order not in FIT_ORDERS:

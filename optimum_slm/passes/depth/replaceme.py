@@ -14,8 +14,9 @@
 Both steps read the fit set (the official code uses one dataset for both; our packed sequences have no padding, so
 "last non-padded" is the last token). The plan expresses a block as a ``merge`` op of window [s−1, e−1] with rule
 ``lstsq`` (keep the bottom layer, fold the map): the same model. Differences, all documented: ``ridge`` is relative
-(× mean diagonal of MᵀM, towards zero as the official α; 0, the official default, is identical); batch means are over our fit batches (16 rows, the
-official config uses 8 samples of different lengths); ``fit_order=bottom-up`` is an option the official code lacks.
+(× mean diagonal of MᵀM, towards zero as the official α; 0, the official default, is identical); batch means are
+over our fit batches (16 rows; the official config uses 8 samples of different lengths); ``fit_order=bottom-up`` is
+an option the official code lacks.
 """
 
 from __future__ import annotations

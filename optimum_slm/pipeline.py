@@ -154,7 +154,8 @@ def compress(
     if ids is None and needs:
         raise PassError(f"pass {needs[0]!r} needs calibration data (--calib-data / calibration=...)")
     ids_sha = describe_calibration(ids)["sha256"] if ids is not None else None
-    if any(p.needs_fit_set for p in passes):
+    fits = any(p.needs_fit_set for p in passes)
+    if fits:
         if fit is None:
             fit = drawn_fit_ids(ids)
         if fit is not None and (not isinstance(fit, torch.Tensor) or fit.dim() != 2 or fit.dtype != torch.long):
@@ -162,7 +163,7 @@ def compress(
     else:
         fit = None
     fit_sha = describe_calibration(fit)["sha256"] if fit is not None else None
-    if fit is None and ids is not None and any(p.needs_fit_set for p in passes):
+    if fit is None and ids is not None and fits:
         fit_sha = ids_sha  # the passes fall back to the search set
     fp = fingerprint(model)
     store = _cache(cache)

@@ -53,6 +53,11 @@ class LeastSquares:
         self.atb += a.T @ b
         self.rows += a.shape[0]
 
+    def add_branch(self, part: torch.Tensor, out: torch.Tensor, target: torch.Tensor) -> None:
+        """Rows for a map on one residual branch: its output ``part`` should add what the layer output ``out`` lacks
+        to reach ``target`` beyond everything else it holds, i.e. part·T ≈ target − (out − part)."""
+        self.add(part, target.double() - (out.double() - part.double()))
+
     def solve(self, ridge: float = 0.0, what: str = "map", prior: str = "zero") -> torch.Tensor:
         """argmin ‖A·T − B‖² + α‖T − P‖² as float32, α = ``ridge`` × the mean diagonal of AᵀA:
         T = (AᵀA + αI)⁻¹ (AᵀB + αP). ``prior`` P: ``zero`` (ReplaceMe's ridge; α = 0, plain least squares, is the
@@ -93,7 +98,9 @@ class MapSite:
     branches: tuple[str, ...] = ("mlp",)
 
 
-def _branch_capture(engine: ForwardEngine, module: nn.Module, branch: str, sink: list):
+def capture_branch(engine: ForwardEngine, module: nn.Module, branch: str, sink: list):
+    """A forward hook appending the output of ``module``'s residual branch (``attn`` / ``mlp``) to ``sink``; returns
+    its handle."""
     sub = engine.adapter.branch_modules(module)[branch]
 
     def hook(_m, _inp, out):
@@ -148,17 +155,15 @@ def fit_output_maps(
                     else:
                         x = batch.inputs[site.input_at].to(engine.device)
                     captured: list[torch.Tensor] = []
-                    handle = _branch_capture(engine, site.module, branch, captured)
+                    handle = capture_branch(engine, site.module, branch, captured)
                     try:
                         out = batch.run([Slot(site.module, site.type_index)], x)
                     finally:
                         handle.remove()
-                    part = captured[-1]
                     target = batch.inputs[site.target_at].to(engine.device)
                     if final_norm_target and site.target_at == engine.num_layers:
                         target = engine.adapter.final_norm(target)
-                    # what the branch should add: the target minus everything else the layer's output holds
-                    system.add(part, target.double() - (out.double() - part.double()))
+                    system.add_branch(captured[-1], out, target)
             for site, system in zip(members, systems):
                 t = system.solve(ridge, f"{what} {site.name}", prior)
                 engine.adapter.fold_output_map(site.module, t, branch)

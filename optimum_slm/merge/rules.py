@@ -72,6 +72,11 @@ class MergeRule:
     #: folds it into the merged layer's ``down_proj`` (role ``map``, a [hidden, hidden] tensor; see lstsq.py)
     fit_map: bool = False
 
+    @property
+    def map_branches(self) -> tuple[str, ...]:
+        """The residual branches this rule fits a d×d map on, in fitting order (attention before MLP)."""
+        return tuple(b for b, role in BRANCH_ROLES.items() if role in self.tensor_roles) if self.fit_map else ()
+
     def tensor_shape(self, role: str, hidden: int) -> tuple[int, ...]:
         """The shape of a side-car tensor of this rule: the map is [hidden, hidden], every other role [hidden]."""
         return (hidden, hidden) if self.fit_map and role in (MAP_ROLE, ATTN_MAP_ROLE) else (hidden,)

@@ -99,22 +99,19 @@ class WindowEvaluator:
     @torch.inference_mode()
     def _search_map(self, module: nn.Module, anchor: int, low: int, high: int) -> None:
         """Fold a map fitted on the search set's recorded base activations (window input → window output)."""
-        from ...merge.lstsq import LeastSquares
-        from ...merge.rules import BRANCH_ROLES
+        from ...merge.lstsq import LeastSquares, capture_branch
 
         engine = self.engine
-        for branch in (b for b, role in BRANCH_ROLES.items() if role in self.rule.tensor_roles):
+        for branch in self.rule.map_branches:
             system = LeastSquares(self.adapter.config.hidden_size, engine.device)
             captured: list[torch.Tensor] = []
-            sub = self.adapter.branch_modules(module)[branch]
-            handle = sub.register_forward_hook(
-                lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+            handle = capture_branch(engine, module, branch, captured)
             try:
                 outs = engine.run_layers([Slot(module, anchor)], low, final_norm=False)
             finally:
                 handle.remove()
             for part, out, target in zip(captured, outs, engine.inputs[high + 1]):
-                system.add(part, target.to(engine.device).double() - (out.double() - part.double()))
+                system.add_branch(part, out, target.to(engine.device))
             t = system.solve(self.search_ridge, f"search map {low}-{high}", "identity")
             self.adapter.fold_output_map(module, t, branch)
 
@@ -170,9 +167,8 @@ class WindowEvaluator:
         self.search_ridge = None
         self._merged.clear()
         self.commit(ordered)
-        branches = tuple(b for b, role in BRANCH_ROLES.items() if role in self.rule.tensor_roles)
         sites = [MapSite(f"{lo}-{hi}", self.slot((lo, hi)).module, self.rule.anchor_index(lo, hi), lo, hi + 1,
-                         branches) for lo, hi in ordered]
+                         self.rule.map_branches) for lo, hi in ordered]
         first = ordered[0][0]
 
         def stack_below(k: int) -> list[Slot]:

@@ -72,6 +72,16 @@ def test_bad_corpora(tiny_checkpoint, tmp_path, name, write, message):
     (["--num-layers", "1", "--dtype", "float8"], "Invalid value for '--dtype'"),
     (["--num-layers", "1", "--calib-samples", "0"], "n_samples must be an integer in 1.."),
     (["--num-layers", "1", "--bogus"], "No such option '--bogus'"),
+    (["--num-layers", "1", "--fit-samples", "0"], "fit_samples must be an integer in 1.."),
+    (["--num-layers", "1", "--fit-seq-len", "1"], "fit_seq_len must be an integer in 2.."),
+    (["--num-layers", "1", "--calib-sampling", "random"], "Invalid value for '--calib-sampling'"),
+    (["--num-layers", "1", "--param", "ridge=-1"], "ridge must be a finite number >= 0"),
+    (["--num-layers", "1", "--param", "ridge=inf"], "expected a finite number"),
+    (["--num-layers", "1", "--merge", "calibrated", "--param", "ridge=0.1"],
+     "ridge applies to merge rules with a fitted map"),
+    (["--num-layers", "1", "--merge", "calibrated", "--param", "search_ridge=0.1"],
+     "search_ridge applies to merge rules with a fitted map"),
+    (["--method", "replaceme", "--num-layers", "1", "--param", "num_blocks=0"], "num_blocks must be >= 1"),
 ])
 def test_bad_parameters(tiny_checkpoint, corpus, tmp_path, args, message):
     result = run("compress", "--model", tiny_checkpoint, "--calib-data", corpus, *CALIB, *args,
@@ -248,6 +258,8 @@ def test_a_free_form_trace_never_breaks_inspect(tiny_model, tmp_path):
     ({"base": None}, "needs base="),
     ({"ratio": 1.5}, "ratio must be in (0, 1)"),
     ({"ratio": 0.2, "calib_samples": "many"}, "calib_samples must be an integer"),
+    ({"ratio": 0.2, "fit_samples": "many"}, "fit_samples must be an integer"),
+    ({"ratio": 0.2, "calib_sampling": "random"}, "calibration sampling must be one of"),
     ({"plan": "TRUNCATED"}, "not valid JSON"),
     ({"plan": "OTHER_BASE"}, "made for another base"),
 ])

@@ -5,7 +5,8 @@
 * ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``);
   ``gguf_file``: a GGUF file inside ``base``. GGUF bases are converted once to a plain checkpoint in the user cache.
 * ``plan``: a plan file to apply (its base fingerprint must match), instead of computing one; or
-* ``recipe``: a recipe file (YAML stages, e.g. slm-plus then flap) compressed into one plan; or
+* ``recipe``: a recipe file (YAML stages, e.g. slm-plus then flap) compressed into one plan (a last ``heal`` stage
+  trains the compressed model before it is evaluated); or
 * ``method`` (default ``slm-plus``, the recommended pass; ``slm`` is the faithful reproduction) with ``ratio`` |
   ``num_layers`` | ``threshold``, ``merge``, and any other parameter of that pass (``slm list`` shows them; an
   unknown key is refused with the valid ones listed); ``calib`` (calibration source, default ``wiki-leads`` for
@@ -129,9 +130,13 @@ class SLMLM(HFLM):
 
             if params:
                 raise PassError(f"recipe= names the methods and parameters; drop {', '.join(sorted(params))}")
+            from optimum_slm.recipe import split_heal
+
             stages, recipe_calibration = read_recipe(recipe)
+            stages, self.slm_heal = split_heal(stages)  # a heal stage trains the compressed model before evaluation
             self.slm_stages = resolve_stages(stages, {})
         else:
+            self.slm_heal = None
             self.slm_stages = [] if plan is not None else [get_pass(method, **params)]
         self.slm_pass = self.slm_stages[0] if len(self.slm_stages) == 1 else None
         self.slm_base = str(base)
@@ -189,6 +194,14 @@ class SLMLM(HFLM):
             plan, origin = self._cached_or_computed_plan(model)
         apply_plan(model, plan, strict=True)
         self.slm_plan = plan
+        if self.slm_heal is not None:
+            from optimum_slm.healing import heal_model
+
+            model, record = heal_model(model, self.tokenizer, self.slm_heal)
+            self._model = model
+            plan.heal_record = record
+            logger.info("slm: healed (%s): validation loss %.4f -> %.4f after %d steps", record["method"],
+                        record["val_loss_before"], record["val_loss_best"], record["steps"])
         after = ArchAdapter(model).num_layers
         logger.info("slm: evaluating %s compressed by %s: %d -> %d layers, %s -> %s parameters (%s)",
                     self.slm_base, plan.method, before, after, f"{params_before:,}", f"{param_count(model):,}",

@@ -2,6 +2,7 @@
 
     plan = optimum_slm.compress(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
     optimum_slm.apply_plan(model, plan)
+    optimum_slm.heal("compressed/", "healed/", data="wiki-leads", method="lora")
 
 The public API is imported lazily so that ``import optimum_slm`` (and ``optimum-cli``'s command discovery) stays
 cheap; torch and transformers load on first use of a name below.
@@ -39,6 +40,9 @@ _EXPORTS = {
     "MERGE_RULES": "optimum_slm.merge",
     "MergeRule": "optimum_slm.merge",
     "SLMCompressor": "optimum_slm.compressor",
+    "heal": "optimum_slm.healing",
+    "heal_model": "optimum_slm.healing",
+    "HealConfig": "optimum_slm.healing",
     "hookimpl": "optimum_slm.hookspecs",
     "SLMError": "optimum_slm.errors",
     "PlanError": "optimum_slm.errors",

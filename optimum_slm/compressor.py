@@ -39,12 +39,22 @@ def save_compressed(
     overwrite: bool = False,
     save_dtype: str | torch.dtype | None = None,
     command: str | None = None,
+    heal_record: dict[str, Any] | None = None,
 ) -> str:
     """Write checkpoint + tokenizer + plan + model card atomically into ``save_directory``.
 
-    ``save_dtype`` (e.g. ``bfloat16``) converts the model before writing it.
+    ``save_dtype`` (e.g. ``bfloat16``) converts the model before writing it. ``heal_record`` (the model was healed
+    after compression) adds ``slm_heal.json`` and a healing section to the card.
     """
     target = check_output_dir(save_directory, overwrite)
+    if heal_record is not None:
+        from .healing import save_healed
+
+        card = model_card(plan, params_before, param_count(model), command=command,
+                          dtype=str(resolve_save_dtype(save_dtype) if save_dtype else next(model.parameters()).dtype)
+                          .replace("torch.", ""))
+        return save_healed(model, tokenizer, heal_record, target, plan=plan, card=card, overwrite=overwrite,
+                           save_dtype=save_dtype)
     if save_dtype is not None:
         model.to(resolve_save_dtype(save_dtype))
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -139,22 +149,26 @@ class SLMCompressor:
                  overwrite: bool = False, plan_only: bool = False, n_samples: int = 10, seq_len: int = 128,
                  seed: int = 1234, text_field: str = "text", cache: CacheSpec = True, check: bool = True,
                  save_dtype: str | torch.dtype | None = None, command: str | None = None,
-                 **params: Any) -> CompressionPlan:
+                 heal: Any = None, **params: Any) -> CompressionPlan:
         """Plan with ``method``, check the result's quality, and write ``save_directory`` (checkpoint + plan + card;
         ``plan_only``: the plan).
 
         ``check``: measure the base's and the result's perplexity and final-state cosine on calibration-corpus text
         the pass did not see; stored as ``plan.quality_check`` (skipped when there is no calibration text).
         ``save_dtype`` converts the written checkpoint (e.g. ``"bfloat16"``); ``command`` goes into the model card.
+        ``heal`` (a ``HealConfig``, a recipe's ``heal`` stage) trains the compressed model before it is written
+        (after the quality check, which describes the plan); the run's record is ``plan.heal_record``.
         """
         if save_dtype is not None:
             resolve_save_dtype(save_dtype)
+        if heal is not None and plan_only:
+            raise SLMError("healing changes the weights, so it needs a checkpoint: drop the heal stage or --plan-only")
         with claim_output(save_directory, overwrite):
             return self._compress(save_directory, method, calibration, overwrite, plan_only, n_samples, seq_len,
-                                  seed, text_field, cache, check, save_dtype, command, params)
+                                  seed, text_field, cache, check, save_dtype, command, heal, params)
 
     def _compress(self, save_directory, method, calibration, overwrite, plan_only, n_samples, seq_len, seed,
-                  text_field, cache, check, save_dtype, command, params) -> CompressionPlan:
+                  text_field, cache, check, save_dtype, command, heal, params) -> CompressionPlan:
         ids = self.calibration_ids(calibration, n_samples, seq_len, seed, text_field)  # kept: the check reads them
         plan = self.plan(method, ids, cache=cache, **params)
         model = self.model
@@ -173,6 +187,12 @@ class SLMCompressor:
             self._consumed = True
             if probe is not None:
                 plan.stages[-1].trace["quality_check"] = probe.run(model)
+            record = None
+            if heal is not None:
+                from .healing import heal_model
+
+                model, record = heal_model(model, self.tokenizer, heal)
+                plan.heal_record = record
             save_compressed(model, self.tokenizer, plan, save_directory, before, overwrite=overwrite,
-                            save_dtype=save_dtype, command=command)
+                            save_dtype=save_dtype, command=command, heal_record=record)
         return plan

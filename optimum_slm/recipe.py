@@ -6,7 +6,14 @@
       - method: flap
         ratio: 0.2
 
-Each stage names a pass and its parameters; each plans on the model the stages before it produced. An optional
+Each stage names a pass and its parameters; each plans on the model the stages before it produced. A last stage
+``heal: lora`` (or ``tail``) with ``HealConfig`` settings (``data`` is required) trains the compressed model before
+it is written (``slm compress --recipe``), e.g.::
+
+      - heal: lora
+        data: wiki-leads
+        max_steps: 200
+ An optional
 ``calibration`` mapping sets the calibration data of the run (any of ``source``, ``n_samples``, ``seq_len``,
 ``seed``, ``text_field``, ``sampling``, ``fit_samples``, ``fit_seq_len``; see ``CalibrationConfig``); a value given
 explicitly on the command line wins over the recipe's. A recipe is checked in full when it is read — unknown keys, unknown passes or parameters, out-of-range values — with one line
@@ -76,8 +83,39 @@ def parse_calibration(data: Any, where: str = "recipe") -> dict[str, Any]:
     return dict(block)
 
 
+def split_heal(stages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+    """A validated recipe's compression stages and its ``HealConfig`` (None when it has no ``heal`` stage)."""
+    if stages and "heal" in stages[-1]:
+        from .healing import HealConfig
+
+        last = stages[-1]
+        settings = {key: value for key, value in last.items() if key != "heal"}
+        return stages[:-1], HealConfig.from_dict({"method": last["heal"], **settings})
+    return stages, None
+
+
+def _check_heal_stage(stage: dict[str, Any], k: int, n: int, where: str) -> None:
+    from .healing import HealConfig, HealError
+
+    if "method" in stage:
+        raise RecipeError(f"{where}: stage {k} has both 'heal' and 'method'; a heal stage is 'heal: lora' or "
+                          "'heal: tail' with its settings")
+    if k != n or k == 1:
+        raise RecipeError(f"{where}: stage {k}: a heal stage must be the last stage and follow a compression "
+                          "stage (a plan rebuilds the model before healing)")
+    settings = {key: value for key, value in stage.items() if key != "heal"}
+    try:
+        config = HealConfig.from_dict({"method": stage["heal"], **settings}, where=f"{where}: stage {k} (heal)")
+    except HealError as exc:
+        message = str(exc)
+        raise RecipeError(message if message.startswith(where) else f"{where}: stage {k} (heal): {message}") from None
+    if config.data is None:
+        raise RecipeError(f"{where}: stage {k} (heal) needs 'data' (the training text)")
+
+
 def parse_recipe(data: Any, where: str = "recipe") -> list[dict[str, Any]]:
-    """Validate a recipe object (``{"stages": [...]}``) and return its stages."""
+    """Validate a recipe object (``{"stages": [...]}``) and return its stages (a last ``heal`` stage included; see
+    ``split_heal``)."""
     from .registry import get_pass
 
     if not isinstance(data, dict):
@@ -90,6 +128,10 @@ def parse_recipe(data: Any, where: str = "recipe") -> list[dict[str, Any]]:
         raise RecipeError(f"{where}: 'stages' must be a non-empty list")
     out = []
     for k, stage in enumerate(stages, 1):
+        if isinstance(stage, dict) and "heal" in stage:
+            _check_heal_stage(stage, k, len(stages), where)
+            out.append(dict(stage))
+            continue
         if not isinstance(stage, dict) or not isinstance(stage.get("method"), str):
             raise RecipeError(f"{where}: stage {k} must be a mapping with a 'method', got {stage!r}")
         params = {key: value for key, value in stage.items() if key != "method"}

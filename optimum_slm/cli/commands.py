@@ -297,7 +297,13 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
         if params or explicit:
             raise click.UsageError("--recipe names the methods and their parameters; drop --method, --ratio, "
                                    "--num-layers, --threshold, --merge and --param")
+        from ..recipe import split_heal
+
         stages, recipe_calibration = read_recipe(recipe)
+        stages, heal_config = split_heal(stages)
+        if heal_config is not None and plan_only:
+            raise click.UsageError("the recipe's heal stage trains the weights, so it needs a checkpoint: drop "
+                                   "--plan-only or the heal stage")
         # the recipe's calibration settings fill in what the command line left at its defaults
         options = {"source": "calib_data", "n_samples": "calib_samples", "seq_len": "calib_seq_len", "seed": "seed",
                    "text_field": "text_field", "sampling": "calib_sampling", "fit_samples": "fit_samples",
@@ -313,6 +319,7 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
         needs_data = any(get_pass(s["method"], **{k: v for k, v in s.items() if k != "method"}).needs_calibration
                          for s in stages)
     else:
+        heal_config = None
         needs_data = get_pass(method, **params).needs_calibration
     if calib_data is None:
         from ..assets import WIKI_PACKAGE, package_dir
@@ -329,7 +336,8 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
                                                    allow_download=allow_download, allow_pickle=allow_pickle)
         plan = compressor.compress(target, method=method, calibration=calibration if calib_data else None,
                                    overwrite=overwrite, plan_only=plan_only, cache=_plan_cache(no_cache),
-                                   check=not no_check, save_dtype=save_dtype, command=_command_line(ctx), **params)
+                                   check=not no_check, save_dtype=save_dtype, command=_command_line(ctx),
+                                   heal=heal_config, **params)
     if plan.reused_from:
         click.echo(f"reused the cached plan {plan.reused_from} (--no-cache recomputes it)")
     click.echo(plan.summary())
@@ -337,7 +345,12 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
         fit = f", of which fitting {timing['fit_seconds']:.1f} s" if "fit_seconds" in timing else ""
         click.echo(f"planned {timing['method']} in {timing['seconds']:.1f} s{fit}")
     _echo_check(plan, no_check)
-    files = f"{PLAN_FILE} (plan only)" if plan_only else f"checkpoint, {PLAN_FILE}, README.md"
+    if plan.heal_record is not None:
+        from .heal import describe_run
+
+        click.echo(describe_run(plan.heal_record))
+    files = f"{PLAN_FILE} (plan only)" if plan_only else f"checkpoint, {PLAN_FILE}, README.md" + (
+        ", slm_heal.json" if plan.heal_record is not None else "")
     click.echo(f"wrote {target} ({files}, {_size(target)}) in {_duration(time.perf_counter() - started)}")
 
 
@@ -435,3 +448,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 from .analysis import register_commands  # noqa: E402
 
 register_commands(cli)
+from .heal import register_commands as register_heal  # noqa: E402
+
+register_heal(cli)

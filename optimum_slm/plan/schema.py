@@ -180,6 +180,9 @@ class CompressionPlan:
     #: wall-clock seconds of the run that made this plan, per stage (``{"method", "seconds", ...}``); kept out of the
     #: file so a plan's bytes depend only on what was found (empty for a loaded or cached plan)
     timings: list = field(default_factory=list, init=False, compare=False, repr=False)
+    #: the record of the healing run that followed this plan in the same command (a recipe's ``heal`` stage; written
+    #: to ``slm_heal.json``, not into the plan: the plan rebuilds the model before healing)
+    heal_record: dict | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.shape_after = self.validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..assets import base_identity
@@ -90,4 +91,32 @@ def model_card(plan: CompressionPlan, params_before: int, params_after: int, *, 
     side = " and its side-car `slm_plan.safetensors`" if plan.tensors else ""
     lines += [f"`{PLAN_FILE}`{side} rebuild this model from the base: "
               f"`slm apply --model <base> --plan {PLAN_FILE} --output DIR`.", ""]
+    return "\n".join(lines)
+
+
+def healing_section(record: dict[str, Any], number: int = 1) -> str:
+    """The model card's section on one healing run (``slm heal`` or a recipe's ``heal`` stage)."""
+    data, config = record["data"], record["config"]
+    title = "## Healing" + (f" (run {number})" if number > 1 else "")
+    before, best = record["val_loss_before"], record["val_loss_best"]
+    lines = [
+        title,
+        "",
+        f"These weights were trained after compression, so `{PLAN_FILE}` rebuilds the compressed model *before* "
+        "healing; `slm_heal.json` records the run.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | `{record['method']}`: {record['trained']} ({record['trainable_parameters']:,} trainable "
+        "parameters) |",
+        f"| data | `{data['source']}` ({data['format']}): {data['train_examples']:,} training sequences "
+        f"({data['train_tokens']:,} tokens), {data['val_examples']:,} held out for validation |",
+        f"| schedule | lr {config['lr']:g}, {config['batch_size']} × {config['grad_accum']} sequences a step, "
+        f"warm-up {config['warmup_steps']}, cutoff {config['cutoff_len']}, {record['precision']} |",
+        f"| steps | {record['steps']:,} of {record['planned_steps']:,} planned ({record['tokens_trained']:,} tokens); "
+        f"{record['stopped']} |",
+        f"| validation loss | {before:.4f} → {best:.4f} (perplexity {math.exp(before):,.2f} → {math.exp(best):,.2f}); "
+        f"kept {record['kept']} |",
+        "",
+    ]
     return "\n".join(lines)

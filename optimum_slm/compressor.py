@@ -55,11 +55,12 @@ def save_compressed(
                           .replace("torch.", ""))
         return save_healed(model, tokenizer, heal_record, target, plan=plan, card=card, overwrite=overwrite,
                            save_dtype=save_dtype)
-    if save_dtype is not None:
-        model.to(resolve_save_dtype(save_dtype))
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    from .engine.lazy import save_model
+
+    dtype_to = resolve_save_dtype(save_dtype) if save_dtype is not None else None
+    dtype = str(dtype_to or next(model.parameters()).dtype).replace("torch.", "")
     with AtomicDir(target, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, dtype_to)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(os.path.join(tmp, PLAN_FILE))  # and slm_plan.safetensors when the plan has tensors
@@ -180,7 +181,12 @@ class SLMCompressor:
             probe = QualityCheck.prepare(model, self.tokenizer, unseen, source)
         if plan_only:  # the compressor's model stays the base; the check runs on a copy
             if probe is not None:
-                plan.stages[-1].trace["quality_check"] = probe.run(apply_plan(copy.deepcopy(model), plan))
+                from .engine import is_lazy_model
+
+                if is_lazy_model(model):  # a lazy model cannot be copied; its layers are the checkpoint's anyway
+                    self._consumed = True
+                checked = apply_plan(model if is_lazy_model(model) else copy.deepcopy(model), plan)
+                plan.stages[-1].trace["quality_check"] = probe.run(checked)
             save_plan_only(plan, save_directory, overwrite)
         else:
             apply_plan(model, plan)

@@ -215,9 +215,13 @@ def load_model(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     allow_pickle: bool = False,
+    lazy: bool = False,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` for a checkpoint folder, hub id (offline cache), GGUF file or alias.
+
+    ``lazy``: keep the decoder layers on the meta device, read from the safetensors shards only while they are used
+    (``engine.lazy.load_lazy_model``; for models larger than the memory budget).
 
     ``dtype``: None/"auto" keeps the checkpoint's dtype (GGUF bases are fp32); ``device``: cpu, cuda or auto.
     Weights load from safetensors only (``allow_pickle=True`` accepts pickle checkpoints: unsafe) and nothing is
@@ -233,7 +237,15 @@ def load_model(
     local = {} if allow_download else {"local_files_only": True}
     try:
         layer_widths = _layer_widths(path)
-        if layer_widths:
+        if lazy:
+            if layer_widths or allow_pickle:
+                raise ModelLoadError(f"{name_or_path}: streaming (--max-memory) needs a safetensors checkpoint with "
+                                     "uniform layer widths")
+            from .engine.lazy import load_lazy_model
+
+            model = load_lazy_model(path, torch_dtype if torch_dtype not in (None, "auto") else None, dev,
+                                    trust_remote_code=trust_remote_code)
+        elif layer_widths:
             model = _load_with_layer_widths(path, torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -248,7 +260,8 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dev)
+    if not lazy:  # a lazy model was built on its device; its meta layers cannot move
+        model.to(dev)
     model.eval()
     model.name_or_path = name_or_path if resolve_model_alias(name_or_path) else getattr(model, "name_or_path", path)
     return model, tokenizer

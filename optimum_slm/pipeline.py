@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationConfig, describe_calibration, fit_ids as drawn_fit_ids, load_calibration
-from .engine import ForwardEngine
+from .engine import engine_for, is_lazy_model
 from .errors import PassError, SLMError
 from .passes.base import CompressionPass
 from .plan import CompressionPlan, Stage, describe_base, fingerprint, kind_of
@@ -212,9 +212,16 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
         if plan is None:
             work, slots = model, None
         else:  # plan on the model the earlier stages produced; positions map back to base layers
+            if is_lazy_model(model):
+                raise SLMError("a recipe of several stages plans on an in-memory model; the streaming engine "
+                               "(--max-memory) runs one stage at a time")
             work = apply_plan(copy.deepcopy(model), plan, strict=False)
             slots = list(plan.shape_after.layers)
-        engine = ForwardEngine(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
+        if is_lazy_model(work) and not p.streams:
+            raise SLMError(f"pass {p.name!r} reads every layer's weights at once (or their gradients), so it needs the "
+                           "model in memory; run it without --max-memory (streaming: sleb, shortgpt, angular, slm, "
+                           "slm-plus, replaceme, drop)")
+        engine = engine_for(work)(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
                                fit_ids=fit if p.needs_fit_set else None)
         started = time.perf_counter()
         result = p.run(engine)

@@ -46,6 +46,12 @@ def check_ids(tokenizer, documents: list[str], n_windows: int = CHECK_WINDOWS, s
 @torch.inference_mode()
 def _measure(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> tuple[float, list[torch.Tensor]]:
     """Perplexity of ``model`` on ``ids`` and its final post-norm hidden states per batch."""
+    from .engine import SequentialEngine, is_lazy_model
+
+    if is_lazy_model(model):  # layers read from the checkpoint one at a time
+        engine = SequentialEngine(model, ids, batch_size=batch_size).record_layer_inputs()
+        total, count = engine.token_nll(engine.base_final)
+        return perplexity_of(total / count), [h.float().cpu() for h in engine.base_final]
     adapter = ArchAdapter(model)
     device = next(model.parameters()).device
     total, count, finals = 0.0, 0, []

@@ -310,7 +310,12 @@ class ArchAdapter:
 
 
 def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """A decoder layer's parameters by relative name (detached views, no copy)."""
+    """A decoder layer's parameters by relative name (detached views, no copy; a lazy layer's are read from its
+    checkpoint)."""
+    from ..engine.lazy import is_lazy, lazy_state
+
+    if is_lazy(layer) and any(p.is_meta for p in layer.parameters()):
+        return lazy_state(layer)
     return {name: p.detach() for name, p in layer.named_parameters()}
 
 
@@ -320,6 +325,10 @@ def load_layer_state(layer: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
     missing = set(params) - set(state)
     if missing:
         raise KeyError(f"merged state lacks {sorted(missing)}")
+    if any(p.is_meta for p in params.values()):  # a copy of a lazy layer: its tensors are given, not copied into
+        layer.load_state_dict({name: state[name].to(dtype=p.dtype) for name, p in params.items()}, strict=False,
+                              assign=True)
+        return
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name].to(dtype=p.dtype, device=p.device))

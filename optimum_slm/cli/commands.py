@@ -149,6 +149,57 @@ def model_options(func):
     return func
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``2GiB``, ``500MB``, ``1.5GB``, ``4096`` (bytes) -> bytes; a one-line error otherwise."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise click.BadParameter(f"expected a size like 2GiB or 500MB, got {text!r}", param_hint="'--max-memory'")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def streams_layers(model: str, gguf_file: str | None, max_memory: str | None) -> bool:
+    """Whether to plan and write with the model's layers streamed from disk (the sequential engine).
+
+    With ``--max-memory``: when the weight files exceed half the budget (applying a plan and the checks make
+    copies); without it: when they exceed 70% of the memory the machine has available.
+    """
+    size = _weights_size(model, gguf_file)
+    if size is None:
+        if max_memory is not None:
+            raise SLMError("--max-memory streams layers from safetensors shards: give a checkpoint folder")
+        return False
+    if max_memory is not None:
+        return size > parse_size(max_memory) // 2
+    available = _available_memory()
+    return available is not None and size > 0.7 * available
+
+
+def memory_option(func):
+    """``--max-memory``: the budget that chooses the in-memory or the sequential (streaming) engine."""
+    return click.option("--max-memory", default=None, metavar="SIZE",
+                        help="Memory budget (e.g. 2GiB): a model whose weights exceed half of it is planned and "
+                             "written with its layers streamed from the safetensors shards, one at a time "
+                             "(default: stream when the weights exceed 70% of the available memory).")(func)
+
+
 def _parse_param(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip()
@@ -261,6 +312,7 @@ def cli() -> None:
               help="Skip the quality check (perplexity and final-state cosine on unseen calibration text).")
 @click.option("--save-dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Write the checkpoint in this dtype (default: the dtype the model was loaded in).")
+@memory_option
 @quiet_option
 @click.pass_context
 def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str | None, device: str,
@@ -269,7 +321,7 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
              calib_data: str | None, calib_samples: int, calib_seq_len: int, calib_sampling: str,
              fit_samples: int, fit_seq_len: int, seed: int, text_field: str,
              output: str, plan_only: bool, overwrite: bool, extra_params: Sequence[str], recipe: str | None,
-             no_cache: bool, no_check: bool, save_dtype: str | None) -> None:
+             no_cache: bool, no_check: bool, save_dtype: str | None, max_memory: str | None) -> None:
     """Compress a model with a pass.
 
     Writes DIR: a plain checkpoint with fewer layers, slm_plan.json (+ slm_plan.safetensors) and a model card
@@ -331,9 +383,15 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     calibration = CalibrationConfig(calib_data, calib_samples, calib_seq_len, seed, text_field, calib_sampling,
                                     fit_samples, fit_seq_len)  # checks the numbers before the load
     need = None if plan_only else _weights_size(model, gguf_file)
+    lazy = streams_layers(model, gguf_file, max_memory)
+    if lazy and heal_config is not None:
+        raise click.UsageError("healing trains the whole model in memory: drop the heal stage or --max-memory")
     with claim_output(output, overwrite, need_bytes=need) as target:
+        if lazy:
+            click.echo("streaming the decoder layers from the checkpoint's shards (sequential engine)", err=True)
         compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
-                                                   allow_download=allow_download, allow_pickle=allow_pickle)
+                                                   allow_download=allow_download, allow_pickle=allow_pickle,
+                                                   lazy=lazy)
         plan = compressor.compress(target, method=method, calibration=calibration if calib_data else None,
                                    overwrite=overwrite, plan_only=plan_only, cache=_plan_cache(no_cache),
                                    check=not no_check, save_dtype=save_dtype, command=_command_line(ctx),
@@ -385,18 +443,22 @@ def _echo_check(plan, skipped: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--save-dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Write the checkpoint in this dtype (default: the dtype the model was loaded in).")
+@memory_option
 @quiet_option
 def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, allow_download: bool,
-          allow_pickle: bool, plan_file: str, output: str, overwrite: bool, save_dtype: str | None) -> None:
+          allow_pickle: bool, plan_file: str, output: str, overwrite: bool, save_dtype: str | None,
+          max_memory: str | None) -> None:
     """Rebuild a compressed checkpoint from base + plan."""
     from ..compressor import SLMCompressor
     from ..fileio import claim_output
     from ..plan import CompressionPlan
 
     plan = CompressionPlan.load(plan_file)
+    lazy = streams_layers(model, gguf_file, max_memory)
     with claim_output(output, overwrite, need_bytes=_weights_size(model, gguf_file)) as target:
         compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
-                                                   allow_download=allow_download, allow_pickle=allow_pickle)
+                                                   allow_download=allow_download, allow_pickle=allow_pickle,
+                                                   lazy=lazy)
         compressor.apply(plan, target, overwrite=overwrite, save_dtype=save_dtype)
     click.echo(f"wrote {target} (checkpoint, slm_plan.json, README.md, {_size(target)})")
     click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")

@@ -264,6 +264,12 @@ class ForwardEngine:
             count += batch_count
         return total, count
 
+    def copy_layer(self, index: int) -> nn.Module:
+        """A private, real copy of base layer ``index`` (a pass changes it without touching the model)."""
+        from .lazy import materialized_copy
+
+        return materialized_copy(self.adapter.layers[index])
+
     def base_slots(self, start: int, stop: int | None = None) -> list[Slot]:
         """The base model's own layers ``start .. stop-1`` as slots."""
         stop = self.num_layers if stop is None else stop

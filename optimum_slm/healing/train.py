@@ -100,7 +100,7 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
 
     before = evaluate()
     history = [{"step": 0, "val_loss": before}]
-    best, best_step, best_state, worse = before, 0, snapshot(), 0
+    best, best_step, best_state, worse, last_val = before, 0, snapshot(), 0, before
     step, tokens, stopped, last_loss = 0, 0, "completed", float("nan")
     net.train()
     bar = progress_bar(total=planned, desc=f"heal ({config.method})", unit="step")
@@ -136,19 +136,18 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
                 step += 1
                 last_loss = step_loss
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", val=f"{best:.3f}")
                 if step % config.eval_steps == 0 or step == planned:
-                    val = evaluate()
+                    last_val = val = evaluate()
                     history.append({"step": step, "val_loss": val, "train_loss": step_loss})
                     if val < best:
                         best, best_step, best_state, worse = val, step, snapshot(), 0
                     else:
                         worse += 1
-                    bar.set_postfix(loss=f"{step_loss:.3f}", val=f"{val:.3f}", best=f"{best:.3f}")
                     if config.patience and worse >= config.patience:
                         stopped = (f"early stop at step {step}: {worse} evaluations without a lower validation "
                                    "loss")
                         break
+                bar.set_postfix(loss=f"{step_loss:.3f}", val=f"{last_val:.3f}", best=f"{best:.3f}")
                 if step >= planned:
                     break
             else:

@@ -126,6 +126,9 @@ class CompressionPass:
     runtime_params: ClassVar[tuple[str, ...]] = ("batch_size",)
     #: whether ``run`` reads calibration data (the pipeline loads it, and refuses to run without it, when True)
     needs_calibration: ClassVar[bool] = True
+    #: whether ``run`` works on a lazy model through the sequential engine (it reads weights only through the engine
+    #: and ``arch.layer_state``); passes that read every weight or take gradients need the whole model in memory
+    streams: ClassVar[bool] = False
     #: recorded parameters the search itself settles (left out when a cached plan is checked against a request)
     search_outputs: ClassVar[tuple[str, ...]] = ()
 

@@ -8,12 +8,12 @@ final swap of its layer list. A plan that fails on any op leaves the model bit-i
 
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..engine.lazy import materialized_copy
 from ..errors import PlanError
 from .fingerprint import fingerprint_with
 from .ops import kind_of
@@ -47,7 +47,7 @@ class ApplyContext:
             raise PlanError(f"layer {slot} was already removed")
         type_index, module = self.slots[slot]
         if id(module) not in self._owned:
-            module = copy.deepcopy(module)
+            module = materialized_copy(module)  # a lazy layer's copy gets its weights from the checkpoint
             self.replace(slot, type_index, module)
         return module
 

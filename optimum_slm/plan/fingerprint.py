@@ -95,7 +95,11 @@ def _tensor_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """The v2 fingerprint of a loaded model (parameters; tied ones once, under their first name)."""
+    """The v2 fingerprint of a loaded model (parameters; tied ones once, under their first name); a lazy model's
+    (``load_lazy_model``) from its files."""
+    store = getattr(model, "slm_store", None)
+    if store is not None and any(p.is_meta for p in model.parameters()):
+        return fingerprint_files(store.folder)
     h = hashlib.sha256(b"optimum-slm fingerprint v2\n")
     h.update(_config_bytes(model))
     state = dict(model.named_parameters())

@@ -21,7 +21,6 @@ an option the official code lacks.
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ def select_non_overlapping_blocks(distances: list[float], block: int, num_blocks
 
 class ReplaceMePass(CompressionPass):
     name = "replaceme"
+    streams = True  # runs on a lazy model through the sequential engine
     description = ("ReplaceMe (NeurIPS 2025): delete the block of least angular distance, fold one least-squares "
                    "map into down_proj of the layer below (fit set)")
     params = (
@@ -107,7 +107,7 @@ class ReplaceMePass(CompressionPass):
         if removed != target:
             raise PassError(f"replaceme: only {removed} of {target} layers fit in non-overlapping blocks")
         layers = engine.adapter.layers
-        sites = [MapSite(f"{s - 1}-{e - 1}", copy.deepcopy(layers[s - 1]), s - 1, s - 1, e) for s, e in blocks]
+        sites = [MapSite(f"{s - 1}-{e - 1}", engine.copy_layer(s - 1), s - 1, s - 1, e) for s, e in blocks]
 
         def stack_below(k: int):
             # bottom-up option: the base layers from the first site's input, with the lower blocks replaced

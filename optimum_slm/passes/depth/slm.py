@@ -408,6 +408,7 @@ def removed_by(windows) -> int:
 # ---------------------------------------------------------------------------------------------- the pass
 class SLMPass(CompressionPass):
     name = "slm"
+    streams = True  # runs on a lazy model through the sequential engine
     search_outputs = ("threshold",)
     description = "Sliding-Window Merging (AAAI-26), faithful to the official SLM.py; threshold or target ratio."
     params = (

@@ -1,0 +1,243 @@
+"""Lazy models: every decoder layer stays on the meta device and is read from the checkpoint's safetensors shards
+(memory-mapped) only while something needs its weights; the rest of the model (embeddings, final norm, ``lm_head``,
+rotary tables) is loaded for real.
+
+The read sites are few and central: ``arch.layer_state`` (what merges, fits and plan ops read), the engines'
+``materialized`` (a layer run on calibration data) and ``ApplyContext.writable`` (a layer an op changes in place).
+A copy of a lazy layer (``copy.deepcopy``) is an ordinary module, never lazy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+
+#: lazy layers: module -> (store, the prefix of its tensors in the checkpoint, e.g. "model.layers.7.")
+_LAZY: "weakref.WeakKeyDictionary[nn.Module, tuple[TensorStore, str]]" = weakref.WeakKeyDictionary()
+
+
+class TensorStore:
+    """The tensors of a safetensors checkpoint folder (one file or shards with an index), read on demand.
+
+    Each shard is opened once with ``safe_open`` (a memory map); ``read`` copies the requested tensors out, cast to
+    ``dtype``.
+    """
+
+    def __init__(self, folder: str, dtype: torch.dtype | None = None):
+        from safetensors import safe_open
+
+        self.folder = folder
+        self.dtype = dtype
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh).get("weight_map") or {}
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+            files, weight_map = ["model.safetensors"], None
+        else:
+            raise ModelLoadError(f"{folder}: streaming needs safetensors weights (model.safetensors or an index)")
+        self._handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
+        if weight_map is None:
+            weight_map = {name: files[0] for name in self._handles[files[0]].keys()}
+        self.weight_map: dict[str, str] = weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ModelLoadError(f"{self.folder}: the checkpoint has no tensor {name!r}")
+        t = self._handles[self.weight_map[name]].get_tensor(name)
+        # always a private copy: the tensor may share the file's memory map, and a fold or an in-place update of a
+        # layer built from it would otherwise change what every later read returns
+        dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+        return t.to(dtype, copy=True)
+
+    def nbytes(self) -> int:
+        """Size of the weight files on disk."""
+        return sum(os.path.getsize(os.path.join(self.folder, f)) for f in self._handles)
+
+
+def register_lazy(layer: nn.Module, store: TensorStore, prefix: str) -> None:
+    _LAZY[layer] = (store, prefix)
+
+
+def is_lazy(module: nn.Module) -> bool:
+    return module in _LAZY
+
+
+class LazyState(Mapping):
+    """A lazy layer's parameters by relative name, each read from the checkpoint when it is looked up: a merge rule
+    that walks tensor by tensor holds one tensor of each window layer at a time, never whole layers."""
+
+    def __init__(self, store: "TensorStore", prefix: str, names: list[str]):
+        self.store, self.prefix, self.names = store, prefix, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.store.read(self.prefix + name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def lazy_state(layer: nn.Module) -> LazyState:
+    """A lazy layer's parameters by relative name, read from its checkpoint on lookup."""
+    store, prefix = _LAZY[layer]
+    return LazyState(store, prefix, [name for name, _ in layer.named_parameters()])
+
+
+@contextmanager
+def materialized(module: nn.Module, device: torch.device | str | None = None) -> Iterator[nn.Module]:
+    """The module with real weights for the duration of the block: a lazy layer is read in (on ``device``) and
+    released after; any other module is yielded as it is."""
+    if module not in _LAZY or not any(p.is_meta for p in module.parameters()):
+        yield module
+        return
+    state = {k: (v.to(device) if device is not None else v) for k, v in lazy_state(module).items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    try:
+        yield module
+    finally:
+        module.to("meta")
+
+
+def materialized_copy(module: nn.Module) -> nn.Module:
+    """A real (not lazy) copy of ``module``; for a lazy layer its weights are read from the checkpoint."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    if module in _LAZY and any(p.is_meta for p in module.parameters()):
+        clone.load_state_dict(dict(lazy_state(module)), strict=False, assign=True)
+    return clone
+
+
+def is_lazy_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` lives on the meta device (a model loaded by ``load_lazy_model``)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def layers_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the decoder layer list (``model.layers``)."""
+    from ..arch import ArchAdapter
+
+    layers = ArchAdapter(model).layers
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise ModelLoadError("cannot locate the decoder layers in the model")  # pragma: no cover
+
+
+def load_lazy_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    trust_remote_code: bool = False) -> nn.Module:
+    """The model of checkpoint folder ``path`` with lazy decoder layers (see the module docstring)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..arch import ArchAdapter
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    store = TensorStore(path)
+    file_dtype = next((store.read(n).dtype for n in store.names() if "layers." in n), torch.float32)
+    store.dtype = dtype or (file_dtype if file_dtype.is_floating_point else torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=store.dtype, trust_remote_code=trust_remote_code)
+    prefix = layers_prefix(model)
+    rest = {name: store.read(name).to(device) for name in store.names() if not name.startswith(prefix + ".")}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if unexpected:
+        raise ModelLoadError(f"{path}: unexpected tensors {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    left = [name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix + ".")]
+    if left:
+        raise ModelLoadError(f"{path}: the checkpoint lacks {left[:3]}")
+    for j, layer in enumerate(ArchAdapter(model).layers):
+        register_lazy(layer, store, f"{prefix}.{j}.")
+    model.eval()
+    model.slm_store = store
+    return model
+
+
+def _shard_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def write_weights(model: nn.Module, folder: str, max_shard_bytes: int = 1 << 30, dtype: torch.dtype | None = None
+                  ) -> None:
+    """Write ``model``'s weights into ``folder`` as ``save_pretrained`` names them (tied parameters once, under their
+    first name; ``model.safetensors`` or shards with ``model.safetensors.index.json``), tensor by tensor: a lazy
+    layer's tensors are copied from its checkpoint under the layer's new index, so the whole model never exists
+    in memory. At most one shard (``max_shard_bytes``) is held at a time."""
+    from safetensors.torch import save_file
+
+    from ..arch import ArchAdapter
+
+    prefix = layers_prefix(model)
+    layers = ArchAdapter(model).layers
+    persistent = set(model.state_dict())
+    named = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in persistent]
+
+    def tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+        if value.is_meta and name.startswith(prefix + "."):
+            index, _, rel = name[len(prefix) + 1 :].partition(".")
+            layer = layers[int(index)]
+            if layer in _LAZY:
+                store, lazy_prefix = _LAZY[layer]
+                value = store.read(lazy_prefix + rel)
+        if value.is_meta:
+            raise ModelLoadError(f"cannot write {name}: it has no weights")  # pragma: no cover - a bug
+        value = value.detach()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        return value.contiguous().cpu()
+
+    shards: list[list[str]] = [[]]
+    sizes = [0]
+    nbytes = {name: value.numel() * (dtype.itemsize if dtype is not None and value.is_floating_point()
+                                     else value.element_size()) for name, value in named}
+    for name, _ in named:  # plan the shards by size first, then read and write one shard at a time
+        if shards[-1] and sizes[-1] + nbytes[name] > max_shard_bytes:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(name)
+        sizes[-1] += nbytes[name]
+    values = dict(named)
+    weight_map = {}
+    for k, names in enumerate(shards, 1):
+        file = "model.safetensors" if len(shards) == 1 else _shard_name(k, len(shards))
+        save_file({name: tensor(name, values[name]) for name in names}, os.path.join(folder, file),
+                  metadata={"format": "pt"})
+        weight_map.update({name: file for name in names})
+    if len(shards) > 1:
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+
+def save_model(model: nn.Module, folder: str, dtype: torch.dtype | None = None) -> None:
+    """``save_pretrained`` for an ordinary model; config, generation config and streamed weights for a lazy one."""
+    if not is_lazy_model(model):
+        if dtype is not None:
+            model.to(dtype)
+        model.save_pretrained(folder)
+        return
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    write_weights(model, folder, dtype=dtype)

@@ -1,0 +1,156 @@
+"""The sequential engine: the ``ForwardEngine`` interface for a lazy model (``engine.lazy.load_lazy_model``), whose
+decoder layers are read from the checkpoint only while they run.
+
+* Recording runs layer-outer: every calibration batch goes through layer ``i`` before layer ``i + 1`` is read, so
+  each layer is read once per sweep. The call kwargs of every layer (masks by layer type, position embeddings) come
+  from one cheap forward of the decoder with each layer replaced by a probe that records its arguments and returns
+  its input.
+* ``run_layers`` is layer-outer too (the same computations as the in-memory engine, in another order: results are
+  bit-identical); each slot's module is read in once for all batches.
+* ``stream_fit`` runs the fit set batch by batch (memory does not grow with it); each layer is read once per batch.
+
+Recorded activations stay on ``storage_device`` (the CPU by default), never the weights of more than one base layer
+at a time (a window being merged reads its layers together).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..metrics import Batches
+from ..progress import progress_bar
+from .lazy import materialized
+from .memory import _DROP_KWARGS, FitBatch, ForwardEngine, Slot, call_layer
+
+
+class _Probe(nn.Module):
+    """Stands in for decoder layer ``index`` during a probing forward: records the call, returns the input."""
+
+    def __init__(self, index: int, sink: Callable[[int, torch.Tensor, dict[str, Any]], None], real: nn.Module):
+        super().__init__()
+        self.index, self.sink = index, sink
+        if hasattr(real, "attention_type"):  # some decoders pick the mask by the layer's attribute
+            self.attention_type = real.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink(self.index, hidden_states, kwargs)
+        return hidden_states
+
+
+def probe_calls(adapter, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The hidden state entering layer 0 for ``ids`` and every layer's call kwargs, without running any layer."""
+    layers = adapter.decoder.layers
+    first: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = [{} for _ in range(len(layers))]
+
+    def sink(i: int, hidden: torch.Tensor, kw: dict[str, Any]) -> None:
+        if i == 0:
+            first.append(hidden.detach())
+        kwargs[i] = {k: v for k, v in kw.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+
+    adapter.decoder.layers = nn.ModuleList([_Probe(i, sink, layer) for i, layer in enumerate(layers)])
+    try:
+        adapter.decoder(input_ids=ids.to(device), use_cache=False)
+    finally:
+        adapter.decoder.layers = layers
+    return first[0], kwargs
+
+
+class SequentialEngine(ForwardEngine):
+    """``ForwardEngine`` for lazy models: layers are read in while they run (see the module docstring)."""
+
+    @torch.inference_mode()
+    def record_layer_inputs(self) -> "SequentialEngine":
+        if self._recorded:
+            return self
+        self.require_calibration("the forward engine", 1)
+        n = self.num_layers
+        self.inputs = [[] for _ in range(n + 1)]
+        self.layer_kwargs = [[] for _ in range(n)]
+        hidden: Batches = []
+        for ids in self.batches():
+            h, kwargs = probe_calls(self.adapter, ids, self.device)
+            hidden.append(h)
+            for i in range(n):
+                self.layer_kwargs[i].append(kwargs[i])
+        layers = self.adapter.layers
+        with progress_bar(desc="recording layers", unit="layer", total=n) as bar:
+            for i in range(n):
+                self.inputs[i] = [h.to(self.storage_device) for h in hidden]
+                with self._on_device(layers[i]):
+                    hidden = [self._call(layers[i], i, b, hidden[b]) for b in range(len(hidden))]
+                bar.update(1)
+        self.inputs[n] = [h.to(self.storage_device) for h in hidden]
+        # count the recording as the in-memory engine does (its decoder forward is not counted, only the last layer's
+        # re-run), so a plan's trace is the same whichever engine made it
+        self.layer_tokens -= (n - 1) * self.input_ids.numel()
+        self.base_final = [self.adapter.final_norm(h.to(self.device)).to(self.storage_device) for h in hidden]
+        self._recorded = True
+        return self
+
+    @torch.inference_mode()
+    def run_layers(self, slots: Sequence[Slot | tuple[nn.Module, int]], start: int | Batches, final_norm: bool = True,
+                   slot_inputs: list[Batches] | None = None) -> Batches:
+        self.record_layer_inputs()
+        slots = [s if isinstance(s, Slot) else Slot(*s) for s in slots]
+        hidden = [h.to(self.device) for h in (self.inputs[start] if isinstance(start, int) else start)]
+        if slot_inputs is not None:
+            slot_inputs[:] = [[] for _ in range(len(slots) + 1)]
+        for k, slot in enumerate(slots):
+            if slot_inputs is not None:
+                slot_inputs[k] = [h.to(self.storage_device) for h in hidden]
+            with self._on_device(slot.module):
+                hidden = [self._call(slot.module, slot.type_index, b, hidden[b]) for b in range(len(hidden))]
+        if slot_inputs is not None:
+            slot_inputs[-1] = [h.to(self.storage_device) for h in hidden]
+        return [self.adapter.final_norm(h) for h in hidden] if final_norm else hidden
+
+    @torch.inference_mode()
+    def stream_fit(self, points: Sequence[int], desc: str = "fitting",
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[FitBatch]:
+        keep = reduce or (lambda h: h)
+        ids_all = self.fit_set("stream_fit")
+        n, top = self.num_layers, max(points)
+        wanted = set(points)
+        layers = self.adapter.layers
+        with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
+            for start in range(0, ids_all.shape[0], self.fit_batch_size):
+                ids = ids_all[start : start + self.fit_batch_size]
+                batch = FitBatch(self, ids)
+                h, kwargs = probe_calls(self.adapter, ids, self.device)
+                batch.kwargs = dict(enumerate(kwargs))
+                for i in range(min(top, n) + 1):
+                    if i in wanted:
+                        batch.inputs[i] = keep(h.detach())
+                    if i == min(top, n):
+                        break
+                    with self._on_device(layers[i]):
+                        h = call_layer(layers[i], kwargs[i], h)
+                self.fit_layer_tokens += ids.numel() * min(top + 1, n)
+                yield batch
+                bar.update(ids.shape[0])
+
+    def _on_device(self, module: nn.Module):
+        return _Materialized(module, self.device, super()._on_device)
+
+
+class _Materialized:
+    """A lazy layer read in (onto the compute device) for the duration of a call; other modules are moved to the
+    compute device as the in-memory engine does."""
+
+    def __init__(self, module: nn.Module, device: torch.device, fallback: Callable):
+        self.module, self.device, self.fallback = module, device, fallback
+        self.inner = None
+
+    def __enter__(self) -> nn.Module:
+        if any(p.is_meta for p in self.module.parameters()):
+            self.inner = materialized(self.module, self.device)
+        else:
+            self.inner = self.fallback(self.module)
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc) -> bool:
+        return self.inner.__exit__(*exc)

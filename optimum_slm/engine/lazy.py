@@ -10,7 +10,9 @@ A copy of a lazy layer (``copy.deepcopy``) is an ordinary module, never lazy.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -25,47 +27,83 @@ from ..errors import ModelLoadError
 _LAZY: "weakref.WeakKeyDictionary[nn.Module, tuple[TensorStore, str]]" = weakref.WeakKeyDictionary()
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(path: str) -> tuple[int, dict]:
+    """A safetensors file's data offset and header (tensor name -> dtype, shape, data_offsets)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ModelLoadError(f"{path} is not a safetensors file")
+        n = struct.unpack("<Q", raw)[0]
+        if n > 100_000_000:
+            raise ModelLoadError(f"{path} is not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise ModelLoadError(f"{path} has a corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
 class TensorStore:
     """The tensors of a safetensors checkpoint folder (one file or shards with an index), read on demand.
 
-    Each shard is opened once with ``safe_open`` (a memory map); ``read`` copies the requested tensors out, cast to
-    ``dtype``.
+    Tensors are read with plain file reads into private buffers, not through a memory map: pages of a mapped file
+    count in the process's resident memory once touched, so a map would end up holding every layer that ran.
+    ``read`` returns a private tensor cast to ``dtype``.
     """
 
     def __init__(self, folder: str, dtype: torch.dtype | None = None):
-        from safetensors import safe_open
-
         self.folder = folder
         self.dtype = dtype
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map") or {}
-            files = sorted(set(weight_map.values()))
+                files = sorted(set((json.load(fh).get("weight_map") or {}).values()))
         elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-            files, weight_map = ["model.safetensors"], None
+            files = ["model.safetensors"]
         else:
             raise ModelLoadError(f"{folder}: streaming needs safetensors weights (model.safetensors or an index)")
-        self._handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
-        if weight_map is None:
-            weight_map = {name: files[0] for name in self._handles[files[0]].keys()}
-        self.weight_map: dict[str, str] = weight_map
+        self._entries: dict[str, tuple[str, int, dict]] = {}
+        for f in files:
+            path = os.path.join(folder, f)
+            if not os.path.isfile(path):
+                raise ModelLoadError(f"{folder}: the index names {f}, which is missing")
+            start, header = _header(path)
+            for name, entry in header.items():
+                self._entries[name] = (path, start, entry)
+        self.files = [os.path.join(folder, f) for f in files]
 
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self._entries)
 
     def read(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
+        if name not in self._entries:
             raise ModelLoadError(f"{self.folder}: the checkpoint has no tensor {name!r}")
-        t = self._handles[self.weight_map[name]].get_tensor(name)
-        # always a private copy: the tensor may share the file's memory map, and a fold or an in-place update of a
-        # layer built from it would otherwise change what every later read returns
-        dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
-        return t.to(dtype, copy=True)
+        path, start, entry = self._entries[name]
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        begin, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ModelLoadError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+        buf = bytearray(end - begin)
+        with open(path, "rb") as fh:
+            fh.seek(start + begin)
+            if fh.readinto(buf) != len(buf):
+                raise ModelLoadError(f"{path} is truncated (tensor {name!r})")
+        t = torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
+        want = self.dtype if self.dtype is not None and t.is_floating_point() else dtype
+        return t.to(want) if want != dtype else t
 
     def nbytes(self) -> int:
         """Size of the weight files on disk."""
-        return sum(os.path.getsize(os.path.join(self.folder, f)) for f in self._handles)
+        return sum(os.path.getsize(f) for f in self.files)
 
 
 def register_lazy(layer: nn.Module, store: TensorStore, prefix: str) -> None:
@@ -176,7 +214,7 @@ def _shard_name(k: int, n: int) -> str:
     return f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
-def write_weights(model: nn.Module, folder: str, max_shard_bytes: int = 1 << 30, dtype: torch.dtype | None = None
+def write_weights(model: nn.Module, folder: str, max_shard_bytes: int = 512 << 20, dtype: torch.dtype | None = None
                   ) -> None:
     """Write ``model``'s weights into ``folder`` as ``save_pretrained`` names them (tied parameters once, under their
     first name; ``model.safetensors`` or shards with ``model.safetensors.index.json``), tensor by tensor: a lazy

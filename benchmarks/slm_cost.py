@@ -28,7 +28,8 @@ def _measure(kind: str, threshold: float | None, ratio: float | None, plan_path:
     import optimum_slm as slm
     from optimum_slm.passes.depth.slm_official_port import official_slm_windows
 
-    model, tok = slm.load_model("smollm2-135m", dtype="float32")
+    device = os.environ.get("SLM_COST_DEVICE", "cpu")
+    model, tok = slm.load_model("smollm2-135m", dtype="float32", device=device)
     ids = slm.load_calibration(tok, "wiki-leads", n_samples=10, seq_len=128, seed=1234)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -55,6 +56,8 @@ def _measure(kind: str, threshold: float | None, ratio: float | None, plan_path:
         "peak_rss_mb": round(rss_after / 1024, 1),
         "extra_peak_mb": round((rss_after - rss_before) / 1024, 1),
         "threads": torch.get_num_threads(),
+        "device": device,
+        **({"cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device == "cuda" else {}),
         **extra,
     }
 
@@ -76,11 +79,13 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.5,0.72,0.9")
     ap.add_argument("--ratio", type=float, default=0.2, help="also time the target-ratio search")
     ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "slm_cost.md"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (children load the model there)")
     ap.add_argument("--child", choices=["fast", "slow"], help=argparse.SUPPRESS)
     ap.add_argument("--threshold", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--plan-path", help=argparse.SUPPRESS)
     ap.add_argument("--target-ratios", default="0.2,0.35", help="ratios checked for exact counts and byte-identical reruns")
     args = ap.parse_args()
+    os.environ["SLM_COST_DEVICE"] = args.device  # inherited by the children
     if args.child:
         ratio = args.ratio if args.threshold is None else None
         print(json.dumps(_measure(args.child, args.threshold, ratio, args.plan_path)))

@@ -52,7 +52,9 @@ def _read_text(path: str) -> str:
         raise CalibrationError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _read_json_docs(path: str, text_field: str) -> list[str]:
+def read_json_rows(path: str) -> list:
+    """The rows of a ``.jsonl`` file (one JSON value a line) or a ``.json`` file (a list, or an object with ``data``
+    or ``rows``); one line naming the file and line when it is not valid JSON."""
     text = _read_text(path)
     if path.endswith(".jsonl"):
         rows = []
@@ -62,18 +64,19 @@ def _read_json_docs(path: str, text_field: str) -> list[str]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     raise CalibrationError(f"{path}:{n} is not valid JSON") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path} is not valid JSON: {exc.msg}") from None
-        if isinstance(data, dict):
-            rows = data.get("data", data.get("rows", [data]))
-        else:
-            rows = data
-        if not isinstance(rows, list):
-            raise CalibrationError(f"{path} must hold a list of documents (strings or objects with "
-                                   f"{text_field!r}), got {type(rows).__name__}")
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path} is not valid JSON: {exc.msg}") from None
+    return data.get("data", data.get("rows", [data])) if isinstance(data, dict) else data
+
+
+def _read_json_docs(path: str, text_field: str) -> list[str]:
+    rows = read_json_rows(path)
+    if not isinstance(rows, list):
+        raise CalibrationError(f"{path} must hold a list of documents (strings or objects with "
+                               f"{text_field!r}), got {type(rows).__name__}")
     docs = []
     for n, row in enumerate(rows, 1):
         if isinstance(row, str):

@@ -180,41 +180,44 @@ class ForwardEngine:
         keep = reduce or (lambda h: h)
         ids_all = self.fit_set("stream_fit")
         n, top = self.num_layers, max(points)
-        wanted = set(points)
-        layers = self.adapter.layers
         with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
             for start in range(0, ids_all.shape[0], self.fit_batch_size):
                 ids = ids_all[start : start + self.fit_batch_size]
                 batch = FitBatch(self, ids)
-                handles = []
-
-                def pre(module, args, kwargs, i):
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    batch.kwargs[i] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
-                    if i in wanted:
-                        batch.inputs[i] = keep(hidden.detach())
-                    if i == top:
-                        raise _StopForward
-
-                def post(module, args, out):
-                    batch.inputs[n] = keep((out[0] if isinstance(out, tuple) else out).detach())
-                    raise _StopForward
-
-                for i in range(min(top, n - 1) + 1):
-                    handles.append(layers[i].register_forward_pre_hook(
-                        lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True))
-                if top == n:
-                    handles.append(layers[n - 1].register_forward_hook(post))
-                try:
-                    self.adapter.decoder(input_ids=ids.to(self.device), use_cache=False)
-                except _StopForward:
-                    pass
-                finally:
-                    for h in handles:
-                        h.remove()
+                self._capture_fit(batch, set(points), top, keep)
                 self.fit_layer_tokens += ids.numel() * min(top + 1, n)
                 yield batch
                 bar.update(ids.shape[0])
+
+    def _capture_fit(self, batch: "FitBatch", wanted: set[int], top: int, keep: Callable) -> None:
+        """Fill ``batch``: one base forward with hooks, cut after the highest point."""
+        n, layers = self.num_layers, self.adapter.layers
+        handles = []
+
+        def pre(module, args, kwargs, i):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch.kwargs[i] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+            if i in wanted:
+                batch.inputs[i] = keep(hidden.detach())
+            if i == top:
+                raise _StopForward
+
+        def post(module, args, out):
+            batch.inputs[n] = keep((out[0] if isinstance(out, tuple) else out).detach())
+            raise _StopForward
+
+        for i in range(min(top, n - 1) + 1):
+            handles.append(layers[i].register_forward_pre_hook(
+                lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True))
+        if top == n:
+            handles.append(layers[n - 1].register_forward_hook(post))
+        try:
+            self.adapter.decoder(input_ids=batch.ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
 
     @torch.inference_mode()
     def run_layers(

@@ -15,7 +15,7 @@ at a time (a window being merged reads its layers together).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -108,30 +108,18 @@ class SequentialEngine(ForwardEngine):
             slot_inputs[-1] = [h.to(self.storage_device) for h in hidden]
         return [self.adapter.final_norm(h) for h in hidden] if final_norm else hidden
 
-    @torch.inference_mode()
-    def stream_fit(self, points: Sequence[int], desc: str = "fitting",
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[FitBatch]:
-        keep = reduce or (lambda h: h)
-        ids_all = self.fit_set("stream_fit")
-        n, top = self.num_layers, max(points)
-        wanted = set(points)
-        layers = self.adapter.layers
-        with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
-            for start in range(0, ids_all.shape[0], self.fit_batch_size):
-                ids = ids_all[start : start + self.fit_batch_size]
-                batch = FitBatch(self, ids)
-                h, kwargs = probe_calls(self.adapter, ids, self.device)
-                batch.kwargs = dict(enumerate(kwargs))
-                for i in range(min(top, n) + 1):
-                    if i in wanted:
-                        batch.inputs[i] = keep(h.detach())
-                    if i == min(top, n):
-                        break
-                    with self._on_device(layers[i]):
-                        h = call_layer(layers[i], kwargs[i], h)
-                self.fit_layer_tokens += ids.numel() * min(top + 1, n)
-                yield batch
-                bar.update(ids.shape[0])
+    def _capture_fit(self, batch: FitBatch, wanted: set[int], top: int, keep: Callable) -> None:
+        """Fill ``batch`` layer by layer, each layer read in for this batch (memory stays one batch's)."""
+        n, layers = self.num_layers, self.adapter.layers
+        h, kwargs = probe_calls(self.adapter, batch.ids, self.device)
+        batch.kwargs = dict(enumerate(kwargs))
+        for i in range(min(top, n) + 1):
+            if i in wanted:
+                batch.inputs[i] = keep(h.detach())
+            if i == min(top, n):
+                break
+            with self._on_device(layers[i]):
+                h = call_layer(layers[i], kwargs[i], h)
 
     def _on_device(self, module: nn.Module):
         return _Materialized(module, self.device, super()._on_device)

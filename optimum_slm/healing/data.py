@@ -10,7 +10,6 @@ the rows.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -19,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..calibration import _read_text, _separator, load_documents
+from ..calibration import _separator, load_documents, read_json_rows
 from ..errors import CalibrationError
 from .config import AUTO_VAL_FRACTION, MAX_AUTO_VAL, HealConfig, HealError
 
@@ -69,20 +68,10 @@ def _instruction_rows(path: str) -> list[dict[str, Any]] | None:
     """The rows of a JSON/JSONL file when they are Alpaca instructions (judged by the first row), else None."""
     if not (os.path.isfile(path) and path.endswith((".json", ".jsonl"))):
         return None
-    text = _read_text(path)
-    if path.endswith(".jsonl"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise HealError(f"{path}:{n} is not valid JSON") from None
-    else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise HealError(f"{path} is not valid JSON: {exc.msg}") from None
+    try:
+        rows = read_json_rows(path)
+    except CalibrationError as exc:
+        raise HealError(str(exc)) from None
     if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
         return None
     return rows if all(f in rows[0] for f in INSTRUCTION_FIELDS) else None

@@ -283,3 +283,26 @@ def test_killing_heal_leaves_no_output(compressed, tmp_path):
 def test_heal_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(HealError, match=message):
         HealConfig(data="x", **kwargs)
+
+
+def test_lm_eval_recipe_heal_stage_evaluates_the_healed_model(tiny_checkpoint, corpus, tmp_path):
+    """``lm_eval --model slm`` with a recipe ending in ``heal``: the model it evaluates is the compressed model
+    trained by the same healing run ``slm compress --recipe`` performs (same seed, same data)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval_slm.model import SLMLM
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: sleb\n    num_layers: 2\n  - heal: tail\n"
+                      f"    data: {corpus}\n    tail_layers: 1\n    cutoff_len: 32\n    max_steps: 3\n"
+                      "    eval_steps: 1\n    lr: 0.01\n    warmup_steps: 0\n")
+    calib = ["--calib-data", corpus, "--calib-samples", "4", "--calib-seq-len", "16"]
+    result = run("-q", "compress", "--model", tiny_checkpoint, "--recipe", str(recipe), *calib, "--output",
+                 str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    lm = SLMLM(base=tiny_checkpoint, recipe=str(recipe), calib=corpus, calib_samples=4, calib_seq_len=16,
+               device="cpu", batch_size=1)
+    assert lm.slm_plan.heal_record["steps"] == 3
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    probe = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(probe).logits, written(probe).logits, atol=1e-5)

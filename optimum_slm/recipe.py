@@ -13,8 +13,8 @@ it is written (``slm compress --recipe``), e.g.::
       - heal: lora
         data: wiki-leads
         max_steps: 200
- An optional
-``calibration`` mapping sets the calibration data of the run (any of ``source``, ``n_samples``, ``seq_len``,
+
+An optional ``calibration`` mapping sets the calibration data of the run (any of ``source``, ``n_samples``, ``seq_len``,
 ``seed``, ``text_field``, ``sampling``, ``fit_samples``, ``fit_seq_len``; see ``CalibrationConfig``); a value given
 explicitly on the command line wins over the recipe's. A recipe is checked in full when it is read — unknown keys, unknown passes or parameters, out-of-range values — with one line
 naming the stage, before any model is loaded.

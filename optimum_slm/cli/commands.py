@@ -127,11 +127,14 @@ def quiet_option(func):
     )(func)
 
 
-def model_options(func):
-    """The options that choose and load a base model (shared by ``compress`` and ``apply``)."""
+def model_options(func=None, *, what: str = "Base model"):
+    """The options that choose and load a model (shared by ``compress``, ``apply`` and ``heal``; ``what`` names the
+    model in ``--model``'s help)."""
+    if func is None:
+        return lambda f: model_options(f, what=what)
     decorators = [
         click.option("--model", required=True, metavar="PATH_OR_ID",
-                     help="Base model: checkpoint folder, hub id (offline cache), .gguf file or alias "
+                     help=f"{what}: checkpoint folder, hub id (offline cache), .gguf file or alias "
                           "(smollm2-135m)."),
         click.option("--gguf-file", default=None, metavar="FILE",
                      help="GGUF file inside --model (a folder) to load and convert."),

@@ -83,7 +83,7 @@ def describe_run(record: dict[str, Any]) -> str:
 
 
 @click.command("heal")
-@model_options
+@model_options(what="The model to heal (usually a compressed checkpoint)")
 @heal_options
 @click.option("--output", "-o", required=True, metavar="DIR", help="Output folder (must be empty or new).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")

@@ -180,14 +180,18 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
         "planned_steps": planned,
         "steps_per_epoch": per_epoch,
         "tokens_trained": tokens,
-        "last_train_loss": last_loss,
+        "last_train_loss": _finite_or_none(last_loss),
         "val_loss_before": before,
         "val_loss_best": best,
         "best_step": best_step,
-        "val_history": history,
+        "val_history": [{k: _finite_or_none(v) for k, v in h.items()} for h in history],  # JSON has no NaN
         "stopped": stopped,
         "kept": f"the weights of step {best_step}" if best_step else
                 "the input weights: no evaluation beat the starting validation loss",
         "seconds": round(time.perf_counter() - started, 1),
     }
     return healed, record
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value

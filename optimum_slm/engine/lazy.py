@@ -81,6 +81,10 @@ class TensorStore:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype a tensor has in the file (from the header; nothing is read)."""
+        return _DTYPES.get(self._entries[name][2].get("dtype"), torch.float32)
+
     def read(self, name: str) -> torch.Tensor:
         if name not in self._entries:
             raise ModelLoadError(f"{self.folder}: the checkpoint has no tensor {name!r}")
@@ -190,13 +194,13 @@ def load_lazy_model(path: str, dtype: torch.dtype | None = None, device: str | t
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     store = TensorStore(path)
-    file_dtype = next((store.read(n).dtype for n in store.names() if "layers." in n), torch.float32)
+    file_dtype = next((store.dtype_of(n) for n in store.names() if "layers." in n), torch.float32)
     store.dtype = dtype or (file_dtype if file_dtype.is_floating_point else torch.float32)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=store.dtype, trust_remote_code=trust_remote_code)
     prefix = layers_prefix(model)
     rest = {name: store.read(name).to(device) for name in store.names() if not name.startswith(prefix + ".")}
-    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     if unexpected:
         raise ModelLoadError(f"{path}: unexpected tensors {sorted(unexpected)[:3]}")
     model.tie_weights()

@@ -3,8 +3,9 @@ weights in shards) in memory and with the sequential engine under ``--max-memory
 grows with layers, hidden size and calibration tokens.
 
 Random weights are fine for cost: the work does not depend on the values. Every run is a separate ``slm compress``
-process; its peak resident memory comes from ``os.wait4`` and its wall time from the clock. The plans of the two
-engines and the written checkpoints (sha256 of every tensor) are compared.
+process, launched from a fresh Python process of its own so that ``RUSAGE_CHILDREN``'s maximum resident set is
+that run's alone; its wall time comes from the clock. The plans of the two engines and the written checkpoints
+(sha256 of every tensor) are compared.
 
     python benchmarks/scale.py                  # writes benchmarks/results/scale.md (~30 min on 2 cores)
     python benchmarks/scale.py --quick          # a ~0.2B model, for a smoke test
@@ -117,9 +118,7 @@ def run(args: list[str]) -> dict[str, Any]:
     proc = subprocess.Popen([sys.executable, "-c", "from optimum_slm.cli import main; main()", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out, err = proc.communicate()
-    # communicate() reaped the child; its own rusage is read from /proc before that is impossible, so the wait4
-    # below runs on a fresh process group member instead: we use the children's max instead (one child at a time)
-    import resource
+    import resource  # the largest child's peak: ``run_isolated`` makes this process's only child the slm run
 
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"rc": proc.returncode, "seconds": round(time.time() - started, 1), "peak_mb": round(peak),
@@ -236,7 +235,7 @@ def write_markdown(args, rows, growth, params, weights_gb) -> None:
     lines = [
         "# Scale: planning and writing a model larger than the memory budget",
         "",
-        f"`python benchmarks/scale.py` (the growth table: `--growth-only`)".replace("  ", " "),
+        "`python benchmarks/scale.py` (the growth table: `--growth-only`)",
         "",
         f"A random Llama of {params / 1e9:.2f}B parameters ({weights_gb:.2f} GB of fp32 weights in ~512 MB shards), "
         "compressed by 20% with each pass by `slm compress` (plan + apply + write, `--no-check`), once in memory "

@@ -178,13 +178,13 @@ def _available_memory() -> int | None:
     return None
 
 
-def streams_layers(model: str, gguf_file: str | None, max_memory: str | None) -> bool:
-    """Whether to plan and write with the model's layers streamed from disk (the sequential engine).
+def streams_layers(size: int | None, max_memory: str | None) -> bool:
+    """Whether to plan and write with the model's layers streamed from disk (the sequential engine), for weight files
+    of ``size`` bytes (None: not a safetensors folder).
 
     With ``--max-memory``: when the weight files exceed half the budget (applying a plan and the checks make
     copies); without it: when they exceed 70% of the memory the machine has available.
     """
-    size = _weights_size(model, gguf_file)
     if size is None:
         if max_memory is not None:
             raise SLMError("--max-memory streams layers from safetensors shards: give a checkpoint folder")
@@ -385,8 +385,9 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
 
     calibration = CalibrationConfig(calib_data, calib_samples, calib_seq_len, seed, text_field, calib_sampling,
                                     fit_samples, fit_seq_len)  # checks the numbers before the load
-    need = None if plan_only else _weights_size(model, gguf_file)
-    lazy = streams_layers(model, gguf_file, max_memory)
+    size = _weights_size(model, gguf_file)
+    need = None if plan_only else size
+    lazy = streams_layers(size, max_memory)
     if lazy and heal_config is not None:
         raise click.UsageError("healing trains the whole model in memory: drop the heal stage or --max-memory")
     if lazy and recipe is not None and len(method) > 1:
@@ -460,8 +461,9 @@ def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, all
     from ..plan import CompressionPlan
 
     plan = CompressionPlan.load(plan_file)
-    lazy = streams_layers(model, gguf_file, max_memory)
-    with claim_output(output, overwrite, need_bytes=_weights_size(model, gguf_file)) as target:
+    size = _weights_size(model, gguf_file)
+    lazy = streams_layers(size, max_memory)
+    with claim_output(output, overwrite, need_bytes=size) as target:
         compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
                                                    allow_download=allow_download, allow_pickle=allow_pickle,
                                                    lazy=lazy)

@@ -30,6 +30,11 @@ DEFAULT_FIT_BATCH = 16
 _DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "use_cache", "output_attentions"}
 
 
+def call_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a decoder layer's call worth keeping to re-run it (no cache, no hidden state)."""
+    return {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+
+
 @dataclass
 class Slot:
     """One layer of a stack to run: the module and the ORIGINAL index whose recorded kwargs it uses."""
@@ -113,14 +118,19 @@ class ForwardEngine:
         n = self.num_layers
         self.inputs = [[] for _ in range(n + 1)]
         self.layer_kwargs = [[] for _ in range(n)]
+        self._record(n)
+        self._recorded = True
+        return self
+
+    def _record(self, n: int) -> None:
+        """Fill ``inputs``, ``layer_kwargs`` and ``base_final``: one decoder forward with a pre-hook on each layer."""
         handles = []
 
         def make_hook(i: int) -> Callable:
             def hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.inputs[i].append(hidden.detach().to(self.storage_device))
-                kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
-                self.layer_kwargs[i].append(kept)
+                self.layer_kwargs[i].append(call_kwargs(kwargs))
 
             return hook
 
@@ -137,8 +147,6 @@ class ForwardEngine:
         # the last layer's output is not seen by any hook: recompute it from its recorded input
         last = self.adapter.layers[n - 1]
         self.inputs[n] = [self._call(last, n - 1, b, self.inputs[n - 1][b]) for b in range(self.num_batches)]
-        self._recorded = True
-        return self
 
     @property
     def num_batches(self) -> int:
@@ -196,7 +204,7 @@ class ForwardEngine:
 
         def pre(module, args, kwargs, i):
             hidden = args[0] if args else kwargs["hidden_states"]
-            batch.kwargs[i] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+            batch.kwargs[i] = call_kwargs(kwargs)
             if i in wanted:
                 batch.inputs[i] = keep(hidden.detach())
             if i == top:

@@ -23,7 +23,7 @@ from torch import nn
 from ..metrics import Batches
 from ..progress import progress_bar
 from .lazy import materialized
-from .memory import _DROP_KWARGS, FitBatch, ForwardEngine, Slot, call_layer
+from .memory import FitBatch, ForwardEngine, Slot, call_kwargs, call_layer
 
 
 class _Probe(nn.Module):
@@ -49,7 +49,7 @@ def probe_calls(adapter, ids: torch.Tensor, device: torch.device) -> tuple[torch
     def sink(i: int, hidden: torch.Tensor, kw: dict[str, Any]) -> None:
         if i == 0:
             first.append(hidden.detach())
-        kwargs[i] = {k: v for k, v in kw.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+        kwargs[i] = call_kwargs(kw)
 
     adapter.decoder.layers = nn.ModuleList([_Probe(i, sink, layer) for i, layer in enumerate(layers)])
     try:
@@ -62,14 +62,8 @@ def probe_calls(adapter, ids: torch.Tensor, device: torch.device) -> tuple[torch
 class SequentialEngine(ForwardEngine):
     """``ForwardEngine`` for lazy models: layers are read in while they run (see the module docstring)."""
 
-    @torch.inference_mode()
-    def record_layer_inputs(self) -> "SequentialEngine":
-        if self._recorded:
-            return self
-        self.require_calibration("the forward engine", 1)
-        n = self.num_layers
-        self.inputs = [[] for _ in range(n + 1)]
-        self.layer_kwargs = [[] for _ in range(n)]
+    def _record(self, n: int) -> None:
+        """Layer-outer: the probe gives every batch's embeddings and kwargs, then each layer runs on all batches."""
         hidden: Batches = []
         for ids in self.batches():
             h, kwargs = probe_calls(self.adapter, ids, self.device)
@@ -88,8 +82,6 @@ class SequentialEngine(ForwardEngine):
         # re-run), so a plan's trace is the same whichever engine made it
         self.layer_tokens -= (n - 1) * self.input_ids.numel()
         self.base_final = [self.adapter.final_norm(h.to(self.device)).to(self.storage_device) for h in hidden]
-        self._recorded = True
-        return self
 
     @torch.inference_mode()
     def run_layers(self, slots: Sequence[Slot | tuple[nn.Module, int]], start: int | Batches, final_norm: bool = True,
@@ -122,23 +114,8 @@ class SequentialEngine(ForwardEngine):
                 h = call_layer(layers[i], kwargs[i], h)
 
     def _on_device(self, module: nn.Module):
-        return _Materialized(module, self.device, super()._on_device)
-
-
-class _Materialized:
-    """A lazy layer read in (onto the compute device) for the duration of a call; other modules are moved to the
-    compute device as the in-memory engine does."""
-
-    def __init__(self, module: nn.Module, device: torch.device, fallback: Callable):
-        self.module, self.device, self.fallback = module, device, fallback
-        self.inner = None
-
-    def __enter__(self) -> nn.Module:
-        if any(p.is_meta for p in self.module.parameters()):
-            self.inner = materialized(self.module, self.device)
-        else:
-            self.inner = self.fallback(self.module)
-        return self.inner.__enter__()
-
-    def __exit__(self, *exc) -> bool:
-        return self.inner.__exit__(*exc)
+        """A lazy layer read in (onto the compute device) for the duration of a call; any other module moved to the
+        compute device as the in-memory engine does."""
+        if any(p.is_meta for p in module.parameters()):
+            return materialized(module, self.device)
+        return super()._on_device(module)

@@ -50,6 +50,7 @@ def save_healed(model: nn.Module, tokenizer, record: dict[str, Any], save_direct
     """Write the healed checkpoint atomically: weights, tokenizer, the carried plan, ``slm_heal.json`` (earlier
     runs of the input kept) and the model card (the input's, or ``card``) with a healing section appended."""
     from ..compressor import resolve_save_dtype
+    from ..engine.lazy import save_model
     from ..fileio import AtomicDir, check_output_dir
     from ..reports.card import PLAN_FILE, healing_section
 
@@ -64,10 +65,9 @@ def save_healed(model: nn.Module, tokenizer, record: dict[str, Any], save_direct
             name = getattr(model, "name_or_path", None) or source_dir or "model"
             card = (f"---\nlibrary_name: transformers\ntags: [optimum-slm]\n---\n\n# Healed `{name}`\n\n"
                     "Made with [optimum-slm](https://pypi.org/project/optimum-slm/).\n")
-    if save_dtype is not None:
-        model.to(resolve_save_dtype(save_dtype))
+    dtype = resolve_save_dtype(save_dtype) if save_dtype is not None else None
     with AtomicDir(target, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:

@@ -218,9 +218,11 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
             work = apply_plan(copy.deepcopy(model), plan, strict=False)
             slots = list(plan.shape_after.layers)
         if is_lazy_model(work) and not p.streams:
-            raise SLMError(f"pass {p.name!r} reads every layer's weights at once (or their gradients), so it needs the "
-                           "model in memory; run it without --max-memory (streaming: sleb, shortgpt, angular, slm, "
-                           "slm-plus, replaceme, drop)")
+            from .registry import pass_classes
+
+            streaming = ", ".join(sorted(name for name, cls in pass_classes().items() if cls.streams))
+            raise SLMError(f"pass {p.name!r} does not declare that it runs on the sequential engine (streams = True), "
+                           f"so it needs the model in memory; run it without --max-memory (streaming: {streaming})")
         engine = engine_for(work)(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
                                fit_ids=fit if p.needs_fit_set else None)
         started = time.perf_counter()

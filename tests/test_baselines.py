@@ -156,10 +156,10 @@ def test_taylor_and_magnitude_scores_match_formulas(model, ids):
     twin(input_ids=ids, labels=ids).loss.backward()
     layers = ArchAdapter(twin).layers
     expect = {i: sum(float((p.detach() * p.grad).abs().sum()) for p in layer.parameters()) for i, layer in enumerate(layers)}
-    got = taylor_scores(model, ids)
+    got = taylor_scores(ForwardEngine(model, ids))
     for i in range(L):
         assert got[i] == pytest.approx(expect[i], rel=1e-4)
-    mags = magnitude_scores(model)
+    mags = magnitude_scores(ForwardEngine(model, None))
     for i, layer in enumerate(ArchAdapter(model).layers):
         assert mags[i] == pytest.approx(sum(float(p.detach().abs().sum()) for p in layer.parameters()), rel=1e-6)
 

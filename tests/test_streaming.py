@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_model, write_corpus
+from conftest import calib_ids, make_model, write_corpus
 from safetensors.torch import load_file
 
 from optimum_slm import CalibrationConfig, apply_plan, compress, load_model
@@ -54,6 +54,15 @@ def test_lazy_model_holds_no_layer_weights(sharded):
     ("angular", {"num_layers": 2}),
     ("replaceme", {"num_layers": 2}),
     ("slm-plus", {"ratio": 0.34, "fit_order": "bottom-up"}),
+    ("laco", {"num_layers": 2, "merge_layers": 3}),
+    ("shortened-ppl", {"num_layers": 1, "keep_first": 1, "keep_last": 1}),
+    ("shortened-taylor", {"num_layers": 1, "keep_first": 1, "keep_last": 1, "batch_size": 2}),
+    ("shortened-magnitude", {"num_layers": 1, "keep_first": 1, "keep_last": 1}),
+    ("flap", {"ratio": 0.2}),
+    ("flap", {"ratio": 0.2, "structure": "AL-AM"}),
+    ("minitron-width", {"ratio": 0.2}),
+    ("taylor-width", {"ratio": 0.2}),
+    ("taylor-width", {"ratio": 0.2, "layer_start": 2, "layer_end": 5, "batch_size": 2}),
 ])
 def test_sequential_plans_equal_in_memory_plans(sharded, tmp_path, method, params):
     corpus = write_corpus(tmp_path / "c.txt")
@@ -115,13 +124,58 @@ def test_cli_max_memory_writes_the_same_checkpoint(sharded, tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_a_pass_that_needs_every_weight_refuses_streaming(sharded, tmp_path):
+def test_every_built_in_pass_streams():
+    from optimum_slm.registry import pass_classes
+
+    assert [name for name, cls in pass_classes().items() if not cls.streams] == []
+
+
+def test_the_sequential_backward_gives_the_whole_model_gradients(sharded, tmp_path):
+    """Per-parameter gradients, not only the scores the passes keep: layer-by-layer top-down back-propagation on the
+    recorded inputs equals one backward of the whole model's loss."""
+    from optimum_slm.engine import ForwardEngine
+
+    full, _ = load_model(sharded)
+    ids = calib_ids(4, 16)
+    want = {(i, name): p.grad.clone() for i, layer in ForwardEngine(full, ids, batch_size=2).layer_gradients()
+            for name, p in layer.named_parameters()}
+    got = {(i, name): p.grad.clone() for i, layer in SequentialEngine(load_lazy_model(sharded), ids, batch_size=2)
+           .layer_gradients() for name, p in layer.named_parameters()}
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(want[k], got[k], rtol=1e-5, atol=1e-7) for k in want)
+    assert all(p.grad is None and p.requires_grad for p in full.parameters())  # left as found
+
+
+def test_a_plug_in_pass_that_does_not_declare_streaming_is_refused(sharded, tmp_path):
+    from optimum_slm import PassResult, hookimpl
+    from optimum_slm.passes.base import CompressionPass
+    from optimum_slm.registry import register_plugin, unregister_plugin
+
+    class ReadsWeights(CompressionPass):
+        name = "reads-weights-test"
+        description = "reads a layer's weights directly"
+
+        def run(self, engine):
+            float(engine.adapter.layers[0].mlp.down_proj.weight.sum())  # fails on a meta tensor
+            return PassResult([{"op": "drop", "layers": [1]}])
+
+    class Plugin:
+        @hookimpl
+        def register_passes(self, register):
+            register(ReadsWeights)
+
     corpus = write_corpus(tmp_path / "c.txt")
-    result = CliRunner().invoke(cli, ["-q", "compress", "--model", sharded, "--method", "flap", "--ratio", "0.2",
-                                      "--calib-data", corpus, "--calib-samples", "4", "--calib-seq-len", "16",
-                                      "--max-memory", "1KB", "--output", str(tmp_path / "o")])
+    plugin = Plugin()
+    register_plugin(plugin)
+    try:
+        result = CliRunner().invoke(cli, ["-q", "compress", "--model", sharded, "--method", "reads-weights-test",
+                                          "--calib-data", corpus, "--calib-samples", "4", "--calib-seq-len", "16",
+                                          "--max-memory", "1KB", "--output", str(tmp_path / "o")])
+    finally:
+        unregister_plugin(plugin)
     assert result.exit_code == 2
-    assert "needs the model in memory" in result.stderr and not (tmp_path / "o").exists()
+    assert "needs the model in memory" in result.stderr and "taylor-width" in result.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_parse_size():

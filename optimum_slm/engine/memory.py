@@ -252,7 +252,7 @@ class ForwardEngine:
             for k, slot in enumerate(slots):
                 if slot_inputs is not None:
                     slot_inputs[k].append(h.to(self.storage_device))
-                with self._on_device(slot.module):
+                with self.loaded(slot.module):
                     h = self._call(slot.module, slot.type_index, b, h)
             if slot_inputs is not None:
                 slot_inputs[-1].append(h.to(self.storage_device))
@@ -290,8 +290,28 @@ class ForwardEngine:
     def logits(self, final_hidden: Batches) -> Batches:
         return [self.adapter.logits(h) for h in final_hidden]
 
-    def _on_device(self, module: nn.Module):
+    def loaded(self, module: nn.Module):
+        """A context in which ``module`` has real weights on the compute device: a layer offloaded elsewhere is
+        moved there for the block and back after (the sequential engine also reads a lazy layer in). Passes read a
+        layer's weights inside it, so the same pass runs on every engine."""
         return _OnDevice(module, self.device)
+
+    def layer_gradients(self, lowest: int = 0) -> Iterator[tuple[int, nn.Module]]:
+        """Decoder layers ``lowest..L-1`` as ``(index, layer)`` with every parameter's ``.grad`` holding ∂L/∂W, L the
+        causal-LM loss of the calibration ids (mean per batch, summed over batches), for the Taylor criteria.
+
+        Here: one forward and backward of the whole model per batch, then the layers bottom-up. Consumers must not
+        rely on the order (the sequential engine yields top-down). Gradients are freed when the iteration ends; the
+        cost counts as one run of every layer over the search set on either engine.
+        """
+        from ..passes.gradients import layer_gradients
+
+        ids = self.require_calibration("layer gradients")
+        self.layer_tokens += self.num_layers * ids.numel()
+        with layer_gradients(self.model, ids, self.batch_size):
+            for i, layer in enumerate(self.adapter.layers):
+                if i >= lowest:
+                    yield i, layer
 
 
 def call_layer(module: nn.Module, kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
@@ -318,7 +338,7 @@ class FitBatch:
         engine = self.engine
         for slot in slots:
             engine.fit_layer_tokens += hidden.shape[0] * hidden.shape[1]
-            with engine._on_device(slot.module):
+            with engine.loaded(slot.module):
                 hidden = call_layer(slot.module, self.kwargs[slot.type_index], hidden)
         return hidden
 

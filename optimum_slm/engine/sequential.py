@@ -15,7 +15,7 @@ at a time (a window being merged reads its layers together).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,18 @@ def probe_calls(adapter, ids: torch.Tensor, device: torch.device) -> tuple[torch
     return first[0], kwargs
 
 
+def _autograd_ready(value: Any) -> Any:
+    """``value`` with its inference-mode tensors (recorded call kwargs: masks, rotary tables) cloned into ordinary
+    ones, which autograd may save for the backward."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, dict):
+        return {k: _autograd_ready(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_autograd_ready(v) for v in value)
+    return value
+
+
 class SequentialEngine(ForwardEngine):
     """``ForwardEngine`` for lazy models: layers are read in while they run (see the module docstring)."""
 
@@ -74,7 +86,7 @@ class SequentialEngine(ForwardEngine):
         with progress_bar(desc="recording layers", unit="layer", total=n) as bar:
             for i in range(n):
                 self.inputs[i] = [h.to(self.storage_device) for h in hidden]
-                with self._on_device(layers[i]):
+                with self.loaded(layers[i]):
                     hidden = [self._call(layers[i], i, b, hidden[b]) for b in range(len(hidden))]
                 bar.update(1)
         self.inputs[n] = [h.to(self.storage_device) for h in hidden]
@@ -94,7 +106,7 @@ class SequentialEngine(ForwardEngine):
         for k, slot in enumerate(slots):
             if slot_inputs is not None:
                 slot_inputs[k] = [h.to(self.storage_device) for h in hidden]
-            with self._on_device(slot.module):
+            with self.loaded(slot.module):
                 hidden = [self._call(slot.module, slot.type_index, b, hidden[b]) for b in range(len(hidden))]
         if slot_inputs is not None:
             slot_inputs[-1] = [h.to(self.storage_device) for h in hidden]
@@ -110,12 +122,72 @@ class SequentialEngine(ForwardEngine):
                 batch.inputs[i] = keep(h.detach())
             if i == min(top, n):
                 break
-            with self._on_device(layers[i]):
+            with self.loaded(layers[i]):
                 h = call_layer(layers[i], kwargs[i], h)
 
-    def _on_device(self, module: nn.Module):
-        """A lazy layer read in (onto the compute device) for the duration of a call; any other module moved to the
-        compute device as the in-memory engine does."""
+    def loaded(self, module: nn.Module):
+        """A lazy layer read in (onto the compute device) for the duration of the block and released after; any
+        other module moved to the compute device as the in-memory engine does."""
         if any(p.is_meta for p in module.parameters()):
             return materialized(module, self.device)
-        return super()._on_device(module)
+        return super().loaded(module)
+
+    def layer_gradients(self, lowest: int = 0) -> Iterator[tuple[int, nn.Module]]:
+        """The in-memory engine's gradients (same values), one layer in memory at a time: the loss's gradient with
+        respect to the last layer's recorded output, then each layer top-down re-run on its recorded input and
+        back-propagated, passing ∂L/∂input down. Parameters accumulate over batches in batch order, as the whole-model
+        backward does. Layers below ``lowest`` are not back-propagated through."""
+        ids = self.require_calibration("layer gradients")
+        before = self.layer_tokens
+        self.record_layer_inputs()
+        # the recording is this backward's forward: counted, with the re-runs, as one run of every layer
+        self.layer_tokens = before + self.num_layers * ids.numel()
+        head = [p for p in self.model.parameters() if not p.is_meta]
+        flags = [p.requires_grad for p in head]
+        try:
+            for p in head:
+                p.requires_grad_(False)
+            grads = self._loss_gradients()
+            for i in range(self.num_layers - 1, lowest - 1, -1):
+                layer = self.adapter.layers[i]
+                with self.loaded(layer):
+                    params = list(layer.parameters())
+                    layer_flags = [p.requires_grad for p in params]
+                    try:
+                        for p in params:
+                            p.requires_grad_(True)
+                            p.grad = None
+                        grads = self._backward_layer(layer, i, grads, need_input=i > lowest)
+                        yield i, layer
+                    finally:
+                        for p, flag in zip(params, layer_flags):
+                            p.grad = None
+                            p.requires_grad_(flag)
+        finally:
+            for p, flag in zip(head, flags):
+                p.requires_grad_(flag)
+
+    def _loss_gradients(self) -> Batches:
+        """∂L/∂(last layer's output) per batch, L the model's own causal-LM loss (final norm, head, soft-capping)."""
+        grads: Batches = []
+        with torch.enable_grad():
+            for ids, h in zip(self.batches(), self.inputs[self.num_layers]):
+                h = h.to(self.device).clone().requires_grad_(True)
+                logits = self.adapter.logits(self.adapter.final_norm(h))
+                loss = self.model.loss_function(logits=logits, labels=ids.to(self.device),
+                                                vocab_size=logits.shape[-1])
+                loss.backward()
+                grads.append(h.grad)
+        return grads
+
+    def _backward_layer(self, layer: nn.Module, i: int, grads: Batches, need_input: bool) -> Batches:
+        """Back-propagate each batch's output gradient through layer ``i`` (re-run on its recorded input); the
+        gradients with respect to its input (empty when not ``need_input``)."""
+        below: Batches = []
+        with torch.enable_grad():
+            for b, grad in enumerate(grads):
+                x = self.inputs[i][b].to(self.device).clone().requires_grad_(need_input)
+                call_layer(layer, _autograd_ready(self.layer_kwargs[i][b]), x).backward(grad)
+                if need_input:
+                    below.append(x.grad)
+        return below

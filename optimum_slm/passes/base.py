@@ -126,8 +126,10 @@ class CompressionPass:
     runtime_params: ClassVar[tuple[str, ...]] = ("batch_size",)
     #: whether ``run`` reads calibration data (the pipeline loads it, and refuses to run without it, when True)
     needs_calibration: ClassVar[bool] = True
-    #: whether ``run`` works on a lazy model through the sequential engine (it reads weights only through the engine
-    #: and ``arch.layer_state``); passes that read every weight or take gradients need the whole model in memory
+    #: whether ``run`` works on a lazy model through the sequential engine: it reads a layer's weights only inside
+    #: ``engine.loaded(layer)``, through ``arch.layer_state`` or ``engine.copy_layer``, and gradients only through
+    #: ``engine.layer_gradients``. Off by default: a plug-in pass written against the in-memory engine may touch
+    #: weights directly, and is refused under ``--max-memory`` rather than failing half-way
     streams: ClassVar[bool] = False
     #: recorded parameters the search itself settles (left out when a cached plan is checked against a request)
     search_outputs: ClassVar[tuple[str, ...]] = ()

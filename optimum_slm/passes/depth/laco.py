@@ -182,6 +182,7 @@ def removed_count(units: list[Unit]) -> int:
 
 class LaCoPass(CompressionPass):
     name = "laco"
+    streams = True  # runs on a lazy model through the sequential engine
     search_outputs = ("threshold",)
     description = "LaCo layer collapse: top-down RDSC merges of C-layer windows accepted while the output cosine > T."
     params = (

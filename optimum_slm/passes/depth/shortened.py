@@ -14,16 +14,12 @@ block on the dense model, blocks ranked ascending, the "+" heuristic drops block
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from ...arch import ArchAdapter
 from ...engine import ForwardEngine
 from ...metrics import perplexity_of
 from ...errors import PassError
 from ...hookspecs import hookimpl
 from ...plan import drop_op
 from ...progress import progress_bar
-from ..gradients import layer_gradients
 from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
 from .common import round_scores, select_lowest
 
@@ -40,33 +36,30 @@ def ppl_scores(engine: ForwardEngine, progress=None) -> dict[int, float]:
     return scores
 
 
-def magnitude_scores(model: nn.Module, power: float = 1.0) -> dict[int, float]:
-    """Σ over each block's tensors of Σ|W|^power, by block."""
+def magnitude_scores(engine: ForwardEngine, power: float = 1.0) -> dict[int, float]:
+    """Σ over each block's tensors of Σ|W|^power, by block (one layer's weights read at a time)."""
+    scores = {}
     with torch.no_grad():
-        return {
-            i: float(sum(p.detach().double().abs().pow(power).sum() for p in layer.parameters()))
-            for i, layer in enumerate(ArchAdapter(model).layers)
-        }
+        for i, layer in enumerate(engine.adapter.layers):
+            with engine.loaded(layer):
+                scores[i] = float(sum(p.detach().double().abs().pow(power).sum() for p in layer.parameters()))
+    return scores
 
 
-def taylor_scores(model: nn.Module, ids: torch.Tensor, batch_size: int | None = None, power: float = 1.0) -> dict[int, float]:
-    """Σ over each block's tensors of Σ|W ⊙ ∂L/∂W|^power, L the causal-LM loss on ``ids`` (gradients summed over
-    batches). A gradient pass, not a forward engine: it uses the model's own forward; the model is left as found."""
-    with layer_gradients(model, ids, batch_size), torch.no_grad():
-        return {
-            i: float(
-                sum(
-                    (p.detach().double() * p.grad.double()).abs().pow(power).sum()
-                    for p in layer.parameters()
-                    if p.grad is not None
-                )
-            )
-            for i, layer in enumerate(ArchAdapter(model).layers)
-        }
+def taylor_scores(engine: ForwardEngine, power: float = 1.0) -> dict[int, float]:
+    """Σ over each block's tensors of Σ|W ⊙ ∂L/∂W|^power, L the causal-LM loss on the engine's calibration ids
+    (gradients summed over its batches: ``engine.layer_gradients``)."""
+    scores = {}
+    for i, layer in engine.layer_gradients():
+        with torch.no_grad():
+            scores[i] = float(sum((p.detach().double() * p.grad.double()).abs().pow(power).sum()
+                                  for p in layer.parameters() if p.grad is not None))
+    return dict(sorted(scores.items()))
 
 
 class _ShortenedPass(CompressionPass):
     """Shared selection: one-shot removal of the lowest-scoring blocks outside the "+" heuristic's kept blocks."""
+    streams = True  # runs on a lazy model through the sequential engine
 
     criterion = ""
     params = (
@@ -129,7 +122,8 @@ class ShortenedTaylorPass(_ShortenedPass):
     )
 
     def scores(self, engine: ForwardEngine) -> dict[int, float]:
-        return taylor_scores(engine.model, engine.require_calibration(self.name), self.config["batch_size"])
+        engine.require_calibration(self.name)
+        return taylor_scores(engine)
 
 
 class ShortenedMagnitudePass(_ShortenedPass):
@@ -139,7 +133,7 @@ class ShortenedMagnitudePass(_ShortenedPass):
     needs_calibration = False
 
     def scores(self, engine: ForwardEngine) -> dict[int, float]:
-        return magnitude_scores(engine.model)
+        return magnitude_scores(engine)
 
 
 @hookimpl

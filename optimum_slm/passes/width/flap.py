@@ -46,6 +46,7 @@ def channel_metric(name: str, stats, weight: torch.Tensor) -> torch.Tensor:
 
 class FLAPPass(CompressionPass):
     name = "flap"
+    streams = True  # runs on a lazy model through the sequential engine
     description = "FLAP width pruning: fluctuation metric per MLP channel and KV group, bias compensation, uniform widths."
     params = (
         WIDTH_RATIO,
@@ -74,7 +75,6 @@ class FLAPPass(CompressionPass):
         if self.config["structure"] == "AL-AM":
             return self._adaptive(engine, ratio, compensate)
         target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
-        w = adapter.widths()
         engine.record_layer_inputs()
         hidden = engine.inputs[0]
         ops: list[dict[str, Any]] = []
@@ -82,30 +82,38 @@ class FLAPPass(CompressionPass):
         layers = list(adapter.layers)
         with progress_bar(total=len(layers), desc="flap: pruning layers", unit="layer") as bar:
             for i, layer in enumerate(layers):
-                attn_stats, mlp_stats, _ = collect_input_stats(engine, layer, i, hidden)
-                mlp_score = channel_metric(self.config["metric"], mlp_stats, layer.mlp.down_proj.weight)
-                keep = top_k(mlp_score, target.channels) if target.channels < w["intermediate_size"] else None
-                groups = None
-                if target.groups < w["num_key_value_heads"]:
-                    attn_score = channel_metric(self.config["metric"], attn_stats, layer.self_attn.o_proj.weight)
-                    _, per_group = group_scores(attn_score.pow(2), adapter)  # squared once more, as official
-                    groups = top_k(per_group, target.groups).tolist()
-                mlp_bias = attn_bias = None
-                if compensate:
-                    if keep is not None:
-                        mlp_bias = _compensation(layer.mlp.down_proj, mlp_stats.mean, keep)
-                    if groups is not None:
-                        q_rows, _ = adapter.attention_rows(groups)
-                        attn_bias = _compensation(layer.self_attn.o_proj, attn_stats.mean, q_rows)
-                layer_ops = width_ops(i, keep, groups, None, tensors, mlp_bias, attn_bias)
+                with engine.loaded(layer):  # its weights are read for the scores and the compensation
+                    layer_ops, pruned = self._prune_layer(engine, i, layer, hidden, target, compensate, tensors)
                 ops += layer_ops
                 # the next layer sees this layer pruned (the official layer-sequential statistics)
-                pruned = _pruned_copy(adapter, layer, keep, groups, mlp_bias, attn_bias)
                 hidden = engine.run_layers([Slot(pruned, i)], hidden, final_norm=False)
                 bar.update(1)
         trace = {"metric": self.config["metric"], "bias_compensation": bool(compensate), "structure": "UL-UM",
                  **params_trace(adapter, target)}
         return PassResult(ops, trace, tensors)
+
+    def _prune_layer(self, engine: ForwardEngine, i: int, layer, hidden, target, compensate: bool,
+                     tensors: dict[str, torch.Tensor]):
+        """UL-UM for one (loaded) layer on its input ``hidden``: its narrow ops and a pruned copy of it."""
+        adapter = engine.adapter
+        w = adapter.widths()
+        attn_stats, mlp_stats, _ = collect_input_stats(engine, layer, i, hidden)
+        mlp_score = channel_metric(self.config["metric"], mlp_stats, layer.mlp.down_proj.weight)
+        keep = top_k(mlp_score, target.channels) if target.channels < w["intermediate_size"] else None
+        groups = None
+        if target.groups < w["num_key_value_heads"]:
+            attn_score = channel_metric(self.config["metric"], attn_stats, layer.self_attn.o_proj.weight)
+            _, per_group = group_scores(attn_score.pow(2), adapter)  # squared once more, as official
+            groups = top_k(per_group, target.groups).tolist()
+        mlp_bias = attn_bias = None
+        if compensate:
+            if keep is not None:
+                mlp_bias = _compensation(layer.mlp.down_proj, mlp_stats.mean, keep)
+            if groups is not None:
+                q_rows, _ = adapter.attention_rows(groups)
+                attn_bias = _compensation(layer.self_attn.o_proj, attn_stats.mean, q_rows)
+        layer_ops = width_ops(i, keep, groups, None, tensors, mlp_bias, attn_bias)
+        return layer_ops, _pruned_copy(adapter, layer, keep, groups, mlp_bias, attn_bias)
 
     def _adaptive(self, engine: ForwardEngine, ratio: float, compensate: bool) -> PassResult:
         """AL-AM: z-scored scores of every KV group and MLP channel of the model ranked together."""
@@ -118,14 +126,16 @@ class FLAPPass(CompressionPass):
         stats, candidates = [], []  # candidates: (z-score, weight, layer, "mlp"|"attn", index)
         with progress_bar(total=len(layers), desc="flap: scoring layers", unit="layer") as bar:
             for i, layer in enumerate(layers):
-                attn_stats, mlp_stats, _ = collect_input_stats(engine, layer, i, engine.inputs[i])
-                stats.append((attn_stats, mlp_stats))
-                mlp_score = _zscore(channel_metric(self.config["metric"], mlp_stats, layer.mlp.down_proj.weight))
-                candidates += [(float(s), 1.0, i, "mlp", j) for j, s in enumerate(mlp_score)]
-                if self.config["prune_attention"]:
-                    attn_score = channel_metric(self.config["metric"], attn_stats, layer.self_attn.o_proj.weight)
-                    _, per_group = group_scores(attn_score.pow(2), adapter)
-                    candidates += [(float(s), group_weight, i, "attn", g) for g, s in enumerate(_zscore(per_group))]
+                with engine.loaded(layer):
+                    attn_stats, mlp_stats, _ = collect_input_stats(engine, layer, i, engine.inputs[i])
+                    stats.append((attn_stats, mlp_stats))
+                    mlp_score = _zscore(channel_metric(self.config["metric"], mlp_stats, layer.mlp.down_proj.weight))
+                    candidates += [(float(s), 1.0, i, "mlp", j) for j, s in enumerate(mlp_score)]
+                    if self.config["prune_attention"]:
+                        attn_score = channel_metric(self.config["metric"], attn_stats, layer.self_attn.o_proj.weight)
+                        _, per_group = group_scores(attn_score.pow(2), adapter)
+                        candidates += [(float(s), group_weight, i, "attn", g)
+                                       for g, s in enumerate(_zscore(per_group))]
                 bar.update(1)
         total = sum(c[1] for c in candidates)
         kept: dict[tuple[int, str], list[int]] = {}
@@ -147,10 +157,13 @@ class FLAPPass(CompressionPass):
                 groups = sorted(kept.get((i, "attn"), [])) or [0]
             narrow_mlp = compensate or len(channels) < w["intermediate_size"]
             narrow_attn = groups is not None and (compensate or len(groups) < w["num_key_value_heads"])
-            mlp_bias = _compensation(layer.mlp.down_proj, mlp_stats.mean, keep) if compensate else None
-            attn_bias = None
-            if compensate and groups is not None:
-                attn_bias = _compensation(layer.self_attn.o_proj, attn_stats.mean, adapter.attention_rows(groups)[0])
+            mlp_bias = attn_bias = None
+            if compensate:
+                with engine.loaded(layer):
+                    mlp_bias = _compensation(layer.mlp.down_proj, mlp_stats.mean, keep)
+                    if groups is not None:
+                        attn_bias = _compensation(layer.self_attn.o_proj, attn_stats.mean,
+                                                  adapter.attention_rows(groups)[0])
             ops += width_ops(i, keep if narrow_mlp else None, groups if narrow_attn else None, None, tensors,
                              mlp_bias if narrow_mlp else None, attn_bias if narrow_attn else None)
             widths.append({"intermediate_size": len(channels), "num_key_value_heads": len(groups or range(

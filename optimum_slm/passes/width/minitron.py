@@ -21,6 +21,7 @@ from .common import WIDTH_RATIO, check_ratio, collect_input_stats, params_trace,
 
 class MinitronWidthPass(CompressionPass):
     name = "minitron-width"
+    streams = True  # runs on a lazy model through the sequential engine
     description = "Minitron activation importance per MLP channel and query head (ranked within KV groups), uniform widths."
     params = (
         WIDTH_RATIO,

@@ -21,7 +21,6 @@ from ...engine import ForwardEngine
 from ...hookspecs import hookimpl
 from ...errors import PassError
 from ..base import CompressionPass, PassParam, PassResult
-from ..gradients import layer_gradients
 from .common import WIDTH_RATIO, check_ratio, params_trace, top_k, uniform_target, width_ops
 
 
@@ -58,6 +57,7 @@ def group_importance(adapter, layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 class TaylorWidthPass(CompressionPass):
     name = "taylor-width"
+    streams = True  # runs on a lazy model through the sequential engine
     description = "LLM-Pruner first-order Taylor importance (param_first) per MLP channel and KV group, uniform widths."
     params = (
         WIDTH_RATIO,
@@ -69,7 +69,7 @@ class TaylorWidthPass(CompressionPass):
 
 
     def run(self, engine: ForwardEngine) -> PassResult:
-        ids = engine.require_calibration(self.name)
+        engine.require_calibration(self.name)
         ratio = check_ratio(self.name, self.config["ratio"])
         adapter = engine.adapter
         target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
@@ -79,17 +79,18 @@ class TaylorWidthPass(CompressionPass):
         if not 0 <= start < end <= adapter.num_layers:
             raise PassError(f"taylor-width: layer range [{start}, {end}) must lie in [0, {adapter.num_layers}] and be "
                             "non-empty")
+        importance = {}
+        for i, layer in engine.layer_gradients(lowest=start):  # any order: the sequential engine goes top-down
+            if i < end:
+                with torch.no_grad():
+                    importance[i] = group_importance(adapter, layer)
         ops, tensors, scores = [], {}, []
-        with layer_gradients(engine.model, ids, self.config["batch_size"]), torch.no_grad():
-            for i, layer in enumerate(adapter.layers):
-                if not start <= i < end:
-                    continue
-                channels, groups = group_importance(adapter, layer)
-                keep = top_k(channels, target.channels) if target.channels < w["intermediate_size"] else None
-                kept_groups = (top_k(groups, target.groups).tolist()
-                               if target.groups < w["num_key_value_heads"] else None)
-                ops += width_ops(i, keep, kept_groups, None, tensors)
-                scores.append([round(float(g), 6) for g in groups])
+        for i in range(start, end):
+            channels, groups = importance[i]
+            keep = top_k(channels, target.channels) if target.channels < w["intermediate_size"] else None
+            kept_groups = top_k(groups, target.groups).tolist() if target.groups < w["num_key_value_heads"] else None
+            ops += width_ops(i, keep, kept_groups, None, tensors)
+            scores.append([round(float(g), 6) for g in groups])
         trace = {"criterion": "taylor param_first", "layers": [start, end], "group_importance": scores,
                  **params_trace(adapter, target, end - start)}
         return PassResult(ops, trace, tensors)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .calibration import CalibrationConfig, describe_calibration, fit_ids as drawn_fit_ids, load_calibration
 from .engine import engine_for, is_lazy_model
+from .engine.lazy import lazy_copy
 from .errors import PassError, SLMError
 from .passes.base import CompressionPass
 from .plan import CompressionPlan, Stage, describe_base, fingerprint, kind_of
@@ -212,10 +213,8 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
         if plan is None:
             work, slots = model, None
         else:  # plan on the model the earlier stages produced; positions map back to base layers
-            if is_lazy_model(model):
-                raise SLMError("a recipe of several stages plans on an in-memory model; the streaming engine "
-                               "(--max-memory) runs one stage at a time")
-            work = apply_plan(copy.deepcopy(model), plan, strict=False)
+            # a lazy model's copy shares its loaded tensors and reads its layers from the same files
+            work = apply_plan(lazy_copy(model) if is_lazy_model(model) else copy.deepcopy(model), plan, strict=False)
             slots = list(plan.shape_after.layers)
         if is_lazy_model(work) and not p.streams:
             from .registry import pass_classes

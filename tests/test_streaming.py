@@ -124,6 +124,44 @@ def test_cli_max_memory_writes_the_same_checkpoint(sharded, tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.parametrize("width", ["flap", "taylor-width"])
+def test_a_depth_and_width_recipe_streams_to_the_same_checkpoint(sharded, tmp_path, width):
+    """Stages plan on the lazy model the earlier stages produced; the written tensors equal the in-memory run's."""
+    corpus = write_corpus(tmp_path / "c.txt")
+    (tmp_path / "r.yaml").write_text(f"stages:\n  - method: slm-plus\n    num_layers: 2\n  - method: {width}\n"
+                                     "    ratio: 0.3\n")
+    common = ["-q", "compress", "--model", sharded, "--recipe", str(tmp_path / "r.yaml"), "--calib-data", corpus,
+              "--calib-samples", "4", "--calib-seq-len", "16", "--no-cache"]
+    runner = CliRunner()
+    mem = runner.invoke(cli, [*common, "--output", str(tmp_path / "mem")], catch_exceptions=False)
+    lazy = runner.invoke(cli, [*common, "--max-memory", "1KB", "--output", str(tmp_path / "lazy")],
+                         catch_exceptions=False)
+    assert mem.exit_code == 0 and lazy.exit_code == 0, (mem.output, lazy.output)
+    assert "streaming the decoder layers" in lazy.stderr and f"stage 2: method: {width}" in lazy.stdout
+    x, y = _tensors(tmp_path / "mem"), _tensors(tmp_path / "lazy")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    check = [line for line in mem.output.splitlines() if line.startswith("quality check")]
+    assert check and check == [line for line in lazy.output.splitlines() if line.startswith("quality check")]
+
+
+def test_applying_width_ops_to_a_lazy_model_keeps_its_layers_on_disk(sharded, tmp_path):
+    """Every narrowed layer goes to the spill store after its op: no decoder layer weights stay in memory."""
+    corpus = write_corpus(tmp_path / "c.txt")
+    full, tok = load_model(sharded)
+    plan = compress(full, "flap", CalibrationConfig(corpus, 4, 16), tokenizer=tok, cache=False, ratio=0.3)
+    lazy = apply_plan(load_lazy_model(sharded), plan)
+    assert all(p.is_meta for p in lazy.model.layers.parameters())
+    assert lazy.model.layers[0].mlp.down_proj.weight.shape[1] < 128
+    expected = apply_plan(full, plan)
+    ids = calib_ids(2, 8)
+    with torch.no_grad():  # the lazy model computes the same function, each layer read from its spill file
+        from optimum_slm.engine import ForwardEngine
+
+        a = ForwardEngine(expected, ids).record_layer_inputs().base_final
+        b = SequentialEngine(lazy, ids).record_layer_inputs().base_final
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_every_built_in_pass_streams():
     from optimum_slm.registry import pass_classes
 

@@ -390,9 +390,6 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     lazy = streams_layers(size, max_memory)
     if lazy and heal_config is not None:
         raise click.UsageError("healing trains the whole model in memory: drop the heal stage or --max-memory")
-    if lazy and recipe is not None and len(method) > 1:
-        raise click.UsageError("a recipe of several stages plans on an in-memory model; the streaming engine "
-                               "(--max-memory) runs one stage at a time")
     with claim_output(output, overwrite, need_bytes=need) as target:
         if lazy:
             click.echo("streaming the decoder layers from the checkpoint's shards (sequential engine)", err=True)

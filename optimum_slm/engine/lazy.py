@@ -61,7 +61,9 @@ class TensorStore:
         self.folder = folder
         self.dtype = dtype
         index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
+        if os.path.isfile(folder):  # one file (a spilled layer)
+            folder, files = os.path.dirname(folder), [os.path.basename(folder)]
+        elif os.path.isfile(index):
             with open(index, encoding="utf-8") as fh:
                 files = sorted(set((json.load(fh).get("weight_map") or {}).values()))
         elif os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -112,6 +114,63 @@ class TensorStore:
 
 def register_lazy(layer: nn.Module, store: TensorStore, prefix: str) -> None:
     _LAZY[layer] = (store, prefix)
+
+
+class SpillStore:
+    """A temporary folder that layers built while applying a plan to a lazy model (narrowed, merged, fitted) are
+    written to, one file each, and then read from like the base's layers: applying a plan never holds more than the
+    layers of one op. The folder is made under ``TMPDIR`` and removed with the model."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="slm-spill-")
+        self._count = 0
+
+    def spill(self, module: nn.Module) -> None:
+        """Write ``module``'s parameters to a new file and make it a lazy layer reading them from there."""
+        from safetensors.torch import save_file
+
+        self._count += 1
+        path = os.path.join(self._dir.name, f"layer-{self._count:05d}.safetensors")
+        save_file({name: p.detach().contiguous().cpu() for name, p in module.named_parameters()}, path)
+        register_lazy(module, TensorStore(path), "")
+        module.to("meta")
+
+    def restore(self, module: nn.Module) -> None:
+        """Read a spilled ``module`` back into memory for a later op to change it; its file is removed."""
+        store, _ = _LAZY.pop(module)
+        module.load_state_dict(dict(LazyState(store, "", [n for n, _ in module.named_parameters()])), strict=False,
+                               assign=True)
+        os.remove(store.folder)
+
+    @staticmethod
+    def of(model: nn.Module) -> "SpillStore":
+        """The model's spill store (made on first use, kept as long as the model)."""
+        store = getattr(model, "slm_spill", None)
+        if store is None:
+            store = model.slm_spill = SpillStore()
+        return store
+
+
+def lazy_copy(model: nn.Module) -> nn.Module:
+    """A copy of a lazy model sharing its loaded tensors (embeddings, norm, head); its layers read the same files."""
+    import copy
+
+    from ..arch import ArchAdapter
+
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if not t.is_meta}
+    spill = getattr(model, "slm_spill", None)
+    if spill is not None:
+        memo[id(spill)] = spill
+    store = getattr(model, "slm_store", None)
+    if store is not None:
+        memo[id(store)] = store
+    clone = copy.deepcopy(model, memo)
+    for original, copied in zip(ArchAdapter(model).layers, ArchAdapter(clone).layers):
+        if original in _LAZY:
+            _LAZY[copied] = _LAZY[original]
+    return clone
 
 
 def is_lazy(module: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from typing import Iterable
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..engine.lazy import materialized_copy
+from ..engine.lazy import SpillStore, is_lazy, is_lazy_model, materialized_copy
 from ..errors import PlanError
 from .fingerprint import fingerprint_with
 from .ops import kind_of
@@ -27,8 +27,10 @@ class ApplyContext:
     ``type_index`` is the ORIGINAL index whose per-layer config (attention type, sliding window) the slot keeps.
     """
 
-    def __init__(self, adapter: ArchAdapter):
+    def __init__(self, adapter: ArchAdapter, spill: SpillStore | None = None):
         self.adapter = adapter
+        #: for a lazy model: where the layers built here go between ops, so memory holds one op's layers at most
+        self.spill = spill
         self.base_layers = list(adapter.layers)
         self.order = list(range(len(self.base_layers)))
         self.slots = {i: (i, layer) for i, layer in enumerate(self.base_layers)}
@@ -49,7 +51,17 @@ class ApplyContext:
         if id(module) not in self._owned:
             module = materialized_copy(module)  # a lazy layer's copy gets its weights from the checkpoint
             self.replace(slot, type_index, module)
+        elif self.spill is not None and is_lazy(module):
+            self.spill.restore(module)  # built by an earlier op and spilled: read back to be changed again
         return module
+
+    def release(self) -> None:
+        """After an op: with a spill store, write the layers built so far to it (they become lazy layers)."""
+        if self.spill is None:
+            return
+        for _, module in self.slots.values():
+            if id(module) in self._owned and not is_lazy(module) and not any(p.is_meta for p in module.parameters()):
+                self.spill.spill(module)
 
     def remove(self, slots: Iterable[int]) -> None:
         gone = set(slots)
@@ -88,15 +100,18 @@ def check_base(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
 def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> nn.Module:
     """Rebuild the compressed model from its base, in place and atomically; returns ``model``.
 
-    Refuses a model whose fingerprint differs from the plan's base unless ``strict=False``.
+    Refuses a model whose fingerprint differs from the plan's base unless ``strict=False``. On a lazy model
+    (``load_lazy_model``) every layer an op builds is written to a temporary spill file after the op and read back
+    when needed, so applying holds one op's layers, whatever the plan narrows or merges.
     """
     adapter = check_base(model, plan, strict)
     shape = plan.validate(hidden_size=int(adapter.config.hidden_size))  # tensor widths against this very model
     if plan.base.get("widths") not in (None, adapter.widths()):
         raise PlanError(f"plan is for widths {plan.base['widths']}, the model has {adapter.widths()}")
-    ctx = ApplyContext(adapter)
+    ctx = ApplyContext(adapter, SpillStore.of(model) if is_lazy_model(model) else None)
     for op in plan.ops:
         kind_of(op).apply(ctx, op, plan.tensors)
+        ctx.release()
     uniform, per_layer = layer_widths(shape)
     adapter.set_layers(ctx.stack())  # the only change to the model (with the config's widths below)
     if uniform:

@@ -68,7 +68,7 @@ def test_sequential_plans_equal_in_memory_plans(sharded, tmp_path, method, param
     corpus = write_corpus(tmp_path / "c.txt")
     cal = CalibrationConfig(corpus, 4, 16, fit_samples=8, fit_seq_len=16)
     full, tok = load_model(sharded)
-    lazy = load_lazy_model(sharded)
+    lazy = load_lazy_model(sharded, memory_budget=1)  # recorded activations go to disk
     a = compress(full, method, cal, tokenizer=tok, cache=False, **params)
     b = compress(lazy, method, cal, tokenizer=tok, cache=False, **params)
     assert a.base == b.base  # the fingerprint computed from the files equals the loaded model's
@@ -160,6 +160,29 @@ def test_applying_width_ops_to_a_lazy_model_keeps_its_layers_on_disk(sharded, tm
         a = ForwardEngine(expected, ids).record_layer_inputs().base_final
         b = SequentialEngine(lazy, ids).record_layer_inputs().base_final
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_activations_go_to_disk_when_they_exceed_the_budget(sharded):
+    from optimum_slm.engine import ForwardEngine
+    from optimum_slm.engine.spill import DiskBatches
+
+    ids = calib_ids(4, 16)
+    full, _ = load_model(sharded)
+    want = ForwardEngine(full, ids, batch_size=2).record_layer_inputs()
+    roomy = SequentialEngine(load_lazy_model(sharded, memory_budget=2**34), ids, batch_size=2).record_layer_inputs()
+    tight = SequentialEngine(load_lazy_model(sharded, memory_budget=2**16), ids, batch_size=2).record_layer_inputs()
+    assert roomy.activations is None and isinstance(roomy.inputs[3], list)
+    assert tight.activations is not None and isinstance(tight.inputs[3], DiskBatches)
+    assert tight.activations.bytes_written == 7 * 4 * 16 * 64 * 4  # (layers + 1) x tokens x hidden x fp32
+    for engine in (roomy, tight):
+        assert all(torch.equal(a, b) for i in range(7) for a, b in zip(want.inputs[i], engine.inputs[i]))
+    folder = tight.activations._dir.name
+    assert len(os.listdir(folder)) == 7 * 2
+    del tight, engine
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(folder)  # removed with the engine
 
 
 def test_every_built_in_pass_streams():

@@ -167,17 +167,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def streams_layers(size: int | None, max_memory: str | None) -> bool:
     """Whether to plan and write with the model's layers streamed from disk (the sequential engine), for weight files
     of ``size`` bytes (None: not a safetensors folder).
@@ -191,8 +180,17 @@ def streams_layers(size: int | None, max_memory: str | None) -> bool:
         return False
     if max_memory is not None:
         return size > parse_size(max_memory) // 2
-    available = _available_memory()
+    from ..engine.spill import available_memory
+
+    available = available_memory()
     return available is not None and size > 0.7 * available
+
+
+def _lazy_kwargs(lazy: bool, max_memory: str | None) -> dict:
+    """``load_model`` arguments for a streamed (lazy) model and its budget."""
+    if not lazy:
+        return {}
+    return {"lazy": True, "memory_budget": parse_size(max_memory) if max_memory is not None else None}
 
 
 def memory_option(func):
@@ -395,7 +393,7 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
             click.echo("streaming the decoder layers from the checkpoint's shards (sequential engine)", err=True)
         compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
                                                    allow_download=allow_download, allow_pickle=allow_pickle,
-                                                   lazy=lazy)
+                                                   **_lazy_kwargs(lazy, max_memory))
         plan = compressor.compress(target, method=method, calibration=calibration if calib_data else None,
                                    overwrite=overwrite, plan_only=plan_only, cache=_plan_cache(no_cache),
                                    check=not no_check, save_dtype=save_dtype, command=_command_line(ctx),
@@ -463,7 +461,7 @@ def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, all
     with claim_output(output, overwrite, need_bytes=size) as target:
         compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
                                                    allow_download=allow_download, allow_pickle=allow_pickle,
-                                                   lazy=lazy)
+                                                   **_lazy_kwargs(lazy, max_memory))
         compressor.apply(plan, target, overwrite=overwrite, save_dtype=save_dtype)
     click.echo(f"wrote {target} (checkpoint, slm_plan.json, README.md, {_size(target)})")
     click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")

@@ -9,8 +9,9 @@ decoder layers are read from the checkpoint only while they run.
   bit-identical); each slot's module is read in once for all batches.
 * ``stream_fit`` runs the fit set batch by batch (memory does not grow with it); each layer is read once per batch.
 
-Recorded activations stay on ``storage_device`` (the CPU by default), never the weights of more than one base layer
-at a time (a window being merged reads its layers together).
+Recorded activations stay on ``storage_device`` (the CPU by default), or go to disk (``engine.spill``) when they
+exceed what the model's memory budget leaves; never the weights of more than one base layer at a time (a window
+being merged reads its layers together).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from ..metrics import Batches
 from ..progress import progress_bar
 from .lazy import materialized
+from .spill import ActivationFolder, available_memory
 from .memory import FitBatch, ForwardEngine, Slot, call_kwargs, call_layer
 
 
@@ -74,6 +76,9 @@ def _autograd_ready(value: Any) -> Any:
 class SequentialEngine(ForwardEngine):
     """``ForwardEngine`` for lazy models: layers are read in while they run (see the module docstring)."""
 
+    #: where recorded activations went when they did not fit the budget (None: in memory)
+    activations: ActivationFolder | None = None
+
     def _record(self, n: int) -> None:
         """Layer-outer: the probe gives every batch's embeddings and kwargs, then each layer runs on all batches."""
         hidden: Batches = []
@@ -82,18 +87,40 @@ class SequentialEngine(ForwardEngine):
             hidden.append(h)
             for i in range(n):
                 self.layer_kwargs[i].append(kwargs[i])
+        keep = self._activation_keeper(sum(h.numel() * h.element_size() for h in hidden) * (n + 1))
         layers = self.adapter.layers
-        with progress_bar(desc="recording layers", unit="layer", total=n) as bar:
+        desc = "recording layers" + (" (activations to disk)" if self.activations is not None else "")
+        with progress_bar(desc=desc, unit="layer", total=n) as bar:
             for i in range(n):
-                self.inputs[i] = [h.to(self.storage_device) for h in hidden]
+                self.inputs[i] = keep(hidden)
                 with self.loaded(layers[i]):
                     hidden = [self._call(layers[i], i, b, hidden[b]) for b in range(len(hidden))]
                 bar.update(1)
-        self.inputs[n] = [h.to(self.storage_device) for h in hidden]
+        self.inputs[n] = keep(hidden)
         # count the recording as the in-memory engine does (its decoder forward is not counted, only the last layer's
         # re-run), so a plan's trace is the same whichever engine made it
         self.layer_tokens -= (n - 1) * self.input_ids.numel()
         self.base_final = [self.adapter.final_norm(h.to(self.device)).to(self.storage_device) for h in hidden]
+
+    def _activation_keeper(self, total: int) -> Callable[[Batches], Batches]:
+        """How recorded hidden states are kept: on ``storage_device``, or on disk (``activations``, an
+        ``ActivationFolder``) when ``total`` bytes of them exceed half of what the memory budget leaves after the
+        loaded tensors and a few layers' weights (the model's ``slm_memory_budget``; without one, the memory
+        available now)."""
+        budget = getattr(self.model, "slm_memory_budget", None)
+        store = getattr(self.model, "slm_store", None)
+        layer_bytes = store.nbytes() / max(self.num_layers, 1) if store is not None else 0
+        resident = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
+                       if not t.is_meta)
+        if budget is not None:
+            left = budget - resident - 4 * layer_bytes
+        else:
+            available = available_memory()
+            left = None if available is None else available - 4 * layer_bytes
+        if left is not None and total > left / 2:
+            self.activations = ActivationFolder()
+            return lambda hidden: self.activations.batches(hidden, self.storage_device)
+        return lambda hidden: [h.to(self.storage_device) for h in hidden]
 
     @torch.inference_mode()
     def run_layers(self, slots: Sequence[Slot | tuple[nn.Module, int]], start: int | Batches, final_norm: bool = True,

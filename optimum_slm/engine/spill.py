@@ -1,0 +1,85 @@
+"""Recorded activations on disk: when a lazy model's calibration activations, (layers + 1) × tokens × hidden, would
+not fit in what the memory budget leaves, the sequential engine keeps them in files under ``TMPDIR``, one per layer
+and batch, read back when a pass touches them (the page cache keeps hot ones fast).
+
+Raw tensor bytes, never pickles; the folder is removed with the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Iterator
+
+import torch
+
+
+def available_memory() -> int | None:
+    """The memory the machine has available now (``MemAvailable``), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class ActivationFolder:
+    """A temporary folder of tensors written once and read many times (one file per tensor)."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="slm-activations-")
+        self._count = 0
+        self.bytes_written = 0
+
+    def write(self, tensor: torch.Tensor) -> "_Stored":
+        self._count += 1
+        path = os.path.join(self._dir.name, f"{self._count:07d}.bin")
+        t = tensor.detach().contiguous().cpu()
+        with open(path, "wb") as fh:
+            fh.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self.bytes_written += t.numel() * t.element_size()
+        return _Stored(path, tuple(t.shape), t.dtype)
+
+    def batches(self, tensors: Sequence[torch.Tensor], device: torch.device) -> "DiskBatches":
+        """``tensors`` (one per calibration batch) written here; reads come back on ``device``."""
+        return DiskBatches([self.write(t) for t in tensors], device)
+
+
+class _Stored:
+    __slots__ = ("path", "shape", "dtype")
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self.path, self.shape, self.dtype = path, shape, dtype
+
+    def read(self) -> torch.Tensor:
+        n = math.prod(self.shape) * self.dtype.itemsize
+        buf = bytearray(n)
+        with open(self.path, "rb") as fh:
+            if fh.readinto(buf) != n:
+                raise OSError(f"{self.path}: spilled activations are truncated")
+        if not n:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).view(self.shape)
+
+
+class DiskBatches(Sequence):
+    """A list over calibration batches of hidden states kept on disk: ``batches[b]`` reads batch ``b``."""
+
+    def __init__(self, stored: list[_Stored], device: torch.device):
+        self._stored, self.device = stored, device
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __getitem__(self, b):  # type: ignore[override]
+        if isinstance(b, slice):
+            return [s.read().to(self.device) for s in self._stored[b]]
+        return self._stored[b].read().to(self.device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (s.read().to(self.device) for s in self._stored)

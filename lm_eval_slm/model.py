@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -167,6 +168,21 @@ class SLMLM(HFLM):
         path = resolve_model_path(self.slm_base, gguf_file)
         check_loadable(path, self.slm_base, allow_download=not os.environ.get("HF_HUB_OFFLINE"))
         super().__init__(pretrained=path, dtype=dtype, **hf_kwargs)
+        self._shard_across_cpu_processes()
+
+    def _shard_across_cpu_processes(self) -> None:
+        """Under ``accelerate launch`` / ``torchrun`` with several CPU processes, split the requests between them.
+
+        lm-eval's HFLM sets its rank and world size only when it counts several GPUs, so CPU processes would each
+        evaluate everything; here each takes its share and lm-eval gathers the results over the gloo group."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is None or accelerator.num_processes < 2 or getattr(self, "_world_size", 1) > 1:
+            return
+        if accelerator.device.type != "cpu":
+            return
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
+        self._device = accelerator.device
 
     # HFLM.__init__ calls this with the tokenizer already built; compress right after the base is loaded
     def _create_model(self, pretrained: str, **kwargs: Any) -> None:
@@ -219,10 +235,13 @@ class SLMLM(HFLM):
         calibration = CalibrationConfig(**cal) if cal["source"] is not None else None
         cache = True if self.slm_plan_cache is None else (
             False if str(self.slm_plan_cache).lower() == "none" else self.slm_plan_cache)
+        accelerator = getattr(self, "accelerator", None)  # set by HFLM under accelerate launch / torchrun
         try:
             stages = self.slm_stages[0] if len(self.slm_stages) == 1 else self.slm_stages
-            plan = compress(model, stages, calibration, tokenizer=self.tokenizer, cache=cache,
-                            name_or_path=self.slm_base)
+            # data-parallel processes: the main one computes (and caches) the plan first, the others then reuse it
+            with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+                plan = compress(model, stages, calibration, tokenizer=self.tokenizer, cache=cache,
+                                name_or_path=self.slm_base)
         except SLMError as exc:
             if calibration is None:
                 raise type(exc)(f"{exc} (give calib=<corpus> in --model_args)") from None

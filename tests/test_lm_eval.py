@@ -163,6 +163,29 @@ def test_lm_eval_cli_model_slm_with_plan_cache(tiny_checkpoint, corpus, tmp_path
     assert _results(str(tmp_path / "r3"))["results"][TASK] == res1["results"][TASK]
 
 
+def test_data_parallel_cpu_processes_split_the_requests(tiny_checkpoint, corpus, tmp_path):
+    """``accelerate launch`` with two CPU processes: the main one computes and caches the plan, the other reuses it,
+    each evaluates half of the requests, and the gathered result equals one process's."""
+    import socket
+
+    tasks = write_task(tmp_path / "tasks")
+    env = _env(str(tmp_path / "cache"))
+    args = f"base={tiny_checkpoint},num_layers=2,calib={corpus},calib_samples=4,calib_seq_len=16"
+    one = _lm_eval([os.path.join(BIN, "lm_eval")], args, tasks, str(tmp_path / "one"), env)
+    assert "/24 [" in one.stderr  # 8 documents x 3 choices in one process
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "lm_eval"]
+    cache = str(tmp_path / "cache2")
+    both = _lm_eval(launch, args, tasks, str(tmp_path / "two"), dict(_env(cache), ACCELERATE_USE_CPU="1"))
+    assert "Building contexts for slm_tiny_mc on rank 1" in both.stderr  # two processes, each with its share
+    assert both.stderr.count("computed a slm-plus plan") == 1 and "reusing cached plan" in both.stderr
+    assert "/12 [" in both.stderr and "/24 [" not in both.stderr  # each process ran half of the 24 requests
+    assert _results(str(tmp_path / "two"))["results"][TASK] == _results(str(tmp_path / "one"))["results"][TASK]
+
+
 def test_startup_hook_keeps_builtin_models_and_registers_slm_lazily():
     probe = (
         "import sys\n"

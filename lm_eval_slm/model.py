@@ -115,8 +115,9 @@ class SLMLM(HFLM):
             raise ModelLoadError("the slm model needs base=<checkpoint, hub id, .gguf or alias> in --model_args "
                                  "(not pretrained=)")
         hf_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in HFLM_KEYS}
-        if hf_kwargs.get("parallelize") or hf_kwargs.get("tp_plan"):
-            raise SLMError("the slm model compresses a single-device model; parallelize/tp_plan are not supported")
+        if hf_kwargs.get("tp_plan"):
+            raise SLMError("the slm model compresses the model it loads; tp_plan (tensor parallelism) is not supported "
+                           "(parallelize=True, an accelerate device map, is)")
         params = {k: v for k, v in (("ratio", ratio), ("num_layers", num_layers), ("threshold", threshold),
                                     ("merge", merge)) if v is not None}
         params.update(kwargs)  # anything else is for the pass, which refuses unknown keys listing the valid ones
@@ -167,6 +168,15 @@ class SLMLM(HFLM):
         # HFLM loads a plain checkpoint folder (GGUF and aliases resolved here) and calls our _create_model
         path = resolve_model_path(self.slm_base, gguf_file)
         check_loadable(path, self.slm_base, allow_download=not os.environ.get("HF_HUB_OFFLINE"))
+        self.slm_prebuilt = None
+        if hf_kwargs.get("parallelize"):
+            # an accelerate device map (layers over GPUs, or offloaded) is HFLM's to build, from a plain checkpoint:
+            # plan and write the compressed checkpoint with the layers streamed from the base's shards, then let
+            # HFLM load that one with its device map
+            if self.slm_heal is not None:
+                raise SLMError("parallelize=True writes the compressed checkpoint from the base's shards; a heal stage "
+                               "trains the whole model in memory: drop one of them")
+            path = self.slm_prebuilt = self._prebuilt_checkpoint(path, dtype)
         super().__init__(pretrained=path, dtype=dtype, **hf_kwargs)
         self._shard_across_cpu_processes()
 
@@ -188,7 +198,8 @@ class SLMLM(HFLM):
     def _create_model(self, pretrained: str, **kwargs: Any) -> None:
         kwargs["peft"] = None  # adapters go on the compressed model, below
         super()._create_model(pretrained, **kwargs)
-        self._compress()
+        if self.slm_prebuilt is None:
+            self._compress()
         if self.slm_peft:
             from peft import PeftModel
 
@@ -196,18 +207,55 @@ class SLMLM(HFLM):
         # HFLM cached the base's AutoConfig; the compressed model's config has the new layer count
         self._config = self._model.config
 
+    def _plan_for(self, model, tokenizer) -> tuple[Any, str]:
+        """The plan to evaluate (given, cached or computed on ``model``) and where it came from."""
+        from optimum_slm.plan import CompressionPlan
+
+        if self.slm_plan_file is not None:
+            return CompressionPlan.load(self.slm_plan_file), f"plan file {self.slm_plan_file}"
+        return self._cached_or_computed_plan(model, tokenizer)
+
+    def _prebuilt_checkpoint(self, path: str, dtype: str) -> str:
+        """``parallelize=True``: the compressed checkpoint of ``path``, planned and written with the decoder layers
+        streamed from its safetensors shards (never the whole model in CPU memory), kept in the user cache under the
+        plan's digest (an evaluation of the same plan reuses it)."""
+        import hashlib
+
+        import torch
+
+        from optimum_slm.arch import ArchAdapter, param_count
+        from optimum_slm.compressor import save_compressed
+        from optimum_slm.loading import cache_dir, load_model
+        from optimum_slm.plan import apply_plan
+
+        model, tokenizer = load_model(path, dtype=dtype, lazy=True)
+        plan, origin = self._plan_for(model, tokenizer)
+        digest = hashlib.sha256(plan.to_json().encode())
+        for name in sorted(plan.tensors):
+            digest.update(name.encode() + plan.tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(str(dtype).encode())
+        folder = os.path.join(cache_dir("compressed"), digest.hexdigest()[:32])
+        before, params_before = ArchAdapter(model).num_layers, param_count(model)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            origin += f"; compressed checkpoint reused from {folder}"
+        else:
+            apply_plan(model, plan, strict=True)
+            save_compressed(model, tokenizer, plan, folder, params_before, overwrite=True)
+            origin += f"; compressed checkpoint written to {folder}"
+        self.slm_plan = plan
+        logger.info("slm: evaluating %s compressed by %s: %d -> %d layers, %s parameters before (%s); loading it "
+                    "with parallelize=True", self.slm_base, plan.method, before, plan.num_layers_after,
+                    f"{params_before:,}", origin)
+        return folder
+
     def _compress(self) -> None:
         from optimum_slm.arch import ArchAdapter, param_count
-        from optimum_slm.plan import CompressionPlan, apply_plan
+        from optimum_slm.plan import apply_plan
 
         model = self._model
         before = ArchAdapter(model).num_layers
         params_before = param_count(model)
-        if self.slm_plan_file is not None:
-            plan = CompressionPlan.load(self.slm_plan_file)
-            origin = f"plan file {self.slm_plan_file}"
-        else:
-            plan, origin = self._cached_or_computed_plan(model)
+        plan, origin = self._plan_for(model, self.tokenizer)
         apply_plan(model, plan, strict=True)
         self.slm_plan = plan
         if self.slm_heal is not None:
@@ -225,7 +273,7 @@ class SLMLM(HFLM):
         for line in plan.summary().splitlines():
             logger.info("slm plan | %s", line)
 
-    def _cached_or_computed_plan(self, model) -> tuple[Any, str]:
+    def _cached_or_computed_plan(self, model, tokenizer) -> tuple[Any, str]:
         from optimum_slm.calibration import CalibrationConfig
         from optimum_slm.pipeline import compress
 
@@ -240,7 +288,7 @@ class SLMLM(HFLM):
             stages = self.slm_stages[0] if len(self.slm_stages) == 1 else self.slm_stages
             # data-parallel processes: the main one computes (and caches) the plan first, the others then reuse it
             with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
-                plan = compress(model, stages, calibration, tokenizer=self.tokenizer, cache=cache,
+                plan = compress(model, stages, calibration, tokenizer=tokenizer, cache=cache,
                                 name_or_path=self.slm_base)
         except SLMError as exc:
             if calibration is None:

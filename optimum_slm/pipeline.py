@@ -24,7 +24,7 @@ from torch import nn
 
 from .calibration import CalibrationConfig, describe_calibration, fit_ids as drawn_fit_ids, load_calibration
 from .engine import engine_for, is_lazy_model
-from .engine.lazy import lazy_copy
+from .engine.lazy import check_not_offloaded, lazy_copy
 from .errors import PassError, SLMError
 from .passes.base import CompressionPass
 from .plan import CompressionPlan, Stage, describe_base, fingerprint, kind_of
@@ -150,6 +150,7 @@ def compress(
     ``name_or_path`` is recorded as the base's name.
     """
     passes = resolve_stages(method, params)
+    check_not_offloaded(model)
     needs = [p.name for p in passes if p.needs_calibration]
     ids = calibration_ids(calibration, tokenizer)
     if ids is None and needs:

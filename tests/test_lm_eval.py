@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CORPUS_WORDS, make_model, write_corpus
-from optimum_slm.errors import PassError, PlanError
+from optimum_slm.errors import ModelLoadError, PassError, PlanError, SLMError
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval_slm.model import SLMLM  # noqa: E402
@@ -104,6 +104,39 @@ def test_plan_for_another_base_is_refused(tiny_checkpoint, tiny_tokenizer, corpu
     tiny_tokenizer.save_pretrained(other)
     with pytest.raises(PlanError, match="another base"):
         make_lm(str(other), plan=str(plan_file))
+
+
+def test_parallelize_loads_the_streamed_compressed_checkpoint_with_a_device_map(tiny_checkpoint, corpus, tmp_path,
+                                                                              monkeypatch):
+    """parallelize=True: the compressed checkpoint is planned and written with the layers streamed from the base's
+    shards, then HFLM loads it with its accelerate device map (here, on a CPU-only machine, offloaded to disk)."""
+    monkeypatch.setenv("OPTIMUM_SLM_CACHE", str(tmp_path / "cache"))
+    args = dict(num_layers=2, calib=corpus, plan_cache=str(tmp_path / "plans"), **SMALL_CALIB)
+    plain = make_lm(tiny_checkpoint, **args)
+    mapped = make_lm(tiny_checkpoint, parallelize=True, offload_folder=str(tmp_path / "offload"), **args)
+    assert mapped.slm_prebuilt and getattr(mapped.model, "hf_device_map", None) is not None
+    assert mapped.slm_plan.ops == plain.slm_plan.ops and layer_count(mapped) == 4
+    probe = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(mapped.model(probe).logits, plain.model(probe).logits, atol=1e-5)
+    again = make_lm(tiny_checkpoint, parallelize=True, offload_folder=str(tmp_path / "offload"), **args)
+    assert again.slm_prebuilt == mapped.slm_prebuilt and again.slm_plan_reused  # same plan: the same folder
+    with pytest.raises(SLMError, match="tp_plan"):
+        make_lm(tiny_checkpoint, tp_plan="auto", **args)
+
+
+def test_a_model_offloaded_by_accelerate_is_refused_in_one_line(tiny_checkpoint, corpus, tmp_path):
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from optimum_slm import compress
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i == 3 else "cpu" for i in range(6)}}
+    model = dispatch_model(model, device_map, offload_dir=str(tmp_path / "offload"))
+    with pytest.raises(ModelLoadError, match="offloaded by accelerate"):
+        compress(model, "shortgpt", torch.randint(0, 300, (2, 8)), num_layers=1, cache=False)
 
 
 def test_peft_adapter_is_applied_after_compression(tiny_checkpoint, corpus, tmp_path):

@@ -3,7 +3,7 @@
 ``families`` describes each model family as data; ``adapter.ArchAdapter`` applies a family to a loaded model.
 """
 
-from .adapter import ArchAdapter, layer_state, load_layer_state, param_count
+from .adapter import ArchAdapter, layer_state, load_layer_state, param_count, window_states
 from .families import (
     BIAS,
     FAMILIES,
@@ -17,6 +17,6 @@ from .families import (
 )
 
 __all__ = [
-    "ArchAdapter", "layer_state", "load_layer_state", "param_count", "BIAS", "FAMILIES", "NORM", "PROJECTION",
+    "ArchAdapter", "layer_state", "load_layer_state", "param_count", "window_states", "BIAS", "FAMILIES", "NORM", "PROJECTION",
     "SUPPORTED_MODEL_TYPES", "Branch", "Family", "family_for", "text_config",
 ]

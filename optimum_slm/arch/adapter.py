@@ -319,6 +319,16 @@ def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in layer.named_parameters()}
 
 
+def window_states(layers: list[nn.Module]) -> list[Mapping[str, torch.Tensor]]:
+    """``layer_state`` of each layer of a merge window, on one device: a device map may spread a window over
+    several, and a merge rule combines their tensors (lazy layers read to the CPU)."""
+    states = [layer_state(layer) for layer in layers]
+    first = next((t for s in states if isinstance(s, dict) for t in s.values()), None)
+    if first is None:
+        return states
+    return [{k: v.to(first.device) for k, v in s.items()} if isinstance(s, dict) else s for s in states]
+
+
 def load_layer_state(layer: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Write ``state`` into ``layer``'s parameters in place (same names and shapes)."""
     params = dict(layer.named_parameters())

@@ -227,6 +227,17 @@ def materialized_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+def check_not_offloaded(model: nn.Module) -> None:
+    """Refuse (one line) a model whose layers accelerate offloaded to the CPU or disk (``device_map`` with
+    ``max_memory`` too small): its weights are on the meta device and appear only inside a forward."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False) and module not in _LAZY:
+            raise ModelLoadError("the model's layers were offloaded by accelerate (device_map with CPU/disk offload); "
+                                 "compress it from its checkpoint with --max-memory (layers streamed from the "
+                                 "shards), or load it with enough max_memory for every layer")
+
+
 def is_lazy_model(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` lives on the meta device (a model loaded by ``load_lazy_model``)."""
     return any(p.is_meta for p in model.parameters())

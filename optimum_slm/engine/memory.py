@@ -155,7 +155,7 @@ class ForwardEngine:
     # ---------------------------------------------------------------------------------------------- running
     def _call(self, module: nn.Module, type_index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         self.layer_tokens += hidden.shape[0] * hidden.shape[1]
-        return call_layer(module, self.layer_kwargs[type_index][batch], hidden.to(self.device))
+        return call_layer(module, self.layer_kwargs[type_index][batch], hidden.to(self.device)).to(self.device)
 
     @property
     def layer_evaluations(self) -> float:
@@ -185,7 +185,8 @@ class ForwardEngine:
         The base forward stops at the highest point, and nothing of a batch outlives the next one: memory does not
         grow with the fit set. ``reduce`` (e.g. the last token) is applied to each captured state before it is kept.
         """
-        keep = reduce or (lambda h: h)
+        # captured states come to the compute device (a device map leaves each layer's on its own)
+        keep = (lambda h: reduce(h.to(self.device))) if reduce is not None else (lambda h: h.to(self.device))
         ids_all = self.fit_set("stream_fit")
         n, top = self.num_layers, max(points)
         with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
@@ -258,7 +259,7 @@ class ForwardEngine:
                 slot_inputs[-1].append(h.to(self.storage_device))
             if final_norm:
                 h = self.adapter.final_norm(h)
-            outputs.append(h)
+            outputs.append(h.to(self.device))  # a layer placed by a device map returns on its own device
         return outputs
 
     @torch.inference_mode()
@@ -339,7 +340,7 @@ class FitBatch:
         for slot in slots:
             engine.fit_layer_tokens += hidden.shape[0] * hidden.shape[1]
             with engine.loaded(slot.module):
-                hidden = call_layer(slot.module, self.kwargs[slot.type_index], hidden)
+                hidden = call_layer(slot.module, self.kwargs[slot.type_index], hidden).to(engine.device)
         return hidden
 
 
@@ -350,6 +351,8 @@ class _OnDevice:
         self.module, self.device, self.home = module, device, None
 
     def __enter__(self):
+        if hasattr(self.module, "_hf_hook"):  # placed by accelerate (device_map): its hook moves the inputs there
+            return self.module
         p = next(self.module.parameters(), None)
         if p is not None and p.device != self.device:
             self.home = p.device

@@ -13,7 +13,7 @@ from typing import Iterable
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..engine.lazy import SpillStore, is_lazy, is_lazy_model, materialized_copy
+from ..engine.lazy import SpillStore, check_not_offloaded, is_lazy, is_lazy_model, materialized_copy
 from ..errors import PlanError
 from .fingerprint import fingerprint_with
 from .ops import kind_of
@@ -104,6 +104,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
     (``load_lazy_model``) every layer an op builds is written to a temporary spill file after the op and read back
     when needed, so applying holds one op's layers, whatever the plan narrows or merges.
     """
+    check_not_offloaded(model)
     adapter = check_base(model, plan, strict)
     shape = plan.validate(hidden_size=int(adapter.config.hidden_size))  # tensor widths against this very model
     if plan.base.get("widths") not in (None, adapter.widths()):

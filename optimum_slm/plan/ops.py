@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
-from ..arch import layer_state, load_layer_state
+from ..arch import load_layer_state, window_states
 from ..errors import PlanError
 from ..hookspecs import hookimpl
 
@@ -237,7 +237,7 @@ class MergeOp(OpKind):
         low, high = op["layers"]
         rule = self._rule(op)
         base = ctx.base_layers
-        states = [layer_state(base[i]) for i in range(low, high + 1)]
+        states = window_states([base[i] for i in range(low, high + 1)])
         merged = rule(states, ctx.adapter.tensor_kinds(base[low]), **op.get("args", {}))
         anchor = rule.anchor_index(low, high)
         module = copy.deepcopy(base[anchor])  # the model's own layers stay untouched until the final swap

@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from ...arch import layer_state, load_layer_state
+from ...arch import load_layer_state, window_states
 from ...engine import ForwardEngine, Slot
 from ...metrics import per_sample_cosine
 from ...errors import PassError
@@ -107,7 +107,7 @@ class LaCoSearch:
         if unit in self.modules:
             return self.modules[unit]
         rule, args = self.op_for(unit)
-        states = [layer_state(self.layers[i]) for i in range(unit.lo, unit.hi + 1)]
+        states = window_states([self.layers[i] for i in range(unit.lo, unit.hi + 1)])
         module = copy.deepcopy(self.layers[unit.lo])
         load_layer_state(module, get_merge_rule(rule)(states, self.kinds, **args))
         return module

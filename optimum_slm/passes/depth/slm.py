@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...arch import ArchAdapter, layer_state, load_layer_state
+from ...arch import ArchAdapter, load_layer_state, window_states
 from ...engine import Batches, ForwardEngine, Slot
 from ...errors import PassError
 from ...hookspecs import hookimpl
@@ -87,7 +87,7 @@ class WindowEvaluator:
     def merged_layer(self, low: int, high: int) -> nn.Module:
         """A fresh module holding the merge of base layers low..high (the anchor layer's copy, merged weights)."""
         anchor = self.rule.anchor_index(low, high)
-        states = [layer_state(self.layers[i]) for i in range(low, high + 1)]
+        states = window_states([self.layers[i] for i in range(low, high + 1)])
         module = copy.deepcopy(self.layers[anchor])
         load_layer_state(module, self.rule(states, self.kinds))
         if self.rule.fit is not None:

@@ -185,6 +185,29 @@ def test_activations_go_to_disk_when_they_exceed_the_budget(sharded):
     assert not os.path.exists(folder)  # removed with the engine
 
 
+@pytest.mark.parametrize("method, params", [("slm-plus", {"ratio": 0.34}), ("sleb", {"num_layers": 2}),
+                                            ("flap", {"ratio": 0.2}), ("taylor-width", {"ratio": 0.2}),
+                                            ("laco", {"num_layers": 2, "merge_layers": 3})])
+def test_a_model_dispatched_by_accelerate_gives_the_same_plan_and_model(sharded, tmp_path, method, params):
+    """A device-mapped model (accelerate hooks on every layer) is compressed in place like a plain one."""
+    from accelerate import dispatch_model
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    cal = CalibrationConfig(corpus, 4, 16, fit_samples=8, fit_seq_len=16)
+    full, tok = load_model(sharded)
+    mapped, _ = load_model(sharded)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" for i in range(6)}}
+    mapped = dispatch_model(mapped, device_map, force_hooks=True)
+    assert hasattr(mapped.model.layers[2], "_hf_hook")
+    a = compress(full, method, cal, tokenizer=tok, cache=False, **params)
+    b = compress(mapped, method, cal, tokenizer=tok, cache=False, **params)
+    assert a.ops == b.ops
+    ids = calib_ids(2, 10)
+    with torch.no_grad():
+        assert torch.allclose(apply_plan(full, a)(ids).logits, apply_plan(mapped, b)(ids).logits, atol=1e-6)
+
+
 def test_every_built_in_pass_streams():
     from optimum_slm.registry import pass_classes
 

@@ -226,7 +226,10 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
         engine = engine_for(work)(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
                                fit_ids=fit if p.needs_fit_set else None)
         started = time.perf_counter()
-        result = p.run(engine)
+        try:
+            result = p.run(engine)
+        finally:
+            engine.close()
         # the load-independent cost goes into the plan (decoder-layer runs, in passes over the search set); the wall
         # time only into ``plan.timings``, so the same plan always has the same bytes
         result.trace["layer_evaluations"] = round(engine.layer_evaluations, 2)

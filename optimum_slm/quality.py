@@ -49,8 +49,12 @@ def _measure(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> tuple[
     from .engine import SequentialEngine, is_lazy_model
 
     if is_lazy_model(model):  # layers read from the checkpoint one at a time
-        engine = SequentialEngine(model, ids, batch_size=batch_size).record_layer_inputs()
-        total, count = engine.token_nll(engine.base_final)
+        engine = SequentialEngine(model, ids, batch_size=batch_size)
+        try:
+            engine.record_layer_inputs()
+            total, count = engine.token_nll(engine.base_final)
+        finally:
+            engine.close()
         return perplexity_of(total / count), [h.float().cpu() for h in engine.base_final]
     adapter = ArchAdapter(model)
     device = next(model.parameters()).device

@@ -208,6 +208,44 @@ def test_a_model_dispatched_by_accelerate_gives_the_same_plan_and_model(sharded,
         assert torch.allclose(apply_plan(full, a)(ids).logits, apply_plan(mapped, b)(ids).logits, atol=1e-6)
 
 
+def test_resident_layers_cut_reads_and_change_nothing(sharded, tmp_path, monkeypatch):
+    """With room in the budget, read layers stay resident (the top ones first): the same plan from fewer reads of
+    the checkpoint, and every layer released when the pass ends."""
+    from optimum_slm.engine.lazy import TensorStore
+
+    reads = []
+    original = TensorStore.read
+    monkeypatch.setattr(TensorStore, "read", lambda self, name: reads.append(name) or original(self, name))
+    corpus = write_corpus(tmp_path / "c.txt")
+    cal = CalibrationConfig(corpus, 4, 16, fit_samples=8, fit_seq_len=16)
+    full, tok = load_model(sharded)
+    want = compress(full, "sleb", cal, tokenizer=tok, cache=False, num_layers=2)
+    counts = {}
+    for budget in (1, 2**30):
+        lazy = load_lazy_model(sharded, memory_budget=budget)
+        reads.clear()
+        plan = compress(lazy, "sleb", cal, tokenizer=tok, cache=False, num_layers=2)
+        counts[budget] = len(reads)
+        assert plan.ops == want.ops
+        assert all(p.is_meta for p in lazy.model.layers.parameters())  # released
+    assert counts[2**30] * 3 < counts[1]  # each layer read once instead of once per trial stack
+
+
+def test_the_cache_keeps_the_top_layers(sharded):
+    engine = SequentialEngine(load_lazy_model(sharded, memory_budget=2**30), calib_ids(2, 8))
+    engine.record_layer_inputs()
+    one_layer = sum(p.numel() * p.element_size() for p in engine.adapter.layers[0].parameters())
+    engine.close()
+    engine._cache_budget = 2.5 * one_layer  # room for two layers
+    for i in range(6):
+        with engine.loaded(engine.adapter.layers[i]):
+            pass
+    resident = [i for i, layer in enumerate(engine.adapter.layers) if not layer.mlp.down_proj.weight.is_meta]
+    assert resident == [4, 5]
+    engine.close()
+    assert all(p.is_meta for p in engine.adapter.layers.parameters())
+
+
 def test_every_built_in_pass_streams():
     from optimum_slm.registry import pass_classes
 

@@ -209,12 +209,20 @@ def materialized(module: nn.Module, device: torch.device | str | None = None) ->
     if module not in _LAZY or not any(p.is_meta for p in module.parameters()):
         yield module
         return
-    state = {k: (v.to(device) if device is not None else v) for k, v in lazy_state(module).items()}
-    module.load_state_dict(state, strict=False, assign=True)
+    read_in(module, device)
     try:
         yield module
     finally:
         module.to("meta")
+
+
+def read_in(module: nn.Module, device: torch.device | str | None = None) -> None:
+    """Give a lazy layer its weights from the checkpoint (on ``device``); ``module.to("meta")`` releases them."""
+    # ordinary tensors even when read during an inference-mode recording: a layer kept resident may later be
+    # back-propagated through (Taylor gradients)
+    with torch.inference_mode(False):
+        state = {k: (v.to(device) if device is not None else v) for k, v in lazy_state(module).items()}
+        module.load_state_dict(state, strict=False, assign=True)
 
 
 def materialized_copy(module: nn.Module) -> nn.Module:

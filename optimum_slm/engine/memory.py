@@ -297,6 +297,10 @@ class ForwardEngine:
         layer's weights inside it, so the same pass runs on every engine."""
         return _OnDevice(module, self.device)
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the recording (nothing here; the sequential engine's resident
+        layers)."""
+
     def layer_gradients(self, lowest: int = 0) -> Iterator[tuple[int, nn.Module]]:
         """Decoder layers ``lowest..L-1`` as ``(index, layer)`` with every parameter's ``.grad`` holding ∂L/∂W, L the
         causal-LM loss of the calibration ids (mean per batch, summed over batches), for the Taylor criteria.

@@ -16,6 +16,8 @@ being merged reads its layers together).
 
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..metrics import Batches
 from ..progress import progress_bar
-from .lazy import materialized
+from .lazy import materialized, read_in
 from .spill import ActivationFolder, available_memory
 from .memory import FitBatch, ForwardEngine, Slot, call_kwargs, call_layer
 
@@ -61,6 +63,10 @@ def probe_calls(adapter, ids: torch.Tensor, device: torch.device) -> tuple[torch
     return first[0], kwargs
 
 
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def _autograd_ready(value: Any) -> Any:
     """``value`` with its inference-mode tensors (recorded call kwargs: masks, rotary tables) cloned into ordinary
     ones, which autograd may save for the backward."""
@@ -78,6 +84,14 @@ class SequentialEngine(ForwardEngine):
 
     #: where recorded activations went when they did not fit the budget (None: in memory)
     activations: ActivationFolder | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        #: bytes of layers that may stay resident (set with the recording, from the budget the activations leave)
+        self._cache_budget = 0.0
+        self._resident: dict[nn.Module, int] = {}
+        self._in_use: Counter = Counter()
+        self._index = {id(layer): i for i, layer in enumerate(self.adapter.layers)}
 
     def _record(self, n: int) -> None:
         """Layer-outer: the probe gives every batch's embeddings and kwargs, then each layer runs on all batches."""
@@ -119,7 +133,10 @@ class SequentialEngine(ForwardEngine):
             left = None if available is None else available - 4 * layer_bytes
         if left is not None and total > left / 2:
             self.activations = ActivationFolder()
+            self._cache_budget = max(0.0, left / 2)
             return lambda hidden: self.activations.batches(hidden, self.storage_device)
+        # what the activations leave, halved for the working memory of the computations, keeps layers resident
+        self._cache_budget = max(0.0, (left - total) / 2) if left is not None else 0.0
         return lambda hidden: [h.to(self.storage_device) for h in hidden]
 
     @torch.inference_mode()
@@ -152,12 +169,57 @@ class SequentialEngine(ForwardEngine):
             with self.loaded(layers[i]):
                 h = call_layer(layers[i], kwargs[i], h)
 
-    def loaded(self, module: nn.Module):
-        """A lazy layer read in (onto the compute device) for the duration of the block and released after; any
-        other module moved to the compute device as the in-memory engine does."""
-        if any(p.is_meta for p in module.parameters()):
-            return materialized(module, self.device)
-        return super().loaded(module)
+    @contextmanager
+    def loaded(self, module: nn.Module) -> Iterator[nn.Module]:
+        """A lazy layer read in (onto the compute device) for the block; any other module moved to the compute
+        device as the in-memory engine does.
+
+        Read layers stay resident while the budget has room for them (``close`` or the engine's end releases them),
+        the highest first: every stack a search runs ends at the top layer, so the top of the model is read most
+        often. A lower layer is read for the block and released after."""
+        if module in self._resident:
+            self._in_use[module] += 1
+            try:
+                yield module
+            finally:
+                self._in_use[module] -= 1
+            return
+        if not any(p.is_meta for p in module.parameters()):
+            with super().loaded(module):
+                yield module
+            return
+        if not self._make_room(module):
+            with materialized(module, self.device):
+                yield module
+            return
+        read_in(module, self.device)
+        self._resident[module] = _nbytes(module)
+        self._in_use[module] += 1
+        try:
+            yield module
+        finally:
+            self._in_use[module] -= 1
+
+    def _make_room(self, module: nn.Module) -> bool:
+        """Whether ``module`` may stay resident, after releasing lower resident layers not in use if it needs it."""
+        index = self._index.get(id(module))
+        need = _nbytes(module)
+        if index is None or need > self._cache_budget:
+            return False
+        lower = sorted((self._index[id(m)], m) for m in self._resident if self._index[id(m)] < index
+                       and not self._in_use[m])
+        held = sum(self._resident.values())
+        while held + need > self._cache_budget and lower:
+            _, victim = lower.pop(0)
+            held -= self._resident.pop(victim)
+            victim.to("meta")
+        return held + need <= self._cache_budget
+
+    def close(self) -> None:
+        """Release the resident layers (they go back to reading from the checkpoint)."""
+        for module in list(self._resident):
+            module.to("meta")
+        self._resident.clear()
 
     def layer_gradients(self, lowest: int = 0) -> Iterator[tuple[int, nn.Module]]:
         """The in-memory engine's gradients (same values), one layer in memory at a time: the loss's gradient with

@@ -9,9 +9,11 @@ decoder layers are read from the checkpoint only while they run.
   bit-identical); each slot's module is read in once for all batches.
 * ``stream_fit`` runs the fit set batch by batch (memory does not grow with it); each layer is read once per batch.
 
-Recorded activations stay on ``storage_device`` (the CPU by default), or go to disk (``engine.spill``) when they
-exceed what the model's memory budget leaves; never the weights of more than one base layer at a time (a window
-being merged reads its layers together).
+Memory follows the model's budget (``slm_memory_budget``, from ``--max-memory``; without one, the memory available):
+recorded activations stay on ``storage_device`` (the CPU by default), or go to disk (``engine.activations``) when
+they exceed half of what the budget leaves; read layers stay resident in what the activations leave (the highest
+layers first), and any other layer is read for its call and released (a window being merged reads its layers
+together, tensor by tensor).
 """
 
 from __future__ import annotations

@@ -228,8 +228,13 @@ class SLMLM(HFLM):
         from optimum_slm.loading import cache_dir, load_model
         from optimum_slm.plan import apply_plan
 
+        from optimum_slm.plan.width_ops import layer_widths
+
         model, tokenizer = load_model(path, dtype=dtype, lazy=True)
         plan, origin = self._plan_for(model, tokenizer)
+        if layer_widths(plan.shape_after)[0] is None:
+            raise SLMError("parallelize=True loads the compressed checkpoint with transformers, which needs the same "
+                           "widths in every layer; this plan narrows layers differently (drop parallelize=True)")
         digest = hashlib.sha256(plan.to_json().encode())
         for name in sorted(plan.tensors):
             digest.update(name.encode() + plan.tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())

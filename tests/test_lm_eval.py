@@ -123,6 +123,9 @@ def test_parallelize_loads_the_streamed_compressed_checkpoint_with_a_device_map(
     assert again.slm_prebuilt == mapped.slm_prebuilt and again.slm_plan_reused  # same plan: the same folder
     with pytest.raises(SLMError, match="tp_plan"):
         make_lm(tiny_checkpoint, tp_plan="auto", **args)
+    with pytest.raises(SLMError, match="same widths in every layer"):
+        make_lm(tiny_checkpoint, method="flap", ratio=0.3, structure="AL-AM", parallelize=True, calib=corpus,
+                plan_cache=str(tmp_path / "plans"), **SMALL_CALIB)
 
 
 def test_a_model_offloaded_by_accelerate_is_refused_in_one_line(tiny_checkpoint, corpus, tmp_path):

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passes", default="shortgpt,sleb,slm-plus")
     p.add_argument("--max-memory", default="2GiB")
     p.add_argument("--quick", action="store_true", help="a small model instead of ~1.5B")
-    p.add_argument("--skip-growth", action="store_true")
+    p.add_argument("--skip-growth", action="store_true", help="keep the growth table of <output stem>.json")
     p.add_argument("--growth-only", action="store_true",
                    help="rerun only the growth table (the main rows come from <output stem>.json)")
     p.add_argument("--resident-only", action="store_true",
@@ -202,10 +202,15 @@ def main(argv=None) -> int:
         rows[-1]["same_plan"], rows[-1]["same_checkpoint"] = same_plan, same_ckpt
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
-    growth = [] if args.skip_growth else growth_points(args)
-    write_markdown(args, rows, growth, params, weights_gb)
+    previous = {}
+    if os.path.exists(cache):
+        with open(cache, encoding="utf-8") as fh:
+            previous = json.load(fh)
+    growth = previous.get("growth", []) if args.skip_growth else growth_points(args)
+    resident = previous.get("resident")  # kept: rerun with --resident-only
+    write_markdown(args, rows, growth, params, weights_gb, resident)
     with open(cache, "w", encoding="utf-8") as fh:
-        json.dump({"params": params, "rows": rows, "growth": growth}, fh, indent=1)
+        json.dump({"params": params, "rows": rows, "growth": growth, "resident": resident}, fh, indent=1)
     return 0
 
 

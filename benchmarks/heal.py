@@ -141,15 +141,16 @@ def write_markdown(path: str, rows: dict[str, dict[str, Any]], args, command: st
         "lambada-books PPL | AVE | Δ AVE vs unhealed |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
+    def unhealed(model: str, healing: str, r: dict) -> str:
+        return f"| {model} | {healing} | – | – | – | {r['ppl']:.2f} | {r['ppl_ood']:.2f} | {100 * r['avg']:.1f} | – |"
+
     if dense:
-        lines.append(f"| dense | – | – | – | – | {dense['ppl']:.2f} | {dense['ppl_ood']:.2f} | "
-                     f"{100 * dense['avg']:.1f} | – |")
+        lines.append(unhealed("dense", "–", dense))
     for pass_name in args.passes.split(","):
         base = rows.get(f"{pass_name}/none")
         if base is None:
             continue
-        lines.append(f"| {pass_name} {args.ratio:g} | none | – | – | – | {base['ppl']:.2f} | {base['ppl_ood']:.2f} | "
-                     f"{100 * base['avg']:.1f} | – |")
+        lines.append(unhealed(f"{pass_name} {args.ratio:g}", "none", base))
         for method in args.methods.split(","):
             r = rows.get(f"{pass_name}/{method}")
             if r is None:

@@ -98,18 +98,24 @@ class TensorStore:
         shape = list(entry["shape"])
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise ModelLoadError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
-        buf = bytearray(end - begin)
-        with open(path, "rb") as fh:
-            fh.seek(start + begin)
-            if fh.readinto(buf) != len(buf):
-                raise ModelLoadError(f"{path} is truncated (tensor {name!r})")
-        t = torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
+        t = read_raw(path, start + begin, shape, dtype, f"tensor {name!r}")
         want = self.dtype if self.dtype is not None and t.is_floating_point() else dtype
         return t.to(want) if want != dtype else t
 
     def nbytes(self) -> int:
         """Size of the weight files on disk."""
         return sum(os.path.getsize(f) for f in self.files)
+
+
+def read_raw(path: str, offset: int, shape: list[int] | tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A private tensor of ``shape`` and ``dtype`` from the bytes of ``path`` at ``offset`` (a plain read into a
+    buffer of our own, not a memory map); ``what`` names it when the file is too short."""
+    buf = bytearray(math.prod(shape) * dtype.itemsize)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        if fh.readinto(buf) != len(buf):
+            raise ModelLoadError(f"{path} is truncated ({what})")
+    return torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
 
 
 def register_lazy(layer: nn.Module, store: TensorStore, prefix: str) -> None:

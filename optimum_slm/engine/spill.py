@@ -7,13 +7,14 @@ Raw tensor bytes, never pickles; the folder is removed with the engine.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Sequence
 from typing import Iterator
 
 import torch
+
+from .lazy import read_raw
 
 
 def available_memory() -> int | None:
@@ -57,14 +58,7 @@ class _Stored:
         self.path, self.shape, self.dtype = path, shape, dtype
 
     def read(self) -> torch.Tensor:
-        n = math.prod(self.shape) * self.dtype.itemsize
-        buf = bytearray(n)
-        with open(self.path, "rb") as fh:
-            if fh.readinto(buf) != n:
-                raise OSError(f"{self.path}: spilled activations are truncated")
-        if not n:
-            return torch.empty(self.shape, dtype=self.dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).view(self.shape)
+        return read_raw(self.path, 0, self.shape, self.dtype, "spilled activations")
 
 
 class DiskBatches(Sequence):

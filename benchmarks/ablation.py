@@ -78,7 +78,7 @@ def run(configs: list[str], ratios: list[float], cache_path: str) -> list[dict]:
                 fh.write(json.dumps(row) + "\n")
         for name, ratio in todo:
             start = time.perf_counter()
-            plan = slm.get_pass("slm", ratio=ratio, **CONFIGS[name]).plan(model, ids)
+            plan = slm.compress(model, slm.get_pass("slm", ratio=ratio, **CONFIGS[name]), ids, cache=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(slm.apply_plan(copy.deepcopy(model), plan), held)
             row = {"config": name, "ratio": ratio, "ppl": ppl, "windows": [list(w) for w in plan.windows],

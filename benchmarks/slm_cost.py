@@ -35,7 +35,7 @@ def _measure(kind: str, threshold: float | None, ratio: float | None, plan_path:
     start = time.perf_counter()
     if kind == "fast":
         params = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
-        plan = slm.get_pass("slm", **params).plan(model, ids)
+        plan = slm.compress(model, slm.get_pass("slm", **params), ids, cache=False)
         windows = [list(w) for w in plan.windows]
         extra = {"evaluations": plan.trace["similarity_evaluations"], "threshold": plan.params["threshold"],
                  "removed": plan.removed_layers}

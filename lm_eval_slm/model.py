@@ -1,5 +1,8 @@
 """``SLMLM``: lm-eval's ``HFLM`` evaluating a base model compressed in memory by an optimum-slm pass or plan.
 
+The ``model_args`` are translated into one ``Recipe`` (``recipe_from_model_args``); planning, applying and healing
+happen in ``optimum_slm.orchestrate``, as for ``slm compress``.
+
 ``--model_args`` keys (lm-eval parses the values; commas separate keys, lists go in brackets):
 
 * ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``);
@@ -9,8 +12,8 @@
   trains the compressed model before it is evaluated); or
 * ``method`` (default ``slm-plus``, the recommended pass; ``slm`` is the faithful reproduction) with ``ratio`` |
   ``num_layers`` | ``threshold``, ``merge``, and any other parameter of that pass (``slm list`` shows them; an
-  unknown key is refused with the valid ones listed); ``calib`` (calibration source, default ``wiki-leads`` for
-  passes that need data), ``calib_samples`` (10), ``calib_seq_len`` (128), ``calib_sampling`` (``auto``: crop,
+  unknown key is refused with the valid ones listed); ``calib`` (calibration source, default ``wiki-leads`` when
+  the pass needs data or the corpus is installed), ``calib_samples`` (10), ``calib_seq_len`` (128), ``calib_sampling`` (``auto``: crop,
   or pack when too few documents are long enough), ``fit_samples`` (256) and ``fit_seq_len`` (256) (the fit set of
   passes that fit a least-squares map: ``replaceme``, the ``*-lstsq`` merge rules), ``seed`` (1234), ``text_field``.
 * ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache, shared with
@@ -107,9 +110,7 @@ class SLMLM(HFLM):
     def _init(self, *, base, gguf_file, method, ratio, num_layers, threshold, merge, plan, calib, calib_samples,
               calib_seq_len, calib_sampling, fit_samples, fit_seq_len, seed, text_field, dtype, peft, plan_cache,
               recipe, **kwargs: Any) -> None:
-        from optimum_slm.calibration import CalibrationConfig
         from optimum_slm.loading import check_loadable, resolve_model_path
-        from optimum_slm.registry import get_pass
 
         if base is None or "pretrained" in kwargs:
             raise ModelLoadError("the slm model needs base=<checkpoint, hub id, .gguf or alias> in --model_args "
@@ -125,42 +126,14 @@ class SLMLM(HFLM):
             given = ", ".join(sorted(params) + (["calib"] if calib is not None else [])
                               + (["recipe"] if recipe is not None else []))
             raise PassError(f"plan= applies a saved plan; drop the search arguments ({given})")
-        # validate the pass arguments (or the recipe's stages) before loading anything
-        if recipe is not None:
-            from optimum_slm.pipeline import resolve_stages
-            from optimum_slm.recipe import read_recipe
-
-            if params:
-                raise PassError(f"recipe= names the methods and parameters; drop {', '.join(sorted(params))}")
-            from optimum_slm.recipe import split_heal
-
-            stages, recipe_calibration = read_recipe(recipe)
-            stages, self.slm_heal = split_heal(stages)  # a heal stage trains the compressed model before evaluation
-            self.slm_stages = resolve_stages(stages, {})
-        else:
-            self.slm_heal = None
-            self.slm_stages = [] if plan is not None else [get_pass(method, **params)]
-        self.slm_pass = self.slm_stages[0] if len(self.slm_stages) == 1 else None
+        calibration = {"source": calib, "n_samples": calib_samples, "seq_len": calib_seq_len, "seed": seed,
+                       "text_field": text_field, "sampling": calib_sampling, "fit_samples": fit_samples,
+                       "fit_seq_len": fit_seq_len}
+        # the request, checked before anything is loaded (None: apply the given plan file)
+        self.slm_recipe = None if plan is not None else recipe_from_model_args(method, params, calibration, recipe)
         self.slm_base = str(base)
         self.slm_method = method
         self.slm_plan_file = plan
-        numbers = {}
-        for key, value in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len), ("seed", seed),
-                           ("fit_samples", fit_samples), ("fit_seq_len", fit_seq_len)):
-            try:
-                numbers[key] = int(value)
-            except (TypeError, ValueError):
-                raise PassError(f"{key} must be an integer, got {value!r}") from None
-        self.slm_calibration = {"source": calib, "n_samples": numbers["calib_samples"],
-                                "seq_len": numbers["calib_seq_len"], "seed": numbers["seed"], "text_field": text_field,
-                                "sampling": str(calib_sampling), "fit_samples": numbers["fit_samples"],
-                                "fit_seq_len": numbers["fit_seq_len"]}
-        if recipe is not None:  # the recipe's calibration settings fill in the keys left at their defaults
-            defaults = CalibrationConfig(None).to_dict()
-            for key, value in recipe_calibration.items():
-                if self.slm_calibration[key] == defaults[key]:
-                    self.slm_calibration[key] = value
-        CalibrationConfig(**self.slm_calibration)  # checks the numbers before the load
         self.slm_peft = peft
         self.slm_plan_cache = plan_cache
         self.slm_plan = None
@@ -173,7 +146,7 @@ class SLMLM(HFLM):
             # an accelerate device map (layers over GPUs, or offloaded) is HFLM's to build, from a plain checkpoint:
             # plan and write the compressed checkpoint with the layers streamed from the base's shards, then let
             # HFLM load that one with its device map
-            if self.slm_heal is not None:
+            if self.slm_recipe is not None and self.slm_recipe.heal is not None:
                 raise SLMError("parallelize=True writes the compressed checkpoint from the base's shards; a heal stage "
                                "trains the whole model in memory: drop one of them")
             path = self.slm_prebuilt = self._prebuilt_checkpoint(path, dtype)
@@ -209,11 +182,29 @@ class SLMLM(HFLM):
 
     def _plan_for(self, model, tokenizer) -> tuple[Any, str]:
         """The plan to evaluate (given, cached or computed on ``model``) and where it came from."""
+        from optimum_slm.orchestrate import plan_for, resolve_recipe
         from optimum_slm.plan import CompressionPlan
 
-        if self.slm_plan_file is not None:
+        if self.slm_recipe is None:
             return CompressionPlan.load(self.slm_plan_file), f"plan file {self.slm_plan_file}"
-        return self._cached_or_computed_plan(model, tokenizer)
+        cache = True if self.slm_plan_cache is None else (
+            False if str(self.slm_plan_cache).lower() == "none" else self.slm_plan_cache)
+        accelerator = getattr(self, "accelerator", None)  # set by HFLM under accelerate launch / torchrun
+        recipe = resolve_recipe(self.slm_recipe)
+        # data-parallel processes: the main one computes (and caches) the plan first, the others then reuse it
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            try:
+                plan = plan_for(recipe, model, tokenizer, cache=cache, name_or_path=self.slm_base)
+            except SLMError as exc:
+                if recipe.calibration.source is None:
+                    raise type(exc)(f"{exc} (give calib=<corpus> in --model_args)") from None
+                raise
+        if plan.reused_from:
+            self.slm_plan_reused = True
+            logger.info("slm: reusing cached plan %s", plan.reused_from)
+            return plan, f"cached plan {plan.reused_from}"
+        logger.info("slm: computed a %s plan", plan.method)
+        return plan, "computed"
 
     def _prebuilt_checkpoint(self, path: str, dtype: str) -> str:
         """``parallelize=True``: the compressed checkpoint of ``path``, planned and written with the decoder layers
@@ -222,13 +213,11 @@ class SLMLM(HFLM):
         import hashlib
 
         from optimum_slm.arch import ArchAdapter, param_count
-        from optimum_slm.compressor import save_compressed
-        from optimum_slm.loading import cache_dir, load_model
-        from optimum_slm.plan import apply_plan
-
+        from optimum_slm.loading import cache_dir
+        from optimum_slm.orchestrate import ModelSource, write_compressed
         from optimum_slm.plan.width_ops import layer_widths
 
-        model, tokenizer = load_model(path, dtype=dtype, lazy=True)
+        model, tokenizer = ModelSource(path, dtype=dtype).load(lazy=True)
         plan, origin = self._plan_for(model, tokenizer)
         if layer_widths(plan.shape_after)[0] is None:
             raise SLMError("parallelize=True loads the compressed checkpoint with transformers, which needs the same "
@@ -240,8 +229,7 @@ class SLMLM(HFLM):
         if os.path.isfile(os.path.join(folder, "config.json")):
             origin += f"; compressed checkpoint reused from {folder}"
         else:
-            apply_plan(model, plan, strict=True)
-            save_compressed(model, tokenizer, plan, folder, params_before, overwrite=True)
+            write_compressed(plan, model, tokenizer, folder, overwrite=True)
             origin += f"; compressed checkpoint written to {folder}"
         self.slm_plan = plan
         logger.info("slm: evaluating %s compressed by %s: %d -> %d layers, %s parameters before (%s); loading it "
@@ -251,56 +239,52 @@ class SLMLM(HFLM):
 
     def _compress(self) -> None:
         from optimum_slm.arch import ArchAdapter, param_count
-        from optimum_slm.plan import apply_plan
+        from optimum_slm.orchestrate import compress_in_memory
 
         model = self._model
         before = ArchAdapter(model).num_layers
-        params_before = param_count(model)
         plan, origin = self._plan_for(model, self.tokenizer)
-        apply_plan(model, plan, strict=True)
-        self.slm_plan = plan
-        if self.slm_heal is not None:
-            from optimum_slm.healing import heal_model
-
-            model, record = heal_model(model, self.tokenizer, self.slm_heal)
-            self._model = model
-            plan.heal_record = record
+        result = compress_in_memory(self.slm_recipe, model, self.tokenizer, plan=plan)
+        self._model, self.slm_plan = result.model, plan
+        if plan.heal_record is not None:
+            record = plan.heal_record
             logger.info("slm: healed (%s): validation loss %.4f -> %.4f after %d steps", record["method"],
                         record["val_loss_before"], record["val_loss_best"], record["steps"])
-        after = ArchAdapter(model).num_layers
+        after = ArchAdapter(result.model).num_layers
         logger.info("slm: evaluating %s compressed by %s: %d -> %d layers, %s -> %s parameters (%s)",
-                    self.slm_base, plan.method, before, after, f"{params_before:,}", f"{param_count(model):,}",
-                    origin)
+                    self.slm_base, plan.method, before, after, f"{result.params_before:,}",
+                    f"{param_count(result.model):,}", origin)
         for line in plan.summary().splitlines():
             logger.info("slm plan | %s", line)
 
-    def _cached_or_computed_plan(self, model, tokenizer) -> tuple[Any, str]:
-        from optimum_slm.calibration import CalibrationConfig
-        from optimum_slm.pipeline import compress
 
-        cal = dict(self.slm_calibration)
-        if cal["source"] is None and any(p.needs_calibration for p in self.slm_stages):
-            cal["source"] = "wiki-leads"  # the bundled offline corpus, as ``slm compress`` defaults to
-        calibration = CalibrationConfig(**cal) if cal["source"] is not None else None
-        cache = True if self.slm_plan_cache is None else (
-            False if str(self.slm_plan_cache).lower() == "none" else self.slm_plan_cache)
-        accelerator = getattr(self, "accelerator", None)  # set by HFLM under accelerate launch / torchrun
+def recipe_from_model_args(method: str, params: dict[str, Any], calibration: dict[str, Any],
+                           recipe_file: str | None):
+    """The ``Recipe`` that ``--model_args`` ask for: ``recipe=``'s file, whose calibration the keys given with
+    non-default values override, or one stage of ``method`` with its parameters. lm-eval evaluates the result, so
+    the quality check is off."""
+    import dataclasses
+
+    from optimum_slm.calibration import CalibrationConfig
+    from optimum_slm.recipe import OutputOptions, PassStage, Recipe
+
+    values = dict(calibration)
+    for key in ("n_samples", "seq_len", "seed", "fit_samples", "fit_seq_len"):
         try:
-            stages = self.slm_stages[0] if len(self.slm_stages) == 1 else self.slm_stages
-            # data-parallel processes: the main one computes (and caches) the plan first, the others then reuse it
-            with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
-                plan = compress(model, stages, calibration, tokenizer=tokenizer, cache=cache,
-                                name_or_path=self.slm_base)
-        except SLMError as exc:
-            if calibration is None:
-                raise type(exc)(f"{exc} (give calib=<corpus> in --model_args)") from None
-            raise
-        if plan.reused_from:
-            self.slm_plan_reused = True
-            logger.info("slm: reusing cached plan %s", plan.reused_from)
-            return plan, f"cached plan {plan.reused_from}"
-        logger.info("slm: computed a %s plan", plan.method)
-        return plan, "computed"
+            values[key] = int(values[key])
+        except (TypeError, ValueError):
+            name = {"n_samples": "calib_samples", "seq_len": "calib_seq_len"}.get(key, key)
+            raise PassError(f"{name} must be an integer, got {values[key]!r}") from None
+    values["sampling"] = str(values["sampling"])
+    output = OutputOptions(check=False)
+    if recipe_file is None:
+        return Recipe(stages=(PassStage(method, params),), calibration=CalibrationConfig(**values), output=output)
+    if params:
+        raise PassError(f"recipe= names the methods and parameters; drop {', '.join(sorted(params))}")
+    recipe = Recipe.from_yaml(recipe_file)
+    defaults = CalibrationConfig().to_dict()
+    given = {key: value for key, value in values.items() if value != defaults[key]}
+    return recipe.replace(calibration=dataclasses.replace(recipe.calibration, **given), output=output)
 
 
 def _register() -> None:

@@ -1,7 +1,8 @@
 """optimum-slm: depth compression passes for LLMs (Sliding-Window Merging and the depth-pruning baselines).
 
-    plan = optimum_slm.compress(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
+    plan = optimum_slm.plan_compression(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
     optimum_slm.apply_plan(model, plan)
+    optimum_slm.run(Recipe.single("slm-plus", ratio=0.2), "smollm2-135m", "out/")    # what ``slm compress`` does
     optimum_slm.heal("compressed/", "healed/", data="wiki-leads", method="lora")
 
 The public API is imported lazily so that ``import optimum_slm`` (and ``optimum-cli``'s command discovery) stays
@@ -16,8 +17,17 @@ from typing import Any
 from ._version import __version__
 
 _EXPORTS = {
-    "compress": "optimum_slm.pipeline",
+    "plan_compression": "optimum_slm.pipeline",
+    "compress": "optimum_slm.pipeline",  # the former name of plan_compression, for one release
+    "Recipe": "optimum_slm.recipe",
+    "PassStage": "optimum_slm.recipe",
+    "OutputOptions": "optimum_slm.recipe",
+    "RecipeError": "optimum_slm.recipe",
+    "run": "optimum_slm.orchestrate",
+    "ModelSource": "optimum_slm.orchestrate",
+    "MemoryBudget": "optimum_slm.engine.budget",
     "CalibrationConfig": "optimum_slm.calibration",
+    "CalibrationSet": "optimum_slm.calibration",
     "CompressionPlan": "optimum_slm.plan",
     "Stage": "optimum_slm.plan",
     "OpKind": "optimum_slm.plan",

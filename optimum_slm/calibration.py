@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -236,7 +236,6 @@ class CalibrationDraw:
                               f"{available * self.fit_seq_len:,} tokens", stacklevel=2)
                 ids, read = pack_documents(self.tokenizer, self.docs, rest, available, self.fit_seq_len)
             self.read += read
-            ids.slm_calibration = {"sampling": "pack", "n_samples": ids.shape[0], "seq_len": self.fit_seq_len}
             self._fit = ids
         return self._fit
 
@@ -247,13 +246,13 @@ class CalibrationDraw:
 def sample_token_crops(
     tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int, sampling: str = "crop",
     fit_samples: int | None = None, fit_seq_len: int = 256,
-) -> torch.Tensor:
-    """``n_samples`` x ``seq_len`` calibration ids.
+) -> tuple[torch.Tensor, str, CalibrationDraw]:
+    """``n_samples`` x ``seq_len`` calibration ids, the sampling used, and the draw (the fit set and the unseen
+    documents that follow).
 
     ``sampling``: ``crop`` (official SLM: random ``seq_len``-token crops of distinct documents with at least
     ``seq_len`` tokens), ``pack`` (documents in seeded random order joined by EOS and cut into sequences), ``auto``
-    (crop when enough documents are long enough, else pack). The tensor carries ``.slm_draw`` (a
-    ``CalibrationDraw``: the fit set and the unseen documents) and ``.slm_sampling``.
+    (crop when enough documents are long enough, else pack).
     """
     if sampling not in SAMPLINGS:
         raise CalibrationError(f"calibration sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
@@ -279,9 +278,73 @@ def sample_token_crops(
                 raise
             raise CalibrationError(f"only {long_enough} of {len(docs)} documents have >= {seq_len} tokens, and packed, "
                                    f"{exc}") from None
-    out.slm_sampling = used
-    out.slm_draw = CalibrationDraw(tokenizer, docs, order, read, fit_samples, fit_seq_len)
-    return out
+    return out, used, CalibrationDraw(tokenizer, docs, order, read, fit_samples, fit_seq_len)
+
+
+def _ids_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def describe_calibration(ids: torch.Tensor, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan's ``calibration`` block for token ids: ``provenance`` (source, seed, sampling; unknown for bare
+    ids), the sizes and the ids' sha256."""
+    info = dict(provenance or {"source": "<tensor>", "seed": None})
+    info["n_samples"], info["seq_len"] = int(ids.shape[0]), int(ids.shape[1])
+    info["sha256"] = _ids_sha256(ids)
+    return info
+
+
+class CalibrationSet:
+    """The calibration data of one request: the search set, the fit set and the text neither read.
+
+    ``ids`` is the search set ``[n_samples, seq_len]`` (what passes score candidates on); ``fit_ids()`` the fit set
+    (packed from the documents after the search set's, drawn on first use; None when none was asked for or the ids
+    came bare); ``unseen()`` the documents both left, which the quality check reads. ``describe()`` is the plan's
+    ``calibration`` block. Built by ``CalibrationConfig.draw`` / ``load_calibration``, or ``CalibrationSet(ids)``
+    around bare ids (then the plan records ``source: <tensor>`` and a ``fit`` given separately).
+    """
+
+    def __init__(self, ids: torch.Tensor, provenance: dict[str, Any] | None = None,
+                 draw: CalibrationDraw | None = None, fit: torch.Tensor | None = None):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[0] < 1:
+            raise CalibrationError(f"calibration ids must be a LongTensor [n_samples, seq_len], got "
+                                   f"{getattr(ids, 'shape', type(ids).__name__)!r}")
+        if fit is not None and (not isinstance(fit, torch.Tensor) or fit.dim() != 2 or fit.dtype != torch.long):
+            raise CalibrationError(f"fit must be token ids [n, seq_len] (a LongTensor), got "
+                                   f"{getattr(fit, 'shape', fit)!r}")
+        self.ids, self.provenance, self.draw, self._fit = ids, dict(provenance or {}), draw, fit
+
+    def with_fit(self, fit: torch.Tensor) -> "CalibrationSet":
+        """This set with ``fit`` as its fit set (a fit set given beside the search set)."""
+        return CalibrationSet(self.ids, self.provenance, self.draw, fit)
+
+    @property
+    def source(self) -> str:
+        """The corpus the ids were drawn from (``calibration corpus`` for bare ids)."""
+        return self.provenance.get("source") or "calibration corpus"
+
+    def fit_ids(self) -> torch.Tensor | None:
+        """The fit set: the one given, else the one drawn with the search set (None when there is neither)."""
+        if self._fit is not None:
+            return self._fit
+        return self.draw.fit_ids() if self.draw is not None else None
+
+    def unseen(self) -> list[str]:
+        """The documents of the corpus that neither the search set nor the fit set read (empty for bare ids)."""
+        return self.draw.unseen() if self.draw is not None else []
+
+    def describe(self) -> dict[str, Any]:
+        """The plan's ``calibration`` block of the search set."""
+        return describe_calibration(self.ids, self.provenance or None)
+
+    def describe_fit(self, fit: torch.Tensor) -> dict[str, Any]:
+        """The plan's ``calibration.fit`` block for ``fit`` (the drawn fit set is packed; bare ids are described as
+        such)."""
+        if self.draw is not None and fit is self.draw.fit_ids():
+            return describe_calibration(fit, {"sampling": "pack"})
+        if fit is self.ids:
+            return self.describe()
+        return describe_calibration(fit)
 
 
 def load_calibration(
@@ -294,15 +357,15 @@ def load_calibration(
     sampling: str = "auto",
     fit_samples: int | None = None,
     fit_seq_len: int = 256,
-) -> torch.Tensor:
-    """Calibration token ids, a ``LongTensor [n_samples, seq_len]``.
+) -> CalibrationSet:
+    """Calibration data: a ``CalibrationSet`` whose ``ids`` are a ``LongTensor [n_samples, seq_len]``.
 
     ``source``: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``/``.json`` file (field
     ``text_field``), a directory of such files, a corpus alias (``wiki-leads``), a ``datasets`` name (offline cache;
     ``name:config``), or a list of strings. Deterministic for a seed. ``sampling``: see ``sample_token_crops``.
     ``fit_samples`` x ``fit_seq_len``: the fit set (packed from the documents the search set did not use), drawn
-    when a pass fits a map (``fit_ids``). The returned tensor carries ``.slm_calibration`` (source, sizes, seed,
-    sampling) for the plan.
+    when a pass fits a map (``CalibrationSet.fit_ids``). The set records its source, sizes, seed and sampling for the
+    plan.
     """
     if n_samples < 1 or seq_len < 1:
         raise CalibrationError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
@@ -310,23 +373,9 @@ def load_calibration(
         docs, name = load_documents(source, text_field), source
     else:
         docs, name = [str(d) for d in source], "<documents>"
-    ids = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed, sampling, fit_samples, fit_seq_len)
-    ids.slm_calibration = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed,
-                           "sampling": ids.slm_sampling}
-    return ids
-
-
-def fit_ids(ids: torch.Tensor | None) -> torch.Tensor | None:
-    """The fit set drawn alongside calibration ids (None for bare ids or when none was asked for)."""
-    draw = getattr(ids, "slm_draw", None)
-    return draw.fit_ids() if draw is not None else None
-
-
-def unseen_documents(ids: torch.Tensor) -> list[str]:
-    """The documents of the corpus ``ids`` were sampled from that neither the search set nor the fit set read
-    (empty for bare ids)."""
-    draw = getattr(ids, "slm_draw", None)
-    return draw.unseen() if draw is not None else []
+    ids, used, draw = sample_token_crops(tokenizer, docs, n_samples, seq_len, seed, sampling, fit_samples, fit_seq_len)
+    provenance = {"source": name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed, "sampling": used}
+    return CalibrationSet(ids, provenance, draw)
 
 
 #: upper bounds on a calibration request, refused before any text is read
@@ -367,9 +416,9 @@ class CalibrationConfig:
             raise CalibrationError(f"calibration sampling must be one of {', '.join(SAMPLINGS)}, got "
                                    f"{self.sampling!r}")
 
-    def load(self, tokenizer) -> torch.Tensor:
-        """The search-set ids ``[n_samples, seq_len]`` (with ``.slm_calibration`` describing them; ``fit_ids(ids)``
-        draws the fit set)."""
+    def load(self, tokenizer) -> CalibrationSet:
+        """The drawn ``CalibrationSet``: search-set ids ``[n_samples, seq_len]``, the fit set on demand, the unseen
+        text."""
         if self.source is None:
             raise CalibrationError("no calibration source given (--calib-data / CalibrationConfig(source=...))")
         if tokenizer is None:
@@ -380,10 +429,15 @@ class CalibrationConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "calibration") -> "CalibrationConfig":
+        """A config from a mapping (a recipe's ``calibration``); unknown keys are refused by name."""
+        known = [f.name for f in fields(cls)]
+        if not isinstance(values, dict):
+            raise CalibrationError(f"{where} must be a mapping, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise CalibrationError(f"{where}: unknown calibration key {unknown[0]!r}; valid: {', '.join(known)}")
+        return cls(**values)
 
-def describe_calibration(ids: torch.Tensor) -> dict[str, Any]:
-    """The plan's ``calibration`` block for a token-id tensor."""
-    info = dict(getattr(ids, "slm_calibration", None) or {"source": "<tensor>", "seed": None})
-    info["n_samples"], info["seq_len"] = int(ids.shape[0]), int(ids.shape[1])
-    info["sha256"] = hashlib.sha256(ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
-    return info
+

@@ -19,11 +19,11 @@ import torch
 
 from .assets import resolve_model_alias
 from .errors import ModelLoadError
-from .fileio import follow_umask, pid_alive
+from .io.checkpoint import DTYPES
+from .io.names import CONFIG_FILE, CONVERSION_MANIFEST, LAYER_WIDTHS_KEY
+from .io.output import follow_umask, pid_alive
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir(*parts: str) -> str:
@@ -96,10 +96,6 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
     return target
 
 
-#: the record of a converted checkpoint's files (name -> size), checked before the copy is trusted
-CONVERSION_MANIFEST = "slm_converted.json"
-
-
 def _write_manifest(folder: str) -> None:
     sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
     with open(os.path.join(folder, CONVERSION_MANIFEST), "w", encoding="utf-8") as fh:
@@ -135,7 +131,7 @@ def check_loadable(path: str, name: str, allow_download: bool = False, allow_pic
     """
     if os.path.isdir(path):
         files = os.listdir(path)
-        if not os.path.exists(os.path.join(path, "config.json")):
+        if not os.path.exists(os.path.join(path, CONFIG_FILE)):
             raise ModelLoadError(f"{name!r} is a folder without config.json, not a checkpoint")
         if not any(f.endswith(".safetensors") for f in files):
             pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -152,7 +148,7 @@ def check_loadable(path: str, name: str, allow_download: bool = False, allow_pic
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(path, "config.json")
+        cached = try_to_load_from_cache(path, CONFIG_FILE)
     except Exception:  # noqa: BLE001 - a malformed repo id is simply not in the cache
         cached = None
     if not isinstance(cached, str):
@@ -175,11 +171,11 @@ def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
 
 def _layer_widths(path: str) -> list | None:
     """The per-layer widths a checkpoint written from a non-uniform width plan records (None for others)."""
-    config = os.path.join(path, "config.json")
+    config = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config):
         return None
     with open(config, encoding="utf-8") as fh:
-        return json.load(fh).get("slm_layer_widths")
+        return json.load(fh).get(LAYER_WIDTHS_KEY)
 
 
 def _load_with_layer_widths(path: str, dtype: Any):

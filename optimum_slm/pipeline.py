@@ -1,14 +1,15 @@
-"""The one compression pipeline: calibration -> engine -> pass(es) -> ``CompressionPlan``.
+"""The planning step: a request's passes and calibration set -> engine -> pass(es) -> ``CompressionPlan``.
 
-``compress`` is what every front door calls (``slm compress``, ``optimum-cli slm compress``, ``SLMCompressor``,
-``lm_eval --model slm``, the benchmarks)::
+``plan_compression`` is the planning step of every front door: ``optimum_slm.orchestrate`` calls it with a
+``Recipe`` and the drawn ``CalibrationSet``, and the Python API calls it directly::
 
-    plan = optimum_slm.compress(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
+    plan = optimum_slm.plan_compression(model, "slm-plus", CalibrationConfig("wiki-leads"), tokenizer=tok, ratio=0.2)
 
-It loads the calibration ids once, consults the plan cache, builds one forward engine per stage and hands it to the
-pass, turns what the pass returns into a plan stage (ops in base numbering, side-car tensors named), and stores the
-plan in the cache. A stage after the first plans on the model compressed by the stages before it; its ops are
-re-expressed in base numbering by their op kinds. The model passed in is never modified.
+It translates Python arguments into a ``Recipe`` (recorded in the plan), draws the calibration set once, consults the
+plan cache, builds one forward engine per stage and hands it to the pass, turns what the pass returns into a plan
+stage (ops in base numbering, side-car tensors named), and stores the plan in the cache. A stage after the first
+plans on the model compressed by the stages before it; its ops are re-expressed in base numbering by their op kinds.
+The model passed in is never modified. ``compress`` is its former name, kept as an alias for one release.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .calibration import CalibrationConfig, describe_calibration, fit_ids as drawn_fit_ids, load_calibration
+from .calibration import CalibrationConfig, CalibrationSet, load_calibration
 from .engine import engine_for, is_lazy_model
+from .engine.budget import MemoryBudget
 from .engine.lazy import check_not_offloaded, lazy_copy
 from .errors import PassError, SLMError
 from .passes.base import CompressionPass
@@ -31,20 +33,24 @@ from .plan import CompressionPlan, Stage, describe_base, fingerprint, kind_of
 from .plan.cache import PlanCache, plan_key
 from .plan.execute import apply_plan
 from .plan.fingerprint import jsonable
-from .registry import get_pass
+from .recipe import DEFAULT_METHOD, PassStage, Recipe
+from .registry import get_pass, pass_classes
 
 logger = logging.getLogger(__name__)
 
-#: the pass every front door uses when none is named: the recommended one (``slm`` is the faithful reproduction)
-DEFAULT_METHOD = "slm-plus"
-
 StageSpec = str | Mapping[str, Any] | CompressionPass
 CacheSpec = bool | str | os.PathLike | PlanCache | None
+CalibrationSpec = CalibrationConfig | CalibrationSet | str | torch.Tensor | Sequence[str] | None
 
 
-def resolve_stages(method: StageSpec | Sequence[StageSpec], params: Mapping[str, Any]) -> list[CompressionPass]:
-    """Pass instances for a method name (with ``params``), a pass instance, or a list of stages (names, pass
-    instances or ``{"method": name, **params}`` objects)."""
+def resolve_stages(method: StageSpec | Sequence[StageSpec] | Recipe, params: Mapping[str, Any]
+                   ) -> list[CompressionPass]:
+    """Pass instances for a method name (with ``params``), a pass instance, a ``Recipe``, or a list of stages (names,
+    pass instances or ``{"method": name, **params}`` objects)."""
+    if isinstance(method, Recipe):
+        if params:
+            raise PassError("give the parameters inside the recipe's stages, not to plan_compression()")
+        return method.passes()
     if isinstance(method, (str, CompressionPass, Mapping)):
         specs: list = [method]
     elif isinstance(method, Sequence) and method:
@@ -52,13 +58,13 @@ def resolve_stages(method: StageSpec | Sequence[StageSpec], params: Mapping[str,
         if params:
             raise PassError("give parameters inside each stage when compressing with several stages")
     else:
-        raise PassError(f"method must be a pass name, a pass or a non-empty list of stages, got {method!r}")
+        raise PassError(f"method must be a pass name, a pass, a Recipe or a non-empty list of stages, got {method!r}")
     passes = []
     for k, spec in enumerate(specs):
         where = f"stage {k + 1}: " if len(specs) > 1 else ""
         if isinstance(spec, CompressionPass):
             if params and len(specs) == 1:
-                raise PassError("give the parameters to the pass instance, not to compress()")
+                raise PassError("give the parameters to the pass instance, not to plan_compression()")
             passes.append(spec)
         elif isinstance(spec, str):
             passes.append(_get_pass(where, spec, params if len(specs) == 1 else {}))
@@ -80,20 +86,40 @@ def _get_pass(where: str, name: str, params: Mapping[str, Any]) -> CompressionPa
         raise PassError(f"{where}{exc}") from None
 
 
-def calibration_ids(calibration: Any, tokenizer=None) -> torch.Tensor | None:
-    """Token ids from a ``CalibrationConfig``, a corpus source string, a list of documents, or ids as given."""
-    if calibration is None or isinstance(calibration, torch.Tensor):
-        return calibration
+def recipe_of(passes: Sequence[CompressionPass], calibration: CalibrationConfig | None) -> Recipe | None:
+    """The recipe that the given passes (and calibration config) amount to; None when a pass is not the registered
+    class of its name (an ad-hoc instance cannot be written back as a recipe)."""
+    classes = pass_classes()
+    stages = []
+    for p in passes:
+        if classes.get(p.name) is not type(p):
+            return None
+        stages.append(PassStage(p.name, p.given_params))
+    return Recipe(stages=tuple(stages), calibration=calibration or CalibrationConfig())
+
+
+def calibration_set(calibration: CalibrationSpec, tokenizer=None, fit: torch.Tensor | None = None
+                    ) -> CalibrationSet | None:
+    """The ``CalibrationSet`` of a ``CalibrationConfig``, a corpus source string, a list of documents, token ids or a
+    set as given; ``fit`` (a fit set given beside bare ids) goes with it."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, CalibrationSet):
+        return calibration.with_fit(fit) if fit is not None else calibration
+    if isinstance(calibration, torch.Tensor):
+        return CalibrationSet(calibration, fit=fit)
     if isinstance(calibration, str):
         calibration = CalibrationConfig(calibration)
     if isinstance(calibration, CalibrationConfig):
-        return calibration.load(tokenizer)
-    if isinstance(calibration, (list, tuple)) and all(isinstance(d, str) for d in calibration):
+        drawn = calibration.load(tokenizer)
+    elif isinstance(calibration, (list, tuple)) and all(isinstance(d, str) for d in calibration):
         if tokenizer is None:
             raise SLMError("a tokenizer is needed to build calibration data from text")
-        return load_calibration(tokenizer, list(calibration))
-    raise SLMError(f"calibration must be a CalibrationConfig, a corpus source, documents or token ids, got "
-                   f"{type(calibration).__name__}")
+        drawn = load_calibration(tokenizer, list(calibration))
+    else:
+        raise SLMError(f"calibration must be a CalibrationConfig, a corpus source, documents, token ids or a "
+                       f"CalibrationSet, got {type(calibration).__name__}")
+    return drawn.with_fit(fit) if fit is not None else drawn
 
 
 def _cache(cache: CacheSpec) -> PlanCache | None:
@@ -128,48 +154,58 @@ def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionP
     return None
 
 
-def compress(
+def plan_compression(
     model: nn.Module,
-    method: StageSpec | Sequence[StageSpec] = DEFAULT_METHOD,
-    calibration: CalibrationConfig | str | torch.Tensor | Sequence[str] | None = None,
+    method: StageSpec | Sequence[StageSpec] | Recipe = DEFAULT_METHOD,
+    calibration: CalibrationSpec = None,
     *,
     tokenizer=None,
     fit: torch.Tensor | None = None,
     cache: CacheSpec = True,
     name_or_path: str | None = None,
+    budget: MemoryBudget | None = None,
     **params: Any,
 ) -> CompressionPlan:
-    """Plan the compression of ``model`` by one pass or a list of stages; returns the plan (the model is unchanged).
+    """Plan the compression of ``model`` by one pass, a list of stages or a ``Recipe``; returns the plan (the model is
+    unchanged).
 
-    ``method``: a pass name (``params`` are its parameters), a ``CompressionPass``, or a list of stages, each a name,
-    a pass or ``{"method": name, **params}``. ``calibration``: a ``CalibrationConfig`` or corpus source (needs
-    ``tokenizer``), or token ids ``[n, seq]``. ``fit``: the fit set ``[n, seq]`` for passes that fit least-squares
-    maps (default: the one drawn with a ``CalibrationConfig``'s ``fit_samples``; bare ids fall back to the search
-    set, with a warning). ``cache``: True (the user cache), a folder or ``PlanCache``, or False;
-    a cached plan is used only when it matches the request, and the returned plan's ``reused_from`` then names it.
-    ``name_or_path`` is recorded as the base's name.
+    ``method``: a pass name (``params`` are its parameters), a ``CompressionPass``, a list of stages (each a name, a
+    pass or ``{"method": name, **params}``), or a ``Recipe`` (its stages; its calibration unless ``calibration`` is
+    given). ``calibration``: a ``CalibrationConfig`` or corpus source (needs ``tokenizer``), a ``CalibrationSet``,
+    documents, or token ids ``[n, seq]``. ``fit``: the fit set ``[n, seq]`` for passes that fit least-squares maps
+    (default: the one drawn with a ``CalibrationConfig``'s ``fit_samples``; bare ids fall back to the search set,
+    with a warning). ``cache``: True (the user cache), a folder or ``PlanCache``, or False; a cached plan is used
+    only when it matches the request, and the returned plan's ``reused_from`` then names it. ``name_or_path`` is
+    recorded as the base's name; ``budget`` (a ``MemoryBudget``) bounds the sequential engine of a lazy model.
+    The plan records the request as ``plan.recipe`` (when its passes are registered ones).
     """
     passes = resolve_stages(method, params)
     check_not_offloaded(model)
-    needs = [p.name for p in passes if p.needs_calibration]
-    ids = calibration_ids(calibration, tokenizer)
-    if ids is None and needs:
-        raise PassError(f"pass {needs[0]!r} needs calibration data (--calib-data / calibration=...)")
-    ids_sha = describe_calibration(ids)["sha256"] if ids is not None else None
-    fits = any(p.needs_fit_set for p in passes)
-    if fits:
-        if fit is None:
-            fit = drawn_fit_ids(ids)
-        if fit is not None and (not isinstance(fit, torch.Tensor) or fit.dim() != 2 or fit.dtype != torch.long):
-            raise PassError(f"fit must be token ids [n, seq_len] (a LongTensor), got {getattr(fit, 'shape', fit)!r}")
+    if isinstance(method, Recipe):
+        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(calibration) \
+            if isinstance(calibration, str) else None
+        recipe = method.replace(calibration=config) if config is not None else method
+        if calibration is None and recipe.calibration.source is not None:
+            calibration = recipe.calibration
     else:
-        fit = None
-    fit_sha = describe_calibration(fit)["sha256"] if fit is not None else None
-    if fit is None and ids is not None and fits:
+        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(calibration) \
+            if isinstance(calibration, str) else None
+        recipe = recipe_of(passes, config)
+    needs = [p.name for p in passes if p.needs_calibration]
+    calib = calibration_set(calibration, tokenizer, fit)
+    if calib is None and needs:
+        raise PassError(f"pass {needs[0]!r} needs calibration data (--calib-data / calibration=...)")
+    ids = calib.ids if calib is not None else None
+    ids_sha = calib.describe()["sha256"] if calib is not None else None
+    fits = any(p.needs_fit_set for p in passes)
+    fit_ids = calib.fit_ids() if fits and calib is not None else None
+    fit_sha = calib.describe_fit(fit_ids)["sha256"] if fit_ids is not None else None
+    if fit_ids is None and calib is not None and fits:
         fit_sha = ids_sha  # the passes fall back to the search set
     fp = fingerprint(model)
     store = _cache(cache)
     key = None
+    plan = None
     if store is not None:
         dtype = str(next(model.parameters()).dtype)
         data_sha = ids_sha if needs else None
@@ -182,30 +218,40 @@ def compress(
             if why is None:
                 cached.reused_from = store.path(key)
                 logger.info("reusing the cached plan %s", store.path(key))
-                return cached
-            logger.warning("cached plan %s does not match its key (%s); recomputing it", store.path(key), why)
-    base = describe_base(model, fp)
-    if name_or_path:
-        base["name_or_path"] = name_or_path
-    plan = _run_stages(model, passes, ids, base, fit)
-    if store is not None and key is not None:
-        store.put(key, plan)
+                plan = cached
+            else:
+                logger.warning("cached plan %s does not match its key (%s); recomputing it", store.path(key), why)
+    if plan is None:
+        base = describe_base(model, fp)
+        if name_or_path:
+            base["name_or_path"] = name_or_path
+        plan = _run_stages(model, passes, calib, base, fit_ids, budget or MemoryBudget())
+        if store is not None and key is not None:
+            store.put(key, plan)
+    # the request this plan answers (a cached plan may have been made by another front door's equal request)
+    plan.recipe = recipe.plan_record() if recipe is not None else None
     return plan
 
 
-def _stage_calibration(p: CompressionPass, ids: torch.Tensor | None, fit: torch.Tensor | None
+#: the former name of ``plan_compression`` (it returns a plan; it does not write a compressed model), kept for one
+#: release
+compress = plan_compression
+
+
+def _stage_calibration(p: CompressionPass, calib: CalibrationSet | None, fit: torch.Tensor | None
                        ) -> dict[str, Any] | None:
     """The plan stage's ``calibration`` block: the search set, and the fit set when the pass read one."""
-    if ids is None or not p.needs_calibration:
+    if calib is None or not p.needs_calibration:
         return None
-    block = describe_calibration(ids)
+    block = calib.describe()
     if p.needs_fit_set:
-        block["fit"] = describe_calibration(fit if fit is not None else ids)
+        block["fit"] = calib.describe_fit(fit if fit is not None else calib.ids)
     return block
 
 
-def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.Tensor | None,
-                base: dict[str, Any], fit: torch.Tensor | None = None) -> CompressionPlan:
+def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], calib: CalibrationSet | None,
+                base: dict[str, Any], fit: torch.Tensor | None, budget: MemoryBudget) -> CompressionPlan:
+    ids = calib.ids if calib is not None else None
     stages: list[Stage] = []
     tensors: dict[str, torch.Tensor] = {}
     timings: list[dict[str, Any]] = []
@@ -218,13 +264,12 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
             work = apply_plan(lazy_copy(model) if is_lazy_model(model) else copy.deepcopy(model), plan, strict=False)
             slots = list(plan.shape_after.layers)
         if is_lazy_model(work) and not p.streams:
-            from .registry import pass_classes
-
             streaming = ", ".join(sorted(name for name, cls in pass_classes().items() if cls.streams))
             raise SLMError(f"pass {p.name!r} does not declare that it runs on the sequential engine (streams = True), "
                            f"so it needs the model in memory; run it without --max-memory (streaming: {streaming})")
+        memory = {"budget": budget} if is_lazy_model(work) else {}  # the in-memory engine holds the model already
         engine = engine_for(work)(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
-                               fit_ids=fit if p.needs_fit_set else None)
+                                  fit_ids=fit if p.needs_fit_set else None, **memory)
         started = time.perf_counter()
         try:
             result = p.run(engine)
@@ -245,7 +290,7 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], ids: torch.
             method=p.name,
             params=dict(result.params) if result.params is not None else p.public_params(),
             ops=ops,
-            calibration=_stage_calibration(p, ids, fit),
+            calibration=_stage_calibration(p, calib, fit),
             trace=result.trace,
         )
         stages.append(stage)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
+from .engine.budget import MemoryBudget
 from .errors import CalibrationError
 from .metrics import mean_token_cosine, next_token_nll, perplexity_of
 
@@ -44,12 +45,14 @@ def check_ids(tokenizer, documents: list[str], n_windows: int = CHECK_WINDOWS, s
 
 
 @torch.inference_mode()
-def _measure(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> tuple[float, list[torch.Tensor]]:
-    """Perplexity of ``model`` on ``ids`` and its final post-norm hidden states per batch."""
+def _measure(model: nn.Module, ids: torch.Tensor, batch_size: int = 4, budget: MemoryBudget | None = None
+             ) -> tuple[float, list[torch.Tensor]]:
+    """Perplexity of ``model`` on ``ids`` and its final post-norm hidden states per batch (``budget``: the memory a
+    lazy model's sequential engine may use)."""
     from .engine import SequentialEngine, is_lazy_model
 
     if is_lazy_model(model):  # layers read from the checkpoint one at a time
-        engine = SequentialEngine(model, ids, batch_size=batch_size)
+        engine = SequentialEngine(model, ids, batch_size=batch_size, budget=budget)
         try:
             engine.record_layer_inputs()
             total, count = engine.token_nll(engine.base_final)
@@ -77,16 +80,18 @@ class QualityCheck:
     source: str
     base_ppl: float
     base_final: list[torch.Tensor]
+    budget: MemoryBudget | None = None
 
     @classmethod
-    def prepare(cls, model: nn.Module, tokenizer, documents: list[str], source: str) -> "QualityCheck":
+    def prepare(cls, model: nn.Module, tokenizer, documents: list[str], source: str,
+                budget: MemoryBudget | None = None) -> "QualityCheck":
         ids = check_ids(tokenizer, documents)
-        ppl, finals = _measure(model, ids)
-        return cls(ids, source, ppl, finals)
+        ppl, finals = _measure(model, ids, budget=budget)
+        return cls(ids, source, ppl, finals, budget)
 
     def run(self, compressed: nn.Module) -> dict[str, Any]:
         """The check's result for the compressed model (JSON-ready; no timings, so plans stay reproducible)."""
-        ppl, finals = _measure(compressed, self.ids)
+        ppl, finals = _measure(compressed, self.ids, budget=self.budget)
         ratio = ppl / self.base_ppl if self.base_ppl > 0 else float("inf")
         return {
             "text": f"{self.source} (documents the calibration did not read)",

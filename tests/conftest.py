@@ -150,3 +150,10 @@ def tiny_checkpoint(tmp_path, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
+
+
+def plan_of(compression_pass, model, calibration=None):
+    """A one-stage plan of ``compression_pass`` for ``model`` through the pipeline, without the plan cache."""
+    from optimum_slm.pipeline import compress
+
+    return compress(model, compression_pass, calibration, cache=False)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import calib_ids, make_model
+from conftest import calib_ids, make_model, plan_of
 from optimum_slm import get_pass, list_passes
 from optimum_slm.arch import ArchAdapter, layer_state
 from optimum_slm.engine import ForwardEngine
@@ -79,7 +79,7 @@ def test_all_baselines_registered_with_descriptions():
 def test_pass_returns_valid_plan_with_exact_count(model, ids, key, size):
     before = model_fingerprint(model)
     flags = [p.requires_grad for p in model.parameters()]
-    plan = _pass(key, **size).plan(model, ids)
+    plan = plan_of(_pass(key, **size), model, ids)
     want = size.get("num_layers") or round(size["ratio"] * L)
     assert plan.removed_layers == want and plan.num_layers_after == L - want
     assert plan.method == ("laco" if key == "laco-paper" else key)
@@ -113,7 +113,7 @@ def test_angular_distance_matches_formula():
 
 
 def test_shortgpt_scores_match_hf_hidden_states(model, ids):
-    plan = get_pass("shortgpt", num_layers=2).plan(model, ids)
+    plan = plan_of(get_pass("shortgpt", num_layers=2), model, ids)
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states  # hs[L] is after the final norm
     for i in range(L):
@@ -125,7 +125,7 @@ def test_shortgpt_scores_match_hf_hidden_states(model, ids):
 
 def test_angular_distances_match_hf_hidden_states(model, ids):
     n = 3
-    plan = get_pass("angular", num_layers=n).plan(model, ids)
+    plan = plan_of(get_pass("angular", num_layers=n), model, ids)
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
     dist = {}
@@ -138,7 +138,7 @@ def test_angular_distances_match_hf_hidden_states(model, ids):
 
 
 def test_shortened_ppl_scores_match_rebuilt_models(model, ids):
-    plan = get_pass("shortened-ppl", num_layers=2, keep_first=1, keep_last=1).plan(model, ids)
+    plan = plan_of(get_pass("shortened-ppl", num_layers=2, keep_first=1, keep_last=1), model, ids)
     for b in (0, 3, L - 1):
         small = copy.deepcopy(model)
         ArchAdapter(small).remove_layers([b])
@@ -176,12 +176,12 @@ def test_sleb_fast_equals_naive(model, ids):
             assert fr["loss"][str(block)] == pytest.approx(loss, rel=1e-5)
     # the naive loop restored the model, and its batched variant agrees
     assert sleb_naive(model, ids, 3, per_sample=False)[0] == fast_removed
-    plan = get_pass("sleb", num_layers=3).plan(model, ids)
+    plan = plan_of(get_pass("sleb", num_layers=3), model, ids)
     assert plan.trace["removal_order"] == fast_removed
 
 
 def test_sleb_barriers(model, ids):
-    plan = get_pass("sleb", num_layers=3, early_barrier=2, latter_barrier=2).plan(model, ids)
+    plan = plan_of(get_pass("sleb", num_layers=3, early_barrier=2, latter_barrier=2), model, ids)
     assert not removed_layers(plan) & {0, 1, L - 2, L - 1}
     assert {int(k) for k in plan.trace["rounds"][0]["loss"]} == set(range(2, L - 2))
 
@@ -207,7 +207,7 @@ def test_rdsc_coefficients_and_linear_rule_reproduce_paper(model):
 
 @pytest.mark.parametrize("mode", ["official", "paper"])
 def test_laco_plan_rebuilds_the_scored_model(model, ids, mode):
-    plan = get_pass("laco", num_layers=3, merge_layers=3, merge=mode).plan(model, ids)
+    plan = plan_of(get_pass("laco", num_layers=3, merge_layers=3, merge=mode), model, ids)
     accepted = [t for t in plan.trace["tried"] if t["passed"]]
     assert accepted and plan.trace["merges"]
     small = apply_plan(copy.deepcopy(model), plan)
@@ -218,30 +218,30 @@ def test_laco_plan_rebuilds_the_scored_model(model, ids, mode):
 
 
 def test_laco_official_chain_is_official_on_union(model, ids):
-    plan = get_pass("laco", num_layers=3, merge_layers=3, threshold=-1.0).plan(model, ids)
+    plan = plan_of(get_pass("laco", num_layers=3, merge_layers=3, threshold=-1.0), model, ids)
     # first window [H−C, H−1] = [4, 6] folds 2; then position 3 folds 1 more: one op over [3, 6]
     assert plan.trace["tried"][0]["window"] == [L - 1 - 3, L - 2]
     assert plan.ops == [merge_op(3, 6, "official")]
 
 
 def test_laco_lowers_threshold_to_reach_target(model, ids):
-    plan = get_pass("laco", num_layers=3, merge_layers=3, threshold=0.9999).plan(model, ids)
+    plan = plan_of(get_pass("laco", num_layers=3, merge_layers=3, threshold=0.9999), model, ids)
     assert plan.removed_layers == 3
     assert plan.params["threshold"] < 0.9999
     assert len(plan.trace["search"]) > 1
 
 
 def test_laco_threshold_only_mode(model, ids):
-    plan = get_pass("laco", merge_layers=3, threshold=-1.0).plan(model, ids)
+    plan = plan_of(get_pass("laco", merge_layers=3, threshold=-1.0), model, ids)
     assert plan.removed_layers >= 2 and "target_removed" not in plan.trace
 
 
 # ------------------------------------------------------------------------------------------- protect, errors
 @pytest.mark.parametrize("key", sorted(PASS_KWARGS))
 def test_protect_is_honoured(model, ids, key):
-    first = _pass(key, num_layers=2).plan(model, ids)
+    first = plan_of(_pass(key, num_layers=2), model, ids)
     protect = sorted(consumed_layers(first))
-    second = _pass(key, num_layers=2, protect=protect).plan(model, ids)
+    second = plan_of(_pass(key, num_layers=2, protect=protect), model, ids)
     assert second.removed_layers == 2
     assert not consumed_layers(second) & set(protect)
 
@@ -280,13 +280,13 @@ def test_bad_params_raise_pass_error(name, params):
 )
 def test_infeasible_requests_raise_pass_error(model, ids, name, params):
     if name == "shortened-magnitude":  # removing the 2 removable blocks works, a third does not
-        assert get_pass(name, **params).plan(model, None).removed_layers == 2
+        assert plan_of(get_pass(name, **params), model, None).removed_layers == 2
         params = {"num_layers": 3}
     with pytest.raises(PassError):
-        get_pass(name, **params).plan(model, ids)
+        plan_of(get_pass(name, **params), model, ids)
 
 
 @pytest.mark.parametrize("name", ["shortgpt", "angular", "sleb", "shortened-ppl", "shortened-taylor", "laco"])
 def test_data_passes_need_calibration(model, name):
     with pytest.raises(PassError):
-        get_pass(name, num_layers=1).plan(model, None)
+        plan_of(get_pass(name, num_layers=1), model, None)

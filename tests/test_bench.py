@@ -14,7 +14,7 @@ from optimum_slm.errors import SLMError
 from optimum_slm.registry import get_pass
 
 from optimum_slm.arch import ArchAdapter
-from conftest import make_model
+from conftest import make_model, plan_of
 
 RUN = dict(batch_sizes=(1, 2), prompt_len=8, new_tokens=4, warmup=0, repeats=2)
 
@@ -68,7 +68,7 @@ def test_bad_input():
 
 def test_cli_compare_prints_speedup_and_json(tmp_path, tiny_checkpoint):
     compressor = SLMCompressor.from_pretrained(tiny_checkpoint)
-    plan = get_pass("drop", layers=[1, 2]).plan(compressor.model, None)
+    plan = plan_of(get_pass("drop", layers=[1, 2]), compressor.model, None)
     compressor.apply(plan, str(tmp_path / "small"))
     args = ["--model", tiny_checkpoint, "--compare", str(tmp_path / "small"), "--batch-sizes", "1",
             "--prompt-len", "6", "--new-tokens", "3", "--warmup", "0", "--repeats", "1", "--quiet"]

@@ -51,11 +51,11 @@ def test_default_method_is_the_recommended_one_and_the_run_ends_with_a_check(tin
 
 def test_the_check_is_measured_on_text_the_calibration_did_not_read(tiny_checkpoint, corpus, tmp_path):
     from optimum_slm import load_model
-    from optimum_slm.calibration import load_calibration, unseen_documents
+    from optimum_slm.calibration import load_calibration
 
     _, tok = load_model(tiny_checkpoint)
-    ids = load_calibration(tok, corpus, 4, 16, 1234)
-    unseen = unseen_documents(ids)
+    calib = load_calibration(tok, corpus, 4, 16, 1234)
+    ids, unseen = calib.ids, calib.unseen()
     docs = open(corpus, encoding="utf-8").read().strip().split("\n\n")
     crops = [tok.decode(row) for row in ids.tolist()]
     used = [d for d in docs if d not in unseen]

@@ -9,7 +9,7 @@ import torch
 from conftest import calib_ids, make_model, write_corpus
 
 from optimum_slm import apply_plan, compress
-from optimum_slm.calibration import CalibrationConfig, fit_ids, load_calibration, unseen_documents
+from optimum_slm.calibration import CalibrationConfig, load_calibration
 from optimum_slm.engine import ForwardEngine
 from optimum_slm.errors import CalibrationError, PassError, PlanError, UnsupportedArchitectureError
 from optimum_slm.merge.lstsq import LeastSquares
@@ -253,8 +253,9 @@ def test_packing_serves_sequences_longer_than_any_document(tiny_tokenizer, tmp_p
     corpus = write_corpus(tmp_path / "c.txt", n_docs=60, words=4)
     with pytest.raises(CalibrationError, match="--calib-sampling pack"):
         load_calibration(tiny_tokenizer, corpus, 4, 64, sampling="crop")
-    ids = load_calibration(tiny_tokenizer, corpus, 4, 64)  # auto: packs
-    assert ids.shape == (4, 64) and ids.slm_calibration["sampling"] == "pack"
+    calib = load_calibration(tiny_tokenizer, corpus, 4, 64)  # auto: packs
+    ids = calib.ids
+    assert ids.shape == (4, 64) and calib.describe()["sampling"] == "pack"
     eos = tiny_tokenizer.eos_token_id
     assert (ids == eos).sum() >= 4  # documents are joined by EOS
     with pytest.raises(CalibrationError, match="needs"):
@@ -263,13 +264,14 @@ def test_packing_serves_sequences_longer_than_any_document(tiny_tokenizer, tmp_p
 
 def test_search_fit_and_unseen_documents_are_disjoint(tiny_tokenizer, tmp_path):
     corpus = write_corpus(tmp_path / "c.txt", n_docs=80, words=30, seed=3)
-    ids = CalibrationConfig(corpus, 3, 16, fit_samples=6, fit_seq_len=32).load(tiny_tokenizer)
-    draw = ids.slm_draw
+    calib = CalibrationConfig(corpus, 3, 16, fit_samples=6, fit_seq_len=32).load(tiny_tokenizer)
+    draw = calib.draw
     search_read = draw.read
-    before = unseen_documents(ids)
-    fit = fit_ids(ids)
-    assert fit.shape == (6, 32) and fit_ids(ids) is fit  # drawn once
-    after = unseen_documents(ids)
+    before = calib.unseen()
+    fit = calib.fit_ids()
+    assert fit.shape == (6, 32) and calib.fit_ids() is fit  # drawn once
+    assert calib.describe_fit(fit)["sampling"] == "pack"
+    after = calib.unseen()
     fit_docs = {draw.docs[i] for i in draw.order[search_read : draw.read]}
     assert fit_docs and len(after) == len(before) - (draw.read - search_read)
     assert not fit_docs & set(after)  # the quality check never reads text the map was fitted on
@@ -307,19 +309,20 @@ def test_cli_fit_options_reach_the_plan(tiny_checkpoint, corpus, tmp_path):
 
 
 def test_recipe_calibration_block(tmp_path):
-    from optimum_slm.recipe import RecipeError, read_recipe
+    from optimum_slm.recipe import PassStage, Recipe, RecipeError
 
     path = tmp_path / "r.yaml"
     path.write_text("calibration:\n  fit_samples: 64\n  sampling: pack\nstages:\n  - method: replaceme\n"
                     "    ratio: 0.2\n")
-    stages, calibration = read_recipe(path)
-    assert stages == [{"method": "replaceme", "ratio": 0.2}] and calibration == {"fit_samples": 64, "sampling": "pack"}
+    recipe = Recipe.from_yaml(path)
+    assert recipe.stages == (PassStage("replaceme", {"ratio": 0.2}),)
+    assert recipe.calibration == CalibrationConfig(fit_samples=64, sampling="pack")
     path.write_text("calibration:\n  fit_tokens: 64\nstages:\n  - method: drop\n    layers: [1]\n")
     with pytest.raises(RecipeError, match="unknown calibration key 'fit_tokens'"):
-        read_recipe(path)
+        Recipe.from_yaml(path)
     path.write_text("calibration:\n  fit_samples: 0\nstages:\n  - method: drop\n    layers: [1]\n")
     with pytest.raises(RecipeError, match="fit_samples"):
-        read_recipe(path)
+        Recipe.from_yaml(path)
 
 
 def test_lm_eval_takes_fit_keys(tiny_checkpoint, corpus):

@@ -21,7 +21,7 @@ from optimum_slm.cli import cli
 from optimum_slm.healing import HEAL_FILE, HealConfig, HealError, heal, heal_model, load_heal_data, validation_loss
 from optimum_slm.healing.data import IGNORE, PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from optimum_slm.healing.train import _schedule
-from optimum_slm.recipe import RecipeError, parse_recipe, split_heal
+from optimum_slm.recipe import PassStage, Recipe, RecipeError
 
 SLM = [sys.executable, "-c", "from optimum_slm.cli import main; main()"]
 #: a short, fast run that does learn on the tiny corpus: no warm-up, a high rate, an evaluation every 2 steps
@@ -200,15 +200,16 @@ def test_python_api_heal_and_recipe_stage(compressed, corpus, tmp_path):
 ])
 def test_recipe_heal_stage_is_checked(stages, message):
     with pytest.raises(RecipeError, match=message):
-        parse_recipe({"stages": stages})
+        Recipe.from_dict({"stages": stages})
 
 
-def test_split_heal():
-    stages = parse_recipe({"stages": [{"method": "sleb", "num_layers": 1},
-                                      {"heal": "tail", "data": "wiki-leads", "max_steps": 3}]})
-    passes, config = split_heal(stages)
-    assert passes == [{"method": "sleb", "num_layers": 1}]
+def test_a_heal_stage_becomes_the_recipes_heal_config():
+    recipe = Recipe.from_dict({"stages": [{"method": "sleb", "num_layers": 1},
+                                          {"heal": "tail", "data": "wiki-leads", "max_steps": 3}]})
+    assert recipe.stages == (PassStage("sleb", {"num_layers": 1}),)
+    config = recipe.heal
     assert config.method == "tail" and config.max_steps == 3 and config.learning_rate == 1e-5
+    assert recipe.to_dict()["stages"][-1] == {"heal": "tail", "data": "wiki-leads", "max_steps": 3}
 
 
 @pytest.mark.parametrize("args, message", [

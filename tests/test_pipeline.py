@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import calib_ids, make_model
+from conftest import calib_ids, make_model, plan_of
 from optimum_slm import CalibrationConfig, CompressionPlan, PlanError, apply_plan, compress, get_pass
 from optimum_slm.cli import cli
 from optimum_slm.errors import PassError
@@ -153,7 +153,7 @@ def slm_plus_plan(tiny_checkpoint, tmp_path):
 
     model, _ = load_model(tiny_checkpoint)
     # the calibrated merge (the default before fitted maps): per-window scales and similarities to show
-    plan = get_pass("slm-plus", num_layers=2, merge="calibrated").plan(model, calib_ids(3, 12))
+    plan = plan_of(get_pass("slm-plus", num_layers=2, merge="calibrated"), model, calib_ids(3, 12))
     path = tmp_path / "plan" / "slm_plan.json"
     plan.save(path)
     return path

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import calib_ids, make_model
+from conftest import calib_ids, make_model, plan_of
 from optimum_slm import CompressionPlan, PlanError, apply_plan, get_pass, model_fingerprint
 from optimum_slm.merge import MergeRule
 from optimum_slm.merge.rules import merge_keep_top
@@ -111,7 +111,7 @@ def test_fingerprint_stable_across_dtype_and_sensitive_to_weights(model):
 
 def test_drop_pass_removes_exact_layers_and_plan_leaves_model_unchanged(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = get_pass("drop", layers=[1, 4]).plan(model, None)
+    plan = plan_of(get_pass("drop", layers=[1, 4]), model, None)
     assert plan.ops == [{"op": "drop", "layers": [1, 4]}]
     assert model.config.num_hidden_layers == 6
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -179,7 +179,7 @@ def test_multi_stage_pipeline_plans_on_the_compressed_model(model):
     assert len(dropped_second) == 1 and dropped_second[0] != 0
     sequential = copy.deepcopy(model)
     apply_plan(sequential, CompressionPlan.for_model(model, "drop", [drop_op([0])]))
-    alone = get_pass("sleb", num_layers=1).plan(sequential, ids)
+    alone = plan_of(get_pass("sleb", num_layers=1), sequential, ids)
     assert dropped_second == [alone.ops[0]["layers"][0] + 1]
 
 
@@ -192,7 +192,7 @@ def optimum_slm_compress(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------ side-car
 @pytest.fixture
 def calibrated_plan(model, tmp_path):
-    plan = get_pass("slm", num_layers=2, search="global", merge="calibrated").plan(model, calib_ids(3, 12))
+    plan = plan_of(get_pass("slm", num_layers=2, search="global", merge="calibrated"), model, calib_ids(3, 12))
     plan.save(tmp_path / "slm_plan.json")
     return tmp_path / "slm_plan.json"
 
@@ -258,7 +258,7 @@ def test_nan_tensors_are_refused_even_with_a_matching_hash(calibrated_plan):
 
 
 def test_wrong_width_tensors_are_refused_at_load(model, tmp_path):
-    plan = get_pass("slm", num_layers=1, search="global", merge="calibrated").plan(model, calib_ids(3, 12))
+    plan = plan_of(get_pass("slm", num_layers=1, search="global", merge="calibrated"), model, calib_ids(3, 12))
     name = next(iter(plan.tensors))
     plan.tensors[name] = plan.tensors[name][:32].clone()
     with pytest.raises(PlanError, match=r"shape \[32\], hidden size is 64"):

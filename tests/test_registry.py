@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_model
+from conftest import make_model, plan_of
 from optimum_slm import PassError, get_pass, hookimpl, list_passes, register_plugin
 from optimum_slm.passes.base import CompressionPass, PassParam, PassResult
 from optimum_slm.plan import drop_op
@@ -40,7 +40,7 @@ def test_runtime_plugin_registration():
     register_plugin(plugin, "test-plugin")
     try:
         assert "drop-last-test" in list_passes()
-        plan = get_pass("drop-last-test", n="2").plan(make_model("llama", 6), None)
+        plan = plan_of(get_pass("drop-last-test", n="2"), make_model("llama", 6), None)
         assert plan.ops == [{"op": "drop", "layers": [3, 4]}]
         assert plan.method == "drop-last-test"
     finally:

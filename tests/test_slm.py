@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import calib_ids, make_model
+from conftest import calib_ids, make_model, plan_of
 from optimum_slm import apply_plan, get_pass
 from optimum_slm.errors import PassError
 from optimum_slm.passes.depth.slm import WindowEvaluator
@@ -40,7 +40,7 @@ def test_control_flow_grow_commit_slide_and_pending_bottom(monkeypatch):
             (((4, 6),), (0, 2)): 0.95,  # pass, low reaches -1: pending window is dropped
         },
     )
-    plan = get_pass("slm", threshold=0.72).plan(model, calib_ids(2, 8))
+    plan = plan_of(get_pass("slm", threshold=0.72), model, calib_ids(2, 8))
     assert plan.windows == [(4, 6)]
     assert plan.num_layers_after == 6
     assert calls == [
@@ -57,7 +57,7 @@ def test_strict_greater_than_threshold(monkeypatch):
     _scripted(monkeypatch, {((), (3, 4)): 0.72, ((), (2, 3)): 0.72, ((), (1, 2)): 0.72, ((), (0, 1)): 0.72})
     # equal is not above: every 2-layer window slides, nothing is merged, and a plan that removes nothing is refused
     with pytest.raises(PassError, match="threshold 0.72 merges no window .highest similarity seen 0.72"):
-        get_pass("slm", threshold=0.72).plan(model, calib_ids(2, 8))
+        plan_of(get_pass("slm", threshold=0.72), model, calib_ids(2, 8))
 
 
 def test_commit_at_each_level(monkeypatch):
@@ -69,7 +69,7 @@ def test_commit_at_each_level(monkeypatch):
             (((3, 4),), (1, 2)): 0.9, (((3, 4),), (0, 2)): 0.1,  # commit [1, 2]
         },
     )
-    plan = get_pass("slm").plan(model, calib_ids(2, 8))
+    plan = plan_of(get_pass("slm"), model, calib_ids(2, 8))
     assert plan.windows == [(3, 4), (1, 2)]
     assert plan.ops == [
         {"op": "merge", "layers": [3, 4], "rule": "official"},
@@ -85,9 +85,9 @@ def test_fast_pass_equals_slow_official_port(family):
         slow_windows, slow_trace = official_slm_windows(model, ids, threshold)
         if not slow_windows:  # the official loop merged nothing: the pass refuses a plan that removes nothing
             with pytest.raises(PassError, match="merges no window"):
-                get_pass("slm", threshold=threshold).plan(model, ids)
+                plan_of(get_pass("slm", threshold=threshold), model, ids)
             continue
-        plan = get_pass("slm", threshold=threshold).plan(model, ids)
+        plan = plan_of(get_pass("slm", threshold=threshold), model, ids)
         assert plan.windows == slow_windows
         fast = {tuple(t["window"]): t["sim"] for t in plan.trace["tried"]}
         slow = {tuple(t["window"]): t["sim"] for t in slow_trace}
@@ -98,7 +98,7 @@ def test_fast_pass_equals_slow_official_port(family):
 def test_similarity_of_committed_plan_matches_model_built_from_plan():
     model = make_model("llama", 7)
     ids = calib_ids(3, 12)
-    plan = get_pass("slm", threshold=0.5).plan(model, ids)
+    plan = plan_of(get_pass("slm", threshold=0.5), model, ids)
     assert plan.windows, "the random model merges at this threshold"
     last_pass = [t for t in plan.trace["tried"] if t["passed"] and tuple(t["window"]) == plan.windows[-1]]
     with torch.no_grad():
@@ -112,14 +112,14 @@ def test_similarity_of_committed_plan_matches_model_built_from_plan():
 def test_target_count_mode_is_exact_and_deterministic(tmp_path):
     model = make_model("llama", 8)
     ids = calib_ids(3, 12)
-    plan = get_pass("slm", num_layers=3).plan(model, ids)
+    plan = plan_of(get_pass("slm", num_layers=3), model, ids)
     assert plan.removed_layers == 3
     threshold = plan.params["threshold"]
-    again = get_pass("slm", threshold=threshold).plan(model, ids)
+    again = plan_of(get_pass("slm", threshold=threshold), model, ids)
     assert again.windows == plan.windows
     assert plan.trace["search"] and plan.trace["target_removed"] == 3
     plan.save(tmp_path / "a.json")
-    get_pass("slm", num_layers=3).plan(model, ids).save(tmp_path / "b.json")
+    plan_of(get_pass("slm", num_layers=3), model, ids).save(tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 
@@ -129,7 +129,7 @@ def test_unreachable_target_warns_and_takes_closest_below(monkeypatch):
     table = {((), (3, 4)): 0.9, ((), (2, 4)): 0.1, (((3, 4),), (1, 2)): 0.95, (((3, 4),), (0, 2)): 0.95}
     _scripted(monkeypatch, table, default=0.95, strict=False)
     with pytest.warns(UserWarning, match="no threshold removes exactly 3"):
-        plan = get_pass("slm", num_layers=3).plan(model, calib_ids(2, 8))
+        plan = plan_of(get_pass("slm", num_layers=3), model, calib_ids(2, 8))
     assert plan.removed_layers == 1
     assert "note" in plan.trace
 
@@ -137,7 +137,7 @@ def test_unreachable_target_warns_and_takes_closest_below(monkeypatch):
 def test_constraints_protect_and_max_window(monkeypatch):
     model = make_model("llama", 8)
     _scripted(monkeypatch, {}, default=0.99, strict=False)
-    plan = get_pass("slm", protect=[3], max_window=2).plan(model, calib_ids(2, 8))
+    plan = plan_of(get_pass("slm", protect=[3], max_window=2), model, calib_ids(2, 8))
     for lo, hi in plan.windows:
         assert hi - lo + 1 <= 2 and not lo <= 3 <= hi
 
@@ -145,9 +145,9 @@ def test_constraints_protect_and_max_window(monkeypatch):
 def test_plan_leaves_model_unchanged_and_needs_calibration():
     model = make_model("llama", 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    get_pass("slm", num_layers=2).plan(model, calib_ids(2, 8))
+    plan_of(get_pass("slm", num_layers=2), model, calib_ids(2, 8))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.config.num_hidden_layers == 6
     with pytest.raises(Exception, match="needs calibration"):
-        get_pass("slm").plan(model, None)
+        plan_of(get_pass("slm"), model, None)

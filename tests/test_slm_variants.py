@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from conftest import calib_ids, make_model
+from conftest import calib_ids, make_model, plan_of
 from optimum_slm import ArchAdapter, CompressionPlan, apply_plan, compress, get_pass
 from optimum_slm.merge.calibrated import calibrate_window
 from optimum_slm.engine import ForwardEngine, Slot
@@ -107,7 +107,7 @@ def test_calibrated_merge_fits_the_window_better_than_keep_top():
 def test_calibrated_plan_rebuilds_without_calibration_data(tmp_path):
     model = make_model("llama", 8)
     ids = calib_ids(3, 12)
-    plan = get_pass("slm", num_layers=2, search="global", merge="calibrated").plan(model, ids)
+    plan = plan_of(get_pass("slm", num_layers=2, search="global", merge="calibrated"), model, ids)
     assert all(op["rule"] == "calibrated" and set(op["tensors"]) == {"attn", "mlp"} for op in plan.ops)
     plan.save(tmp_path / "p.json")
     assert (tmp_path / "p.safetensors").exists()  # the scales live in the side-car, not the JSON
@@ -154,8 +154,8 @@ def test_dynamic_programming_matches_brute_force():
 def test_searches_remove_the_target_and_respect_protect(search):
     model = make_model("llama", 8)
     ids = calib_ids(3, 12)
-    plan = get_pass("slm", num_layers=3, search=search, similarity="token-cosine", merge="keep-top",
-                    protect=[0, 7], max_window=3).plan(model, ids)
+    plan = plan_of(get_pass("slm", num_layers=3, search=search, similarity="token-cosine", merge="keep-top",
+                            protect=[0, 7], max_window=3), model, ids)
     assert plan.removed_layers == 3
     for lo, hi in plan.windows:
         assert hi - lo + 1 <= 3 and lo > 0 and hi < 7
@@ -165,7 +165,8 @@ def test_searches_remove_the_target_and_respect_protect(search):
 def test_greedy_first_round_picks_the_best_single_window():
     model = make_model("llama", 8)
     ids = calib_ids(3, 12)
-    plan = get_pass("slm", num_layers=1, search="greedy", similarity="token-cosine", merge="keep-top").plan(model, ids)
+    greedy = get_pass("slm", num_layers=1, search="greedy", similarity="token-cosine", merge="keep-top")
+    plan = plan_of(greedy, model, ids)
     engine = ForwardEngine(model, ids).record_layer_inputs()
     best = None
     for i in range(7):  # keep-top window [i, i+1] == deleting layer i
@@ -211,10 +212,10 @@ def test_slm_plus_is_the_documented_slm_configuration():
     assert all(torch.equal(plus.tensors[name], same.tensors[name]) for name in plus.tensors)
     assert all(op["op"] == "merge" and op["rule"] == "lstsq-attn" and set(op["tensors"]) == {"attn_map", "map"}
                for op in plus.ops)
-    calibrated = get_pass("slm-plus", num_layers=3, merge="calibrated").plan(model, ids)  # the previous default
+    calibrated = plan_of(get_pass("slm-plus", num_layers=3, merge="calibrated"), model, ids)  # the previous default
     assert "ridge" not in calibrated.params and all(op["rule"] == "calibrated" for op in calibrated.ops)
     with pytest.raises(Exception, match="needs ratio or num_layers"):
-        get_pass("slm-plus").plan(model, ids)
+        plan_of(get_pass("slm-plus"), model, ids)
 
 
 def test_greedy_resumes_from_the_winners_recorded_activations(monkeypatch):

@@ -16,7 +16,7 @@ from optimum_slm import CalibrationConfig, apply_plan, compress, load_model
 from optimum_slm.cli import cli
 from optimum_slm.cli.commands import parse_size
 from optimum_slm.engine import SequentialEngine, engine_for, is_lazy_model, load_lazy_model
-from optimum_slm.engine.lazy import save_model
+from optimum_slm.io.checkpoint import save_model
 
 import click
 
@@ -211,7 +211,7 @@ def test_a_model_dispatched_by_accelerate_gives_the_same_plan_and_model(sharded,
 def test_resident_layers_cut_reads_and_change_nothing(sharded, tmp_path, monkeypatch):
     """With room in the budget, read layers stay resident (the top ones first): the same plan from fewer reads of
     the checkpoint, and every layer released when the pass ends."""
-    from optimum_slm.engine.lazy import TensorStore
+    from optimum_slm.io.shards import TensorStore
 
     reads = []
     original = TensorStore.read

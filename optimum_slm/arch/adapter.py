@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
+from ..io.shards import is_lazy, lazy_state
 from .families import BIAS, NORM, PROJECTION, family_for, text_config
 
 
@@ -312,8 +313,6 @@ class ArchAdapter:
 def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     """A decoder layer's parameters by relative name (detached views, no copy; a lazy layer's are read from its
     checkpoint)."""
-    from ..engine.lazy import is_lazy, lazy_state
-
     if is_lazy(layer) and any(p.is_meta for p in layer.parameters()):
         return lazy_state(layer)
     return {name: p.detach() for name, p in layer.named_parameters()}

@@ -1,6 +1,13 @@
 """The command line: the ``slm`` click group (also served as ``optimum-cli slm``). ``commands`` compresses, applies,
-lists and inspects; ``analysis`` adds ``analyze`` and ``bench``."""
+lists and inspects; ``analysis`` adds ``analyze`` and ``bench``; ``heal`` adds ``heal``; ``common`` holds what they
+share (the group's one-line errors, the model and memory options)."""
 
-from .commands import SLMGroup, SLMUsageError, cli, main
+from .analysis import register_commands as _register_analysis
+from .commands import cli, main
+from .common import SLMGroup, SLMUsageError
+from .heal import register_commands as _register_heal
+
+_register_analysis(cli)
+_register_heal(cli)
 
 __all__ = ["SLMGroup", "SLMUsageError", "cli", "main"]

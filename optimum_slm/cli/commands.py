@@ -5,8 +5,8 @@
     slm list
     slm inspect out/slm_plan.json
 
-The commands only turn options into calls of the Python API (``SLMCompressor``, ``CompressionPlan``, the pass
-registry) and print the results. Bad input surfaces as an ``SLMError``; the group turns it into one line
+The commands only turn options into one request (a ``Recipe``, a ``ModelSource``) for ``optimum_slm.orchestrate``
+and print the results. Bad input surfaces as an ``SLMError``; the group turns it into one line
 ``error: <message>`` on stderr and exit code 2. This module stays cheap to import (click only): ``optimum-cli``
 imports it to build its parser, so torch and transformers are imported inside the commands.
 """
@@ -22,183 +22,8 @@ import click
 
 from .._version import __version__
 from ..calibration_defaults import FIT_SAMPLES, FIT_SEQ_LEN, SAMPLINGS
-from ..errors import SLMError
-
-#: the model dtypes and devices the loaders accept
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-DEVICE_CHOICES = ("cpu", "cuda", "auto")
-
-
-class SLMUsageError(click.ClickException):
-    """An ``SLMError`` shown the CLI way: ``error: <message>`` on stderr, exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True, file=file)
-
-
-#: exit codes: bad input (the user can fix it), a failure (the machine or a bug), an interrupt
-EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
-_debug = False
-
-
-def one_line(text: Any) -> str:
-    """``text`` on one line: a multi-line message would read as a traceback."""
-    return " ".join(str(text).split())
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {one_line(message)}", err=True)
-    sys.exit(code)
-
-
-class SLMGroup(click.Group):
-    """A click group whose every failure is one ``error: ...`` line on stderr and an exit code, never a traceback.
-
-    Bad input (an ``SLMError``, a usage error) exits 2; a failure of the machine (disk full, read-only folder) or an
-    unexpected error exits 1, the latter with a hint to rerun with ``--debug``, which shows the traceback.
-    """
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SLMError as exc:
-            raise SLMUsageError(one_line(exc)) from None
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            _fail("interrupted", EXIT_INTERRUPTED)
-        except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
-        except click.ClickException as exc:
-            where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
-            _fail(exc.format_message() + (where if isinstance(exc, click.UsageError) else ""),
-                  EXIT_BAD_INPUT if isinstance(exc, (click.UsageError, SLMUsageError)) else exc.exit_code)
-        except SLMError as exc:
-            _fail(str(exc), EXIT_BAD_INPUT)
-        except OSError as exc:
-            if _debug:
-                raise
-            target = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-            _fail(f"{exc.strerror or exc}{target}", EXIT_FAILURE)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence of a command line
-            if _debug:
-                raise
-            _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug to see the traceback)", EXIT_FAILURE)
-        sys.exit(result if isinstance(result, int) else 0)
-
-
-def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    global _debug
-    _debug = bool(value) or bool(os.environ.get("OPTIMUM_SLM_DEBUG"))
-
-
-def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if not value:
-        return
-    from ..progress import set_quiet
-
-    set_quiet(True)
-    # transformers' own bars (weight loading) too; before its import the hub's switch is read from the environment
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    else:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-
-
-def quiet_option(func):
-    """``--quiet``: hide progress bars (accepted by the group and by every command)."""
-    return click.option(
-        "--quiet",
-        "-q",
-        is_flag=True,
-        expose_value=False,
-        is_eager=True,
-        callback=_set_quiet,
-        help="Hide progress bars.",
-    )(func)
-
-
-def model_options(func=None, *, what: str = "Base model"):
-    """The options that choose and load a model (shared by ``compress``, ``apply`` and ``heal``; ``what`` names the
-    model in ``--model``'s help)."""
-    if func is None:
-        return lambda f: model_options(f, what=what)
-    decorators = [
-        click.option("--model", required=True, metavar="PATH_OR_ID",
-                     help=f"{what}: checkpoint folder, hub id (offline cache), .gguf file or alias "
-                          "(smollm2-135m)."),
-        click.option("--gguf-file", default=None, metavar="FILE",
-                     help="GGUF file inside --model (a folder) to load and convert."),
-        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
-                     help="Load the base in this dtype (default: the checkpoint's)."),
-        click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
-                     help="Where to run the model."),
-        click.option("--allow-download", is_flag=True,
-                     help="Let a hub id that is not in the local Hub cache be downloaded (off: offline first)."),
-        click.option("--allow-pickle", is_flag=True,
-                     help="Accept a pickle-only checkpoint (pytorch_model.bin). UNSAFE: a pickle can run code."),
-    ]
-    for decorate in reversed(decorators):
-        func = decorate(func)
-    return func
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``2GiB``, ``500MB``, ``1.5GB``, ``4096`` (bytes) -> bytes; a one-line error otherwise."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise click.BadParameter(f"expected a size like 2GiB or 500MB, got {text!r}", param_hint="'--max-memory'")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def streams_layers(size: int | None, max_memory: str | None) -> bool:
-    """Whether to plan and write with the model's layers streamed from disk (the sequential engine), for weight files
-    of ``size`` bytes (None: not a safetensors folder).
-
-    With ``--max-memory``: when the weight files exceed half the budget (applying a plan and the checks make
-    copies); without it: when they exceed 70% of the memory the machine has available.
-    """
-    if size is None:
-        if max_memory is not None:
-            raise SLMError("--max-memory streams layers from safetensors shards: give a checkpoint folder")
-        return False
-    if max_memory is not None:
-        return size > parse_size(max_memory) // 2
-    from ..engine.spill import available_memory
-
-    available = available_memory()
-    return available is not None and size > 0.7 * available
-
-
-def _lazy_kwargs(lazy: bool, max_memory: str | None) -> dict:
-    """``load_model`` arguments for a streamed (lazy) model and its budget."""
-    if not lazy:
-        return {}
-    return {"lazy": True, "memory_budget": parse_size(max_memory) if max_memory is not None else None}
-
-
-def memory_option(func):
-    """``--max-memory``: the budget that chooses the in-memory or the sequential (streaming) engine."""
-    return click.option("--max-memory", default=None, metavar="SIZE",
-                        help="Memory budget (e.g. 2GiB): a model whose weights exceed half of it is planned and "
-                             "written with its layers streamed from the safetensors shards, one at a time "
-                             "(default: stream when the weights exceed 70% of the available memory).")(func)
+from .common import (DTYPE_CHOICES, SLMGroup, _set_debug, duration, folder_size, memory_option, model_options,
+                     parse_size, quiet_option)
 
 
 def _parse_param(text: str) -> tuple[str, str]:
@@ -230,22 +55,6 @@ def _plan_cache(no_cache: bool):
     from ..plan.cache import PlanCache
 
     return PlanCache(read=False)
-
-
-def _size(path: str) -> str:
-    """The size of a file or folder, human-readable."""
-    total = os.path.getsize(path) if os.path.isfile(path) else sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-    for unit in ("B", "KB", "MB", "GB"):
-        if total < 1000 or unit == "GB":
-            return f"{total:,.0f} {unit}" if unit == "B" else f"{total:,.1f} {unit}"
-        total /= 1000
-    return ""  # pragma: no cover
-
-
-def _duration(seconds: float) -> str:
-    minutes, sec = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -282,7 +91,9 @@ def cli() -> None:
 @model_options
 @click.option("--method", default="slm-plus", show_default=True, metavar="NAME",
               help="Compression pass (see 'list'); slm-plus is the recommended one, slm the faithful reproduction.")
-@click.option("--ratio", type=float, default=None, help="Fraction of decoder layers to remove, in (0, 1).")
+@click.option("--ratio", type=float, default=None,
+              help="How much to remove, in (0, 1): the fraction of decoder layers for depth passes, of the pruned "
+                   "projections' parameters for width passes (see 'list').")
 @click.option("--num-layers", type=int, default=None, help="Number of decoder layers to remove.")
 @click.option("--threshold", type=float, default=None, help="Similarity threshold (threshold-driven passes).")
 @click.option("--merge", default=None, metavar="RULE", help="Merge rule of merging passes (e.g. official, paper).")
@@ -330,74 +141,17 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     """
     import time
 
+    from ..orchestrate import ModelSource, run
+    from ..io.names import PLAN_FILE
+
     started = time.perf_counter()
-    given = [name for name, value in (("--ratio", ratio), ("--num-layers", num_layers), ("--threshold", threshold))
-             if value is not None]
-    if len(given) > 1:
-        raise click.UsageError(f"give only one of --ratio, --num-layers, --threshold (got {', '.join(given)})")
-    params = pass_params({"ratio": ratio, "num_layers": num_layers, "threshold": threshold, "merge": merge},
-                         extra_params)
-
-    from ..compressor import PLAN_FILE, SLMCompressor
-    from ..fileio import claim_output
-    from ..registry import get_pass
-
     # everything that can be checked without the model is checked before the (long) load and search
-    if recipe is not None:
-        from ..recipe import read_recipe
-
-        explicit = ctx.get_parameter_source("method") == click.core.ParameterSource.COMMANDLINE
-        if params or explicit:
-            raise click.UsageError("--recipe names the methods and their parameters; drop --method, --ratio, "
-                                   "--num-layers, --threshold, --merge and --param")
-        from ..recipe import split_heal
-
-        stages, recipe_calibration = read_recipe(recipe)
-        stages, heal_config = split_heal(stages)
-        if heal_config is not None and plan_only:
-            raise click.UsageError("the recipe's heal stage trains the weights, so it needs a checkpoint: drop "
-                                   "--plan-only or the heal stage")
-        # the recipe's calibration settings fill in what the command line left at its defaults
-        options = {"source": "calib_data", "n_samples": "calib_samples", "seq_len": "calib_seq_len", "seed": "seed",
-                   "text_field": "text_field", "sampling": "calib_sampling", "fit_samples": "fit_samples",
-                   "fit_seq_len": "fit_seq_len"}
-        given = {key: value for key, value in recipe_calibration.items()
-                 if ctx.get_parameter_source(options[key]) != click.core.ParameterSource.COMMANDLINE}
-        calib_data = given.get("source", calib_data)
-        calib_samples, calib_seq_len = given.get("n_samples", calib_samples), given.get("seq_len", calib_seq_len)
-        seed, text_field = given.get("seed", seed), given.get("text_field", text_field)
-        calib_sampling = given.get("sampling", calib_sampling)
-        fit_samples, fit_seq_len = given.get("fit_samples", fit_samples), given.get("fit_seq_len", fit_seq_len)
-        method, params = stages, {}
-        needs_data = any(get_pass(s["method"], **{k: v for k, v in s.items() if k != "method"}).needs_calibration
-                         for s in stages)
-    else:
-        heal_config = None
-        needs_data = get_pass(method, **params).needs_calibration
-    if calib_data is None:
-        from ..assets import WIKI_PACKAGE, package_dir
-
-        if needs_data or package_dir(WIKI_PACKAGE) is not None:
-            calib_data = "wiki-leads"
-    from ..calibration import CalibrationConfig
-
-    calibration = CalibrationConfig(calib_data, calib_samples, calib_seq_len, seed, text_field, calib_sampling,
-                                    fit_samples, fit_seq_len)  # checks the numbers before the load
-    size = _weights_size(model, gguf_file)
-    need = None if plan_only else size
-    lazy = streams_layers(size, max_memory)
-    if lazy and heal_config is not None:
-        raise click.UsageError("healing trains the whole model in memory: drop the heal stage or --max-memory")
-    with claim_output(output, overwrite, need_bytes=need) as target:
-        if lazy:
-            click.echo("streaming the decoder layers from the checkpoint's shards (sequential engine)", err=True)
-        compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
-                                                   allow_download=allow_download, allow_pickle=allow_pickle,
-                                                   **_lazy_kwargs(lazy, max_memory))
-        plan = compressor.compress(target, method=method, calibration=calibration if calib_data else None,
-                                   overwrite=overwrite, plan_only=plan_only, cache=_plan_cache(no_cache),
-                                   check=not no_check, save_dtype=save_dtype, command=_command_line(ctx),
-                                   heal=heal_config, **params)
+    request = recipe_from_options(ctx, recipe)
+    source = ModelSource(model, gguf_file=gguf_file, dtype=dtype, device=device, allow_download=allow_download,
+                         allow_pickle=allow_pickle)
+    result = run(request, source, output, overwrite=overwrite, cache=_plan_cache(no_cache),
+                 command=_command_line(ctx), notify=lambda line: click.echo(line, err=True))
+    plan, target = result.plan, result.output
     if plan.reused_from:
         click.echo(f"reused the cached plan {plan.reused_from} (--no-cache recomputes it)")
     click.echo(plan.summary())
@@ -409,19 +163,59 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
         from .heal import describe_run
 
         click.echo(describe_run(plan.heal_record))
-    files = f"{PLAN_FILE} (plan only)" if plan_only else f"checkpoint, {PLAN_FILE}, README.md" + (
+    files = f"{PLAN_FILE} (plan only)" if request.output.plan_only else f"checkpoint, {PLAN_FILE}, README.md" + (
         ", slm_heal.json" if plan.heal_record is not None else "")
-    click.echo(f"wrote {target} ({files}, {_size(target)}) in {_duration(time.perf_counter() - started)}")
+    click.echo(f"wrote {target} ({files}, {folder_size(target)}) in {duration(time.perf_counter() - started)}")
 
 
-def _weights_size(model: str, gguf_file: str | None) -> int | None:
-    """The size of the base's weight files: an upper bound for the compressed checkpoint (None when unknown)."""
-    from ..loading import resolve_model_path
+#: ``compress`` options that are calibration fields, by field
+CALIBRATION_OPTIONS = {"source": "calib_data", "n_samples": "calib_samples", "seq_len": "calib_seq_len",
+                       "seed": "seed", "text_field": "text_field", "sampling": "calib_sampling",
+                       "fit_samples": "fit_samples", "fit_seq_len": "fit_seq_len"}
 
-    path = resolve_model_path(model, gguf_file)
-    if not os.path.isdir(path):
-        return None
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) or None
+
+def recipe_from_options(ctx: click.Context, recipe_file: str | None):
+    """The ``Recipe`` that ``compress``'s options ask for: ``--recipe``'s file with the options given explicitly on
+    the command line winning over it, or one stage of ``--method`` with its parameters."""
+    import dataclasses
+
+    from ..calibration import CalibrationConfig
+    from ..recipe import OutputOptions, PassStage, Recipe
+
+    options = ctx.params
+    targets = [flag for flag, name in (("--ratio", "ratio"), ("--num-layers", "num_layers"),
+                                       ("--threshold", "threshold")) if options[name] is not None]
+    if len(targets) > 1:
+        raise click.UsageError(f"give only one of --ratio, --num-layers, --threshold (got {', '.join(targets)})")
+    params = pass_params({name: options[name] for name in ("ratio", "num_layers", "threshold", "merge")},
+                         options["extra_params"])
+
+    def given(name: str) -> bool:  # on the command line, not a default
+        return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+    output = {"plan_only": options["plan_only"], "check": not options["no_check"],
+              "save_dtype": options["save_dtype"]}
+    max_memory = parse_size(options["max_memory"]) if options["max_memory"] is not None else None
+    calibration = {name: options[option] for name, option in CALIBRATION_OPTIONS.items()}
+    if recipe_file is None:
+        return Recipe(stages=(PassStage(options["method"], params),), calibration=CalibrationConfig(**calibration),
+                      max_memory=max_memory, output=OutputOptions(**output))
+    if params or given("method"):
+        raise click.UsageError("--recipe names the methods and their parameters; drop --method, --ratio, "
+                               "--num-layers, --threshold, --merge and --param")
+    request = Recipe.from_yaml(recipe_file)
+    explicit = {name: value for name, value in calibration.items() if given(CALIBRATION_OPTIONS[name])}
+    changes: dict = {"calibration": dataclasses.replace(request.calibration, **explicit)}
+    outputs = {name: value for name, value in output.items()
+               if given({"check": "no_check"}.get(name, name))}
+    if outputs:
+        if outputs.get("plan_only") and request.heal is not None:
+            raise click.UsageError("the recipe's heal stage trains the weights, so it needs a checkpoint: drop "
+                                   "--plan-only or the heal stage")
+        changes["output"] = dataclasses.replace(request.output, **outputs)
+    if max_memory is not None:
+        changes["max_memory"] = max_memory
+    return request.replace(**changes)
 
 
 def _echo_check(plan, skipped: bool) -> None:
@@ -451,19 +245,16 @@ def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, all
           allow_pickle: bool, plan_file: str, output: str, overwrite: bool, save_dtype: str | None,
           max_memory: str | None) -> None:
     """Rebuild a compressed checkpoint from base + plan."""
-    from ..compressor import SLMCompressor
-    from ..fileio import claim_output
+    from ..engine.budget import MemoryBudget
+    from ..orchestrate import ModelSource, apply_saved
     from ..plan import CompressionPlan
 
     plan = CompressionPlan.load(plan_file)
-    size = _weights_size(model, gguf_file)
-    lazy = streams_layers(size, max_memory)
-    with claim_output(output, overwrite, need_bytes=size) as target:
-        compressor = SLMCompressor.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
-                                                   allow_download=allow_download, allow_pickle=allow_pickle,
-                                                   **_lazy_kwargs(lazy, max_memory))
-        compressor.apply(plan, target, overwrite=overwrite, save_dtype=save_dtype)
-    click.echo(f"wrote {target} (checkpoint, slm_plan.json, README.md, {_size(target)})")
+    budget = MemoryBudget(parse_size(max_memory) if max_memory is not None else None)
+    source = ModelSource(model, gguf_file=gguf_file, dtype=dtype, device=device, allow_download=allow_download,
+                         allow_pickle=allow_pickle)
+    result = apply_saved(plan, source, output, overwrite=overwrite, save_dtype=save_dtype, budget=budget)
+    click.echo(f"wrote {result.output} (checkpoint, slm_plan.json, README.md, {folder_size(result.output)})")
     click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
 
 
@@ -507,12 +298,3 @@ def inspect(plan_file: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``slm``); the group turns every failure into one line and an exit code."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="slm")
-
-
-# analyze and bench live in cli/analysis.py and join the group here
-from .analysis import register_commands  # noqa: E402
-
-register_commands(cli)
-from .heal import register_commands as register_heal  # noqa: E402
-
-register_heal(cli)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..healing.config import DATA_FORMATS, HEAL_METHODS, PRECISIONS, HealConfig
-from .commands import DTYPE_CHOICES, _duration, _size, model_options, quiet_option
+from .common import DTYPE_CHOICES, duration, folder_size, model_options, quiet_option
 
 _DEFAULTS = HealConfig()
 
@@ -101,8 +101,8 @@ def heal_command(model: str, gguf_file: str | None, dtype: str | None, device: s
     record = heal(model, output, config, overwrite=overwrite, gguf_file=gguf_file, dtype=dtype, device=device,
                   allow_download=allow_download, allow_pickle=allow_pickle, save_dtype=save_dtype)
     click.echo(describe_run(record))
-    click.echo(f"wrote {output} (checkpoint, slm_heal.json, README.md, {_size(output)}) in "
-               f"{_duration(time.perf_counter() - started)}")
+    click.echo(f"wrote {output} (checkpoint, slm_heal.json, README.md, {folder_size(output)}) in "
+               f"{duration(time.perf_counter() - started)}")
 
 
 def register_commands(group: click.Group) -> None:

@@ -309,7 +309,7 @@ class ForwardEngine:
         rely on the order (the sequential engine yields top-down). Gradients are freed when the iteration ends; the
         cost counts as one run of every layer over the search set on either engine.
         """
-        from ..passes.gradients import layer_gradients
+        from .gradients import layer_gradients
 
         ids = self.require_calibration("layer gradients")
         self.layer_tokens += self.num_layers * ids.numel()

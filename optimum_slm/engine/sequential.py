@@ -9,7 +9,8 @@ decoder layers are read from the checkpoint only while they run.
   bit-identical); each slot's module is read in once for all batches.
 * ``stream_fit`` runs the fit set batch by batch (memory does not grow with it); each layer is read once per batch.
 
-Memory follows the model's budget (``slm_memory_budget``, from ``--max-memory``; without one, the memory available):
+Memory follows the engine's ``MemoryBudget`` (``budget=``, from ``--max-memory``; without a limit, the memory
+available):
 recorded activations stay on ``storage_device`` (the CPU by default), or go to disk (``engine.activations``) when
 they exceed half of what the budget leaves; read layers stay resident in what the activations leave (the highest
 layers first), and any other layer is read for its call and released (a window being merged reads its layers
@@ -27,8 +28,9 @@ from torch import nn
 
 from ..metrics import Batches
 from ..progress import progress_bar
+from .budget import MemoryBudget
 from .lazy import materialized, read_in
-from .spill import ActivationFolder, available_memory
+from .spill import ActivationFolder
 from .memory import FitBatch, ForwardEngine, Slot, call_kwargs, call_layer
 
 
@@ -87,8 +89,10 @@ class SequentialEngine(ForwardEngine):
     #: where recorded activations went when they did not fit the budget (None: in memory)
     activations: ActivationFolder | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, budget: MemoryBudget | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        #: what recorded activations and resident layers may take (the request's ``--max-memory``)
+        self.budget = budget or MemoryBudget()
         #: bytes of layers that may stay resident (set with the recording, from the budget the activations leave)
         self._cache_budget = 0.0
         self._resident: dict[nn.Module, int] = {}
@@ -121,18 +125,13 @@ class SequentialEngine(ForwardEngine):
     def _activation_keeper(self, total: int) -> Callable[[Batches], Batches]:
         """How recorded hidden states are kept: on ``storage_device``, or on disk (``activations``, an
         ``ActivationFolder``) when ``total`` bytes of them exceed half of what the memory budget leaves after the
-        loaded tensors and a few layers' weights (the model's ``slm_memory_budget``; without one, the memory
-        available now)."""
-        budget = getattr(self.model, "slm_memory_budget", None)
+        loaded tensors and a few layers' weights (``self.budget``; without a limit, the memory available now)."""
         store = getattr(self.model, "slm_store", None)
         layer_bytes = store.nbytes() / max(self.num_layers, 1) if store is not None else 0
         resident = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
                        if not t.is_meta)
-        if budget is not None:
-            left = budget - resident - 4 * layer_bytes
-        else:
-            available = available_memory()
-            left = None if available is None else available - 4 * layer_bytes
+        # with a limit the loaded tensors count against it; the memory available now has them taken already
+        left = self.budget.left_after((resident if self.budget.limit is not None else 0) + 4 * layer_bytes)
         if left is not None and total > left / 2:
             self.activations = ActivationFolder()
             self._cache_budget = max(0.0, left / 2)

@@ -1,8 +1,10 @@
-"""Recorded activations on disk: when a lazy model's calibration activations, (layers + 1) × tokens × hidden, would
-not fit in what the memory budget leaves, the sequential engine keeps them in files under ``TMPDIR``, one per layer
-and batch, read back when a pass touches them (the page cache keeps hot ones fast).
+"""What a lazy model keeps on disk instead of in memory, in temporary folders under ``TMPDIR``:
 
-Raw tensor bytes, never pickles; the folder is removed with the engine.
+- recorded activations: when a lazy model's calibration activations, (layers + 1) × tokens × hidden, would not fit
+  in what the memory budget leaves, the sequential engine keeps them in files, one per layer and batch, read back
+  when a pass touches them (the page cache keeps hot ones fast); raw tensor bytes, never pickles; the folder is
+  removed with the engine;
+- spilled layers (``SpillStore``): layers built while a plan is applied to a lazy model, read back like the base's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Sequence
 from typing import Iterator
 
 import torch
+from torch import nn
 
-from .lazy import read_raw
+from ..io.shards import _LAZY, LazyState, TensorStore, read_raw, register_lazy
 
 
 def available_memory() -> int | None:
@@ -77,3 +80,38 @@ class DiskBatches(Sequence):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (s.read().to(self.device) for s in self._stored)
+
+
+class SpillStore:
+    """A temporary folder that layers built while applying a plan to a lazy model (narrowed, merged, fitted) are
+    written to, one file each, and then read from like the base's layers: applying a plan never holds more than the
+    layers of one op. The folder is made under ``TMPDIR`` and removed with the model."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="slm-spill-")
+        self._count = 0
+
+    def spill(self, module: nn.Module) -> None:
+        """Write ``module``'s parameters to a new file and make it a lazy layer reading them from there."""
+        from safetensors.torch import save_file
+
+        self._count += 1
+        path = os.path.join(self._dir.name, f"layer-{self._count:05d}.safetensors")
+        save_file({name: p.detach().contiguous().cpu() for name, p in module.named_parameters()}, path)
+        register_lazy(module, TensorStore(path), "")
+        module.to("meta")
+
+    def restore(self, module: nn.Module) -> None:
+        """Read a spilled ``module`` back into memory for a later op to change it; its file is removed."""
+        store, _ = _LAZY.pop(module)
+        module.load_state_dict(dict(LazyState(store, "", [n for n, _ in module.named_parameters()])), strict=False,
+                               assign=True)
+        os.remove(store.folder)
+
+    @staticmethod
+    def of(model: nn.Module) -> "SpillStore":
+        """The model's spill store (made on first use, kept as long as the model)."""
+        store = getattr(model, "slm_spill", None)
+        if store is None:
+            store = model.slm_spill = SpillStore()
+        return store

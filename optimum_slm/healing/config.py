@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import SLMError
+from ..io.names import HEAL_FILE
 
 HEAL_METHODS = ("lora", "tail")
-#: the record of the healing runs a checkpoint went through, written beside it
-HEAL_FILE = "slm_heal.json"
 DATA_FORMATS = ("auto", "text", "instruction")
 PRECISIONS = ("auto", "fp32", "bf16")
 #: the paper's LoRA targets: every projection of a Llama-style decoder layer

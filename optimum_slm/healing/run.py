@@ -9,7 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from .config import HEAL_FILE, HealConfig, HealError
+from ..io.checkpoint import resolve_save_dtype, write_checkpoint
+from ..io.names import CARD_FILE, HEAL_FILE, PLAN_FILE
+from ..io.output import check_output_dir, claim_output
+from .config import HealConfig, HealError
 from .train import heal_model
 
 
@@ -31,7 +34,6 @@ def carried_plan(source_dir: str | None, model: nn.Module):
     """The input checkpoint's plan (None when it has none), checked to describe this model's layer count."""
     from ..arch import ArchAdapter
     from ..plan import CompressionPlan
-    from ..reports.card import PLAN_FILE
 
     path = os.path.join(source_dir, PLAN_FILE) if source_dir else None
     if not path or not os.path.isfile(path):
@@ -49,15 +51,12 @@ def save_healed(model: nn.Module, tokenizer, record: dict[str, Any], save_direct
                 save_dtype: Any = None) -> str:
     """Write the healed checkpoint atomically: weights, tokenizer, the carried plan, ``slm_heal.json`` (earlier
     runs of the input kept) and the model card (the input's, or ``card``) with a healing section appended."""
-    from ..compressor import resolve_save_dtype
-    from ..engine.lazy import save_model
-    from ..fileio import AtomicDir, check_output_dir
-    from ..reports.card import PLAN_FILE, healing_section
+    from ..reports.card import healing_section
 
-    target = check_output_dir(save_directory, overwrite)
+    check_output_dir(save_directory, overwrite)  # a refused output fails before the input's record is read
     runs = _previous_runs(source_dir) + [record]
     if card is None:
-        readme = os.path.join(source_dir, "README.md") if source_dir else None
+        readme = os.path.join(source_dir, CARD_FILE) if source_dir else None
         if readme and os.path.isfile(readme):
             with open(readme, encoding="utf-8") as fh:
                 card = fh.read()
@@ -65,19 +64,9 @@ def save_healed(model: nn.Module, tokenizer, record: dict[str, Any], save_direct
             name = getattr(model, "name_or_path", None) or source_dir or "model"
             card = (f"---\nlibrary_name: transformers\ntags: [optimum-slm]\n---\n\n# Healed `{name}`\n\n"
                     "Made with [optimum-slm](https://pypi.org/project/optimum-slm/).\n")
-    dtype = resolve_save_dtype(save_dtype) if save_dtype is not None else None
-    with AtomicDir(target, overwrite) as tmp:
-        save_model(model, tmp, dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            plan.save(os.path.join(tmp, PLAN_FILE))
-        with open(os.path.join(tmp, HEAL_FILE), "w", encoding="utf-8") as fh:
-            json.dump(runs, fh, indent=1)
-            fh.write("\n")
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write(card.rstrip("\n") + "\n\n" + healing_section(record, len(runs)))
-    return target
+    card = card.rstrip("\n") + "\n\n" + healing_section(record, len(runs))
+    return write_checkpoint(model, tokenizer, save_directory, plan=plan, card=card, heal_runs=runs,
+                            overwrite=overwrite, save_dtype=save_dtype)
 
 
 def heal(model: str, output: str | os.PathLike, config: HealConfig | None = None, *, overwrite: bool = False,
@@ -89,7 +78,6 @@ def heal(model: str, output: str | os.PathLike, config: HealConfig | None = None
     override ``config``'s) say how. Nothing is written unless the run finishes; ``output`` must be empty or new
     (``overwrite`` replaces it).
     """
-    from ..fileio import claim_output
     from ..loading import load_model, resolve_model_path
 
     try:
@@ -99,8 +87,6 @@ def heal(model: str, output: str | os.PathLike, config: HealConfig | None = None
     if config.data is None:
         raise HealError("no heal data given (--data / data=...)")
     if save_dtype is not None:
-        from ..compressor import resolve_save_dtype
-
         resolve_save_dtype(save_dtype)
     with claim_output(output, overwrite) as target:
         net, tokenizer = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, allow_download=allow_download,

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
-from torch import nn
 
 from ..errors import PassError
 
@@ -140,6 +139,8 @@ class CompressionPass:
         if unknown:
             valid = ", ".join(p.name for p in self.params) or "(none)"
             raise PassError(f"pass {self.name!r} has no parameter {unknown[0]!r}; valid: {valid}")
+        #: the parameters as given (a recipe records these; ``config`` adds the defaults ``validate`` settles)
+        self.given_params: dict[str, Any] = {k: v for k, v in params.items() if v is not None}
         self.config: dict[str, Any] = {}
         for p in self.params:
             self.config[p.name] = p.parse(params[p.name]) if params.get(p.name) is not None else p.default
@@ -167,13 +168,6 @@ class CompressionPass:
     def run(self, engine) -> PassResult:  # pragma: no cover - abstract
         """Plan on ``engine`` (an ``optimum_slm.engine.ForwardEngine``); see ``PassResult``."""
         raise NotImplementedError
-
-    def plan(self, model: nn.Module, calibration: Any = None):
-        """A one-stage plan of this pass for ``model`` through the pipeline (no plan cache); a convenience for
-        ``optimum_slm.compress(model, self, calibration, cache=False)``."""
-        from ..pipeline import compress
-
-        return compress(model, self, calibration=calibration, cache=False)
 
     # ------------------------------------------------------------------ helpers for subclasses
     def target_count(self, num_layers: int, required: bool = True) -> int | None:

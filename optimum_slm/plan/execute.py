@@ -13,7 +13,8 @@ from typing import Iterable
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..engine.lazy import SpillStore, check_not_offloaded, is_lazy, is_lazy_model, materialized_copy
+from ..engine.lazy import check_not_offloaded, is_lazy, is_lazy_model, materialized_copy
+from ..engine.spill import SpillStore
 from ..errors import PlanError
 from .fingerprint import fingerprint_with
 from .ops import kind_of

@@ -22,7 +22,8 @@ from torch import nn
 from .._version import __version__
 from ..arch import ArchAdapter
 from ..errors import PlanError
-from ..fileio import follow_umask
+from ..io.names import PLAN_FILE
+from ..io.output import follow_umask
 from . import tensors as sidecar
 from .fingerprint import SCHEME, SCHEMES, fingerprint, jsonable
 from .ops import PlanShape, kind_of
@@ -32,7 +33,7 @@ PLAN_VERSION = 2
 #: bounds on what a plan may ask for, checked before anything is allocated
 MAX_LAYERS = 4096
 MAX_OPS = 100_000
-_FIELDS = {"format", "version", "base", "stages", "shape_after", "num_layers_after", "tensors", "created_with"}
+_FIELDS = {"format", "version", "base", "stages", "shape_after", "num_layers_after", "tensors", "created_with", "recipe"}
 
 
 def _reject_constant(name: str) -> Any:
@@ -147,6 +148,12 @@ def describe_base(model: nn.Module, fingerprint_value: str | None = None) -> dic
     }
 
 
+def _recipe_block(value: Any) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise PlanError(f"plan 'recipe' must be an object, got {type(value).__name__}")
+    return value
+
+
 def _check_base(base: Any) -> None:
     if not isinstance(base, dict):
         raise PlanError("plan 'base' must be an object")
@@ -175,6 +182,9 @@ class CompressionPlan:
     stages: list[Stage]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     created_with: str = f"optimum-slm {__version__}"
+    #: the request that made this plan (``Recipe.plan_record()``: stages, calibration, heal stage); None for a plan
+    #: made from ad-hoc pass instances or by an older release. Informative: the ops, not the recipe, rebuild the model
+    recipe: dict | None = None
     #: the plan-cache file this plan was reused from (set by the pipeline; not part of the plan)
     reused_from: str | None = field(default=None, init=False, compare=False, repr=False)
     #: wall-clock seconds of the run that made this plan, per stage (``{"method", "seconds", ...}``); kept out of the
@@ -317,6 +327,7 @@ class CompressionPlan:
             "num_layers_after": self.num_layers_after,
             "tensors": self.manifest(),
             "created_with": self.created_with,
+            **({"recipe": plain(self.recipe)} if self.recipe is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -362,6 +373,7 @@ class CompressionPlan:
             stages=[Stage.from_dict(s, f"plan stage {k}") for k, s in enumerate(stages)],
             tensors=tensors,
             created_with=str(data.get("created_with", "")),
+            recipe=_recipe_block(data.get("recipe")),
         )
         recorded = data["num_layers_after"]
         if not isinstance(recorded, int) or isinstance(recorded, bool):
@@ -384,7 +396,7 @@ class CompressionPlan:
         except FileNotFoundError:
             raise PlanError(f"plan file not found: {path}") from None
         except IsADirectoryError:
-            raise PlanError(f"{path} is a directory; give the plan file (e.g. {os.path.join(path, 'slm_plan.json')})") \
+            raise PlanError(f"{path} is a directory; give the plan file (e.g. {os.path.join(path, PLAN_FILE)})") \
                 from None
         except OSError as exc:
             raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None

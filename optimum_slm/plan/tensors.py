@@ -15,17 +15,12 @@ from typing import Mapping
 import torch
 
 from ..errors import PlanError
+from ..io.names import sidecar_path
 
 #: dtypes a side-car may hold (as written in the manifest)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int64": torch.int64, "int32": torch.int32}
 _NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def sidecar_path(plan_path: str | os.PathLike) -> str:
-    """``x/slm_plan.json`` -> ``x/slm_plan.safetensors``."""
-    root, _ = os.path.splitext(os.fspath(plan_path))
-    return root + ".safetensors"
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

@@ -7,10 +7,9 @@ import math
 from typing import Any
 
 from ..assets import base_identity
+from ..io.names import HEAL_FILE, PLAN_FILE, PLAN_TENSORS_FILE
 from ..plan import CompressionPlan
 from ..plan.fingerprint import jsonable
-
-PLAN_FILE = "slm_plan.json"
 
 #: where each built-in method comes from
 METHOD_PAPERS = {
@@ -88,7 +87,7 @@ def model_card(plan: CompressionPlan, params_before: int, params_after: int, *, 
                   f"seed {c.get('seed')}.{fit_text}", ""]
     if command:
         lines += ["Reproduce:", "", "```bash", command, "```", ""]
-    side = " and its side-car `slm_plan.safetensors`" if plan.tensors else ""
+    side = f" and its side-car `{PLAN_TENSORS_FILE}`" if plan.tensors else ""
     lines += [f"`{PLAN_FILE}`{side} rebuild this model from the base: "
               f"`slm apply --model <base> --plan {PLAN_FILE} --output DIR`.", ""]
     return "\n".join(lines)
@@ -103,7 +102,7 @@ def healing_section(record: dict[str, Any], number: int = 1) -> str:
         title,
         "",
         f"These weights were trained after compression, so `{PLAN_FILE}` rebuilds the compressed model *before* "
-        "healing; `slm_heal.json` records the run.",
+        f"healing; `{HEAL_FILE}` records the run.",
         "",
         "| | |",
         "|---|---|",

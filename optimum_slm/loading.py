@@ -212,14 +212,13 @@ def load_model(
     allow_download: bool = False,
     allow_pickle: bool = False,
     lazy: bool = False,
-    memory_budget: int | None = None,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` for a checkpoint folder, hub id (offline cache), GGUF file or alias.
 
     ``lazy``: keep the decoder layers on the meta device, read from the safetensors shards only while they are used
-    (``engine.lazy.load_lazy_model``; for models larger than the memory budget), with ``memory_budget`` bytes for
-    what the planning holds (calibration activations go to disk beyond it).
+    (``engine.lazy.load_lazy_model``; for models larger than the memory budget, which the sequential engine is
+    given).
 
     ``dtype``: None/"auto" keeps the checkpoint's dtype (GGUF bases are fp32); ``device``: cpu, cuda or auto.
     Weights load from safetensors only (``allow_pickle=True`` accepts pickle checkpoints: unsafe) and nothing is
@@ -242,7 +241,7 @@ def load_model(
             from .engine.lazy import load_lazy_model
 
             model = load_lazy_model(path, torch_dtype if torch_dtype not in (None, "auto") else None, dev,
-                                    trust_remote_code=trust_remote_code, memory_budget=memory_budget)
+                                    trust_remote_code=trust_remote_code)
         elif layer_widths:
             model = _load_with_layer_widths(path, torch_dtype)
         else:

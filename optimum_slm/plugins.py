@@ -16,24 +16,8 @@ import pluggy
 from . import hookspecs
 from .errors import SLMError
 
-DEFAULT_PLUGINS = (
-    "optimum_slm.plan.ops",
-    "optimum_slm.plan.width_ops",
-    "optimum_slm.merge.rules",
-    "optimum_slm.similarity",
-    "optimum_slm.passes.depth.drop",
-    "optimum_slm.passes.depth.slm",
-    "optimum_slm.passes.depth.slm_plus",
-    "optimum_slm.passes.depth.shortgpt",
-    "optimum_slm.passes.depth.angular",
-    "optimum_slm.passes.depth.replaceme",
-    "optimum_slm.passes.depth.sleb",
-    "optimum_slm.passes.depth.shortened",
-    "optimum_slm.passes.depth.laco",
-    "optimum_slm.passes.width.flap",
-    "optimum_slm.passes.width.taylor",
-    "optimum_slm.passes.width.minitron",
-)
+#: the built-ins, registered like any plugin (``default_plugins`` lists every built-in pass, op kind, rule, similarity)
+DEFAULT_PLUGINS = ("optimum_slm.default_plugins",)
 ENTRY_POINT_GROUP = "optimum_slm"
 
 pm = pluggy.PluginManager("optimum_slm")

@@ -21,7 +21,6 @@ import torch
 
 from .engine import Batches, ForwardEngine
 from .errors import PassError
-from .hookspecs import hookimpl
 from .metrics import linear_cka, mean_token_cosine, per_sample_cosine
 
 Similarity = Callable[[ForwardEngine, Batches], float]
@@ -85,12 +84,6 @@ SIMILARITIES: dict[str, Similarity] = {
     "cka": cka,
     "nll": nll,
 }
-
-
-@hookimpl
-def register_similarities(register) -> None:
-    for name, fn in SIMILARITIES.items():
-        register(name, fn)
 
 
 def similarities() -> dict[str, Similarity]:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     # leaves: import nothing of the package (hookspecs: the pluggy hook specifications)
     ("_version", "errors", "calibration_defaults", "hookspecs", "progress"),
     # file reading and writing; the pluggy plugin manager (merge rules, similarity metrics, passes of plug-ins)
-    ("io", "fileio", "plugins"),
+    ("io", "plugins"),
     # architecture adapters of the supported families
     ("arch",),
     # forward engines (in-memory, sequential, lazy), pure tensor metrics
@@ -39,8 +39,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("assets", "loading", "calibration"),
     # the plan (schema, ops, execution), the similarity metrics and merge rules the plan and the passes use
     ("plan", "similarity", "merge"),
-    # the passes and their registry
-    ("passes", "registry"),
+    # the passes, their registry, and the built-in plugin that registers every built-in
+    ("passes", "registry", "default_plugins"),
     # read-only analyses of a model or a plan
     ("analysis", "quality"),
     # model cards, inspection tables, plots (reports.card reads quality; reports.plots reads analysis)

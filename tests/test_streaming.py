@@ -16,6 +16,7 @@ from optimum_slm import CalibrationConfig, apply_plan, compress, load_model
 from optimum_slm.cli import cli
 from optimum_slm.cli.commands import parse_size
 from optimum_slm.engine import SequentialEngine, engine_for, is_lazy_model, load_lazy_model
+from optimum_slm.engine.budget import MemoryBudget
 from optimum_slm.io.checkpoint import save_model
 
 import click
@@ -68,9 +69,10 @@ def test_sequential_plans_equal_in_memory_plans(sharded, tmp_path, method, param
     corpus = write_corpus(tmp_path / "c.txt")
     cal = CalibrationConfig(corpus, 4, 16, fit_samples=8, fit_seq_len=16)
     full, tok = load_model(sharded)
-    lazy = load_lazy_model(sharded, memory_budget=1)  # recorded activations go to disk
+    lazy = load_lazy_model(sharded)
     a = compress(full, method, cal, tokenizer=tok, cache=False, **params)
-    b = compress(lazy, method, cal, tokenizer=tok, cache=False, **params)
+    # a 1-byte budget: recorded activations go to disk
+    b = compress(lazy, method, cal, tokenizer=tok, cache=False, budget=MemoryBudget(1), **params)
     assert a.base == b.base  # the fingerprint computed from the files equals the loaded model's
     assert a.ops == b.ops
     trace_a, trace_b = a.stages[0].trace, b.stages[0].trace
@@ -169,8 +171,9 @@ def test_activations_go_to_disk_when_they_exceed_the_budget(sharded):
     ids = calib_ids(4, 16)
     full, _ = load_model(sharded)
     want = ForwardEngine(full, ids, batch_size=2).record_layer_inputs()
-    roomy = SequentialEngine(load_lazy_model(sharded, memory_budget=2**34), ids, batch_size=2).record_layer_inputs()
-    tight = SequentialEngine(load_lazy_model(sharded, memory_budget=2**16), ids, batch_size=2).record_layer_inputs()
+    roomy = SequentialEngine(load_lazy_model(sharded), ids, batch_size=2, budget=MemoryBudget(2**34))
+    tight = SequentialEngine(load_lazy_model(sharded), ids, batch_size=2, budget=MemoryBudget(2**16))
+    roomy.record_layer_inputs(), tight.record_layer_inputs()
     assert roomy.activations is None and isinstance(roomy.inputs[3], list)
     assert tight.activations is not None and isinstance(tight.inputs[3], DiskBatches)
     assert tight.activations.bytes_written == 7 * 4 * 16 * 64 * 4  # (layers + 1) x tokens x hidden x fp32
@@ -222,9 +225,9 @@ def test_resident_layers_cut_reads_and_change_nothing(sharded, tmp_path, monkeyp
     want = compress(full, "sleb", cal, tokenizer=tok, cache=False, num_layers=2)
     counts = {}
     for budget in (1, 2**30):
-        lazy = load_lazy_model(sharded, memory_budget=budget)
+        lazy = load_lazy_model(sharded)
         reads.clear()
-        plan = compress(lazy, "sleb", cal, tokenizer=tok, cache=False, num_layers=2)
+        plan = compress(lazy, "sleb", cal, tokenizer=tok, cache=False, num_layers=2, budget=MemoryBudget(budget))
         counts[budget] = len(reads)
         assert plan.ops == want.ops
         assert all(p.is_meta for p in lazy.model.layers.parameters())  # released
@@ -232,7 +235,7 @@ def test_resident_layers_cut_reads_and_change_nothing(sharded, tmp_path, monkeyp
 
 
 def test_the_cache_keeps_the_top_layers(sharded):
-    engine = SequentialEngine(load_lazy_model(sharded, memory_budget=2**30), calib_ids(2, 8))
+    engine = SequentialEngine(load_lazy_model(sharded), calib_ids(2, 8), budget=MemoryBudget(2**30))
     engine.record_layer_inputs()
     one_layer = sum(p.numel() * p.element_size() for p in engine.adapter.layers[0].parameters())
     engine.close()

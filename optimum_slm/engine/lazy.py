@@ -94,11 +94,9 @@ def layers_prefix(model: nn.Module) -> str:
 
 
 def load_lazy_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    trust_remote_code: bool = False, memory_budget: int | None = None) -> nn.Module:
-    """The model of checkpoint folder ``path`` with lazy decoder layers (see the module docstring).
-
-    ``memory_budget`` (bytes; ``--max-memory``): the sequential engine records calibration activations to disk when
-    they would not fit in it (without one: when they would not fit in the memory available)."""
+                    trust_remote_code: bool = False) -> nn.Module:
+    """The model of checkpoint folder ``path`` with lazy decoder layers (see the module docstring). How much memory
+    the planning may hold is the sequential engine's ``MemoryBudget``, not the model's."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,5 +119,4 @@ def load_lazy_model(path: str, dtype: torch.dtype | None = None, device: str | t
         register_lazy(layer, store, f"{prefix}.{j}.")
     model.eval()
     model.slm_store = store
-    model.slm_memory_budget = memory_budget
     return model

@@ -41,7 +41,6 @@ import torch
 
 from ..arch import NORM, PROJECTION
 from ..errors import PassError, PlanError
-from ..hookspecs import hookimpl
 
 State = Mapping[str, torch.Tensor]
 #: the role of a fitted d×d map among a rule's side-car tensors: on the MLP output, and on the attention output
@@ -248,12 +247,6 @@ def get_merge_rule(name: str) -> MergeRule:
     from ..plugins import lookup
 
     return lookup("register_merge_rules", MergeRule, "merge rule", name, PassError)
-
-
-@hookimpl
-def register_merge_rules(register: Callable[[MergeRule], None]) -> None:
-    for rule in MERGE_RULES.values():
-        register(rule)
 
 
 __all__ = [

@@ -23,7 +23,6 @@ import torch
 
 from ..arch import load_layer_state, window_states
 from ..errors import PlanError
-from ..hookspecs import hookimpl
 
 Op = Mapping[str, Any]
 Tensors = Mapping[str, torch.Tensor]
@@ -267,12 +266,6 @@ class MergeOp(OpKind):
 
 
 BUILTIN_KINDS: tuple[OpKind, ...] = (DropOp(), MergeOp())
-
-
-@hookimpl
-def register_op_kinds(register) -> None:
-    for kind in BUILTIN_KINDS:
-        register(kind)
 
 
 def op_kinds() -> dict[str, OpKind]:

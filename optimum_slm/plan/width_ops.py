@@ -23,7 +23,6 @@ import torch
 
 from ..arch.families import family_for_type
 from ..errors import PlanError
-from ..hookspecs import hookimpl
 from .ops import OpKind, PlanShape, Tensors, check_in_base, int_list
 
 
@@ -172,9 +171,3 @@ def check_biases(shape: PlanShape) -> None:
             layer = shape.layers[marked.index(False)]
             raise PlanError(f"layer {layer} has no {flag.replace('_', ' ')} while other layers do: bias compensation "
                             "must narrow every layer (the config switch is one for all layers)")
-
-
-@hookimpl
-def register_op_kinds(register) -> None:
-    register(NarrowMLP())
-    register(NarrowAttention())

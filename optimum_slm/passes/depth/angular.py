@@ -14,7 +14,6 @@ import math
 import torch
 
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...metrics import token_cosines
 from ...plan import drop_op
 from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassResult
@@ -55,8 +54,3 @@ class AngularPass(CompressionPass):
         best = min(allowed, key=lambda s: (allowed[s], s))
         trace = {"block_size": block, "distance_by_start": round_scores(distances), "start": best}
         return PassResult([drop_op(range(best, best + block))], trace)
-
-
-@hookimpl
-def register_passes(register):
-    register(AngularPass)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...plan import drop_op
 from ..base import CompressionPass, PassParam, PassResult
 
@@ -29,8 +28,3 @@ class DropPass(CompressionPass):
         if len(layers) >= n:
             raise PassError("drop: cannot remove every layer")
         return PassResult([drop_op(layers)])
-
-
-@hookimpl
-def register_passes(register):
-    register(DropPass)

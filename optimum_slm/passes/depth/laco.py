@@ -40,7 +40,6 @@ from ...arch import load_layer_state, window_states
 from ...engine import ForwardEngine, Slot
 from ...metrics import per_sample_cosine
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...merge import get_merge_rule
 from ...plan import merge_op
 from ...progress import advance_to, progress_bar
@@ -279,8 +278,3 @@ class LaCoPass(CompressionPass):
                 if u2 == units:
                     return r, u2, tr2
         return best
-
-
-@hookimpl
-def register_passes(register):
-    register(LaCoPass)

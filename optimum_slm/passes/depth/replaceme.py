@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...merge.lstsq import MapSite, fit_output_maps
 from ...plan import merge_op
 from ..base import FIT_ORDER, NUM_LAYERS, RATIO, RIDGE, CompressionPass, PassParam, PassResult
@@ -140,8 +139,3 @@ class ReplaceMePass(CompressionPass):
             "fit": {"order": self.config["fit_order"] or "independent", "ridge": self.config["ridge"] or 0.0, **cost},
         }
         return PassResult(ops, trace, tensors, timings=timings)
-
-
-@hookimpl
-def register_passes(register):
-    register(ReplaceMePass)

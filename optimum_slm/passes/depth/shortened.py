@@ -17,7 +17,6 @@ import torch
 from ...engine import ForwardEngine
 from ...metrics import perplexity_of
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...plan import drop_op
 from ...progress import progress_bar
 from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
@@ -134,10 +133,3 @@ class ShortenedMagnitudePass(_ShortenedPass):
 
     def scores(self, engine: ForwardEngine) -> dict[int, float]:
         return magnitude_scores(engine)
-
-
-@hookimpl
-def register_passes(register):
-    register(ShortenedPPLPass)
-    register(ShortenedTaylorPass)
-    register(ShortenedMagnitudePass)

@@ -9,7 +9,6 @@ or compares raw residual streams throughout.
 
 from __future__ import annotations
 
-from ...hookspecs import hookimpl
 from ...metrics import block_influence
 from ...plan import drop_op
 from ..base import NUM_LAYERS, PROTECT, RATIO, CompressionPass, PassParam, PassResult
@@ -42,8 +41,3 @@ class ShortGPTPass(CompressionPass):
         removed = select_lowest(self.name, scores, count, protect)
         trace = {"block_influence": round_scores(scores), "order": sorted(scores, key=lambda i: (scores[i], i))}
         return PassResult([drop_op(removed)], trace)
-
-
-@hookimpl
-def register_passes(register):
-    register(ShortGPTPass)

@@ -26,7 +26,6 @@ from torch import nn
 from ...arch import ArchAdapter
 from ...engine import Batches, ForwardEngine, Slot
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...metrics import next_token_nll
 from ...plan import drop_op
 from ...progress import progress_bar
@@ -185,8 +184,3 @@ class SLEBPass(CompressionPass):
             removed, rounds = sleb_fast(engine, count, early, latter, protect, progress=bar)
         trace = {"removal_order": removed, "rounds": rounds}
         return PassResult([drop_op(removed)], trace)
-
-
-@hookimpl
-def register_passes(register):
-    register(SLEBPass)

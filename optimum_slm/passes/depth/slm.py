@@ -43,7 +43,6 @@ from torch import nn
 from ...arch import ArchAdapter, load_layer_state, window_states
 from ...engine import Batches, ForwardEngine, Slot
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...merge import MERGE_RULES, get_merge_rule
 from ...plan import merge_op
 from ...progress import advance_to, progress_bar
@@ -573,8 +572,3 @@ class SLMPass(CompressionPass):
             chosen = max(below, key=lambda t: (removed_by(results[t][0]), t))
         windows, tried = results[chosen]
         return chosen, windows, tried, search
-
-
-@hookimpl
-def register_passes(register):
-    register(SLMPass)

@@ -21,7 +21,6 @@ default) serves them.
 
 from __future__ import annotations
 
-from ...hookspecs import hookimpl
 from ...similarity import SIMILARITIES
 from ..base import NUM_LAYERS, RATIO, PassParam
 from .slm import SEARCHES, SLMPass
@@ -68,8 +67,3 @@ class SLMPlusPass(SLMPass):
             if self.config["fit_order"] is None:
                 self.config["fit_order"] = FIT_ORDER_DEFAULT
         super().validate()
-
-
-@hookimpl
-def register_passes(register):
-    register(SLMPlusPass)

@@ -25,7 +25,6 @@ import torch
 
 from ...engine import ForwardEngine, Slot
 from ...errors import PassError
-from ...hookspecs import hookimpl
 from ...progress import progress_bar
 from ..base import CompressionPass, PassParam, PassResult
 from .common import (WIDTH_RATIO, check_ratio, collect_input_stats, group_scores, params_trace, top_k,
@@ -198,8 +197,3 @@ def _pruned_copy(adapter, layer, keep, groups, mlp_bias, attn_bias):
     if groups is not None:
         adapter.narrow_attention(pruned, groups, None, o_bias=attn_bias)
     return pruned
-
-
-@hookimpl
-def register_passes(register):
-    register(FLAPPass)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 
 from ...engine import ForwardEngine
-from ...hookspecs import hookimpl
 from ...progress import progress_bar
 from ..base import CompressionPass, PassParam, PassResult
 from .common import WIDTH_RATIO, check_ratio, collect_input_stats, params_trace, top_k, uniform_target, width_ops
@@ -53,8 +52,3 @@ class MinitronWidthPass(CompressionPass):
         trace = {"criterion": "activation (mean |x| over the sequence, L2 over samples)",
                  **params_trace(adapter, target)}
         return PassResult(ops, trace, tensors)
-
-
-@hookimpl
-def register_passes(register):
-    register(MinitronWidthPass)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ...engine import ForwardEngine
-from ...hookspecs import hookimpl
 from ...errors import PassError
 from ..base import CompressionPass, PassParam, PassResult
 from .common import WIDTH_RATIO, check_ratio, params_trace, top_k, uniform_target, width_ops
@@ -94,8 +93,3 @@ class TaylorWidthPass(CompressionPass):
         trace = {"criterion": "taylor param_first", "layers": [start, end], "group_importance": scores,
                  **params_trace(adapter, target, end - start)}
         return PassResult(ops, trace, tensors)
-
-
-@hookimpl
-def register_passes(register):
-    register(TaylorWidthPass)

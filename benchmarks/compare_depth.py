@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     known = known_plans(args.plans_from, model)
     setup = (
         f"Model `{args.model}` (fp32, CPU, torch threads: {torch.get_num_threads()}). Calibration for every pass: "
-        f"search set {calib.shape[0]} x {calib.shape[1]} tokens of `wiki-leads` (seed 1234); fit set (read by "
+        f"search set {calib.ids.shape[0]} x {calib.ids.shape[1]} tokens of `wiki-leads` (seed 1234); fit set (read by "
         f"`replaceme` and the `*-lstsq` merge rules only) {config.fit_samples} x {config.fit_seq_len} packed tokens "
         f"of the next `wiki-leads` documents. Perplexity: held-out `wiki-leads-test` and `lambada-books`, "
         f"16 x 512 tokens each. Pass defaults unless named (`slm[rule]`, `slm-plus[rule]`: merge rule, "

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model)
-    ids = load_calibration(tokenizer, "wiki-leads", n_samples=10, seq_len=128, seed=1234)
+    ids = load_calibration(tokenizer, "wiki-leads", n_samples=10, seq_len=128, seed=1234).ids
     rows = []
 
     t = time.perf_counter()

@@ -42,7 +42,7 @@ def _measure(kind: str, threshold: float | None, ratio: float | None, plan_path:
         if plan_path:
             plan.save(plan_path)
     else:
-        found, tried = official_slm_windows(model, ids, threshold)
+        found, tried = official_slm_windows(model, ids.ids, threshold)
         windows = [list(w) for w in found]
         extra = {"evaluations": len(tried)}
     seconds = time.perf_counter() - start

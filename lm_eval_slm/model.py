@@ -16,6 +16,9 @@ happen in ``optimum_slm.orchestrate``, as for ``slm compress``.
   the pass needs data or the corpus is installed), ``calib_samples`` (10), ``calib_seq_len`` (128), ``calib_sampling`` (``auto``: crop,
   or pack when too few documents are long enough), ``fit_samples`` (256) and ``fit_seq_len`` (256) (the fit set of
   passes that fit a least-squares map: ``replaceme``, the ``*-lstsq`` merge rules), ``seed`` (1234), ``text_field``.
+* ``max_memory`` (e.g. ``4GiB``): the memory budget, as ``slm compress --max-memory``. A base whose weights exceed
+  half of it (without it: 70% of the memory available) is planned with its layers streamed from its shards and written
+  compressed to the user cache, and lm-eval loads that checkpoint: the whole base is never in memory.
 * ``plan_cache``: folder of computed plans (default: ``plans`` in the optimum-slm user cache, shared with
   ``slm compress`` and the Python API). A plan is keyed by base fingerprint + method + parameters +
   calibration-ids hash + dtype, so a run with the same arguments as an earlier one (from any front door) reuses it
@@ -98,19 +101,22 @@ class SLMLM(HFLM):
         peft: str | None = None,
         plan_cache: str | None = None,
         recipe: str | None = None,
+        max_memory: str | None = None,
         **kwargs: Any,
     ) -> None:
         self._init(base=base, gguf_file=gguf_file, method=method, ratio=ratio, num_layers=num_layers,
                    threshold=threshold, merge=merge, plan=plan, calib=calib, calib_samples=calib_samples,
                    calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, fit_samples=fit_samples,
                    fit_seq_len=fit_seq_len, seed=seed, text_field=text_field, dtype=dtype, peft=peft,
-                   plan_cache=plan_cache, recipe=recipe, **kwargs)
+                   plan_cache=plan_cache, recipe=recipe, max_memory=max_memory, **kwargs)
 
     @_one_line_errors
     def _init(self, *, base, gguf_file, method, ratio, num_layers, threshold, merge, plan, calib, calib_samples,
               calib_seq_len, calib_sampling, fit_samples, fit_seq_len, seed, text_field, dtype, peft, plan_cache,
-              recipe, **kwargs: Any) -> None:
+              recipe, max_memory, **kwargs: Any) -> None:
+        from optimum_slm.engine.budget import MemoryBudget
         from optimum_slm.loading import check_loadable, resolve_model_path
+        from optimum_slm.orchestrate import ModelSource
 
         if base is None or "pretrained" in kwargs:
             raise ModelLoadError("the slm model needs base=<checkpoint, hub id, .gguf or alias> in --model_args "
@@ -130,7 +136,9 @@ class SLMLM(HFLM):
                        "text_field": text_field, "sampling": calib_sampling, "fit_samples": fit_samples,
                        "fit_seq_len": fit_seq_len}
         # the request, checked before anything is loaded (None: apply the given plan file)
-        self.slm_recipe = None if plan is not None else recipe_from_model_args(method, params, calibration, recipe)
+        self.slm_recipe = None if plan is not None else recipe_from_model_args(method, params, calibration, recipe,
+                                                                              max_memory)
+        budget = self.slm_recipe.budget if self.slm_recipe is not None else MemoryBudget.of(max_memory)
         self.slm_base = str(base)
         self.slm_method = method
         self.slm_plan_file = plan
@@ -142,13 +150,15 @@ class SLMLM(HFLM):
         path = resolve_model_path(self.slm_base, gguf_file)
         check_loadable(path, self.slm_base, allow_download=not os.environ.get("HF_HUB_OFFLINE"))
         self.slm_prebuilt = None
-        if hf_kwargs.get("parallelize"):
-            # an accelerate device map (layers over GPUs, or offloaded) is HFLM's to build, from a plain checkpoint:
-            # plan and write the compressed checkpoint with the layers streamed from the base's shards, then let
-            # HFLM load that one with its device map
+        # the base is too large for the budget (max_memory=, or 70% of the memory available), or an accelerate device
+        # map (layers over GPUs, or offloaded) is HFLM's to build from a plain checkpoint: plan and write the
+        # compressed checkpoint with the layers streamed from the base's shards, then let HFLM load that one
+        streamed = budget.streams(ModelSource(path).weights_size())
+        if hf_kwargs.get("parallelize") or streamed:
+            why = "parallelize=True" if hf_kwargs.get("parallelize") else "a base larger than the memory budget"
             if self.slm_recipe is not None and self.slm_recipe.heal is not None:
-                raise SLMError("parallelize=True writes the compressed checkpoint from the base's shards; a heal stage "
-                               "trains the whole model in memory: drop one of them")
+                raise SLMError(f"{why} writes the compressed checkpoint from the base's shards; a heal stage trains the "
+                               "whole model in memory: drop one of them")
             path = self.slm_prebuilt = self._prebuilt_checkpoint(path, dtype)
         super().__init__(pretrained=path, dtype=dtype, **hf_kwargs)
         self._shard_across_cpu_processes()
@@ -207,7 +217,8 @@ class SLMLM(HFLM):
         return plan, "computed"
 
     def _prebuilt_checkpoint(self, path: str, dtype: str) -> str:
-        """``parallelize=True``: the compressed checkpoint of ``path``, planned and written with the decoder layers
+        """``parallelize=True`` or a base over the memory budget: the compressed checkpoint of ``path``, planned and
+        written with the decoder layers
         streamed from its safetensors shards (never the whole model in CPU memory), kept in the user cache under the
         plan's digest (an evaluation of the same plan reuses it)."""
         import hashlib
@@ -219,9 +230,10 @@ class SLMLM(HFLM):
 
         model, tokenizer = ModelSource(path, dtype=dtype).load(lazy=True)
         plan, origin = self._plan_for(model, tokenizer)
-        if layer_widths(plan.shape_after)[0] is None:
-            raise SLMError("parallelize=True loads the compressed checkpoint with transformers, which needs the same "
-                           "widths in every layer; this plan narrows layers differently (drop parallelize=True)")
+        if layer_widths(plan.shape_after)[0] is None:  # (a base over the budget is written the same way)
+            raise SLMError("the compressed checkpoint is written from the base's shards and loaded by transformers "
+                           "(parallelize=True, or a base over the memory budget), which needs the same widths in every "
+                           "layer; this plan narrows layers differently (drop parallelize=True, or give max_memory=)")
         # the plan's JSON lists every side-car tensor with its sha256, so it identifies the checkpoint with the dtype
         digest = hashlib.sha256((plan.to_json() + str(dtype)).encode())
         folder = os.path.join(cache_dir("compressed"), digest.hexdigest()[:32])
@@ -259,10 +271,10 @@ class SLMLM(HFLM):
 
 
 def recipe_from_model_args(method: str, params: dict[str, Any], calibration: dict[str, Any],
-                           recipe_file: str | None):
+                           recipe_file: str | None, max_memory: str | None = None):
     """The ``Recipe`` that ``--model_args`` ask for: ``recipe=``'s file, whose calibration the keys given with
-    non-default values override, or one stage of ``method`` with its parameters. lm-eval evaluates the result, so
-    the quality check is off."""
+    non-default values (and ``max_memory``, when given) override, or one stage of ``method`` with its parameters.
+    lm-eval evaluates the result, so the quality check is off."""
     import dataclasses
 
     from optimum_slm.calibration import CalibrationConfig
@@ -277,14 +289,16 @@ def recipe_from_model_args(method: str, params: dict[str, Any], calibration: dic
             raise PassError(f"{name} must be an integer, got {values[key]!r}") from None
     values["sampling"] = str(values["sampling"])
     output = OutputOptions(check=False)
+    memory = {} if max_memory is None else {"max_memory": max_memory}
     if recipe_file is None:
-        return Recipe(stages=(PassStage(method, params),), calibration=CalibrationConfig(**values), output=output)
+        return Recipe(stages=(PassStage(method, params),), calibration=CalibrationConfig(**values), output=output,
+                      **memory)
     if params:
         raise PassError(f"recipe= names the methods and parameters; drop {', '.join(sorted(params))}")
     recipe = Recipe.from_yaml(recipe_file)
     defaults = CalibrationConfig().to_dict()
     given = {key: value for key, value in values.items() if value != defaults[key]}
-    return recipe.replace(calibration=dataclasses.replace(recipe.calibration, **given), output=output)
+    return recipe.replace(calibration=dataclasses.replace(recipe.calibration, **given), output=output, **memory)
 
 
 def _register() -> None:

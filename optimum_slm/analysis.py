@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .calibration import describe_calibration
+from .calibration import CalibrationSet, describe_calibration
 from .engine import Batches, ForwardEngine
 from .errors import PlanError
 from .metrics import block_influence, minibatch_cka, per_sample_cosine, token_cosines
@@ -57,13 +57,16 @@ def block_influence_profile(inputs: Sequence[Batches]) -> list[float]:
 
 
 @torch.inference_mode()
-def analyze_layers(model: nn.Module, ids: torch.Tensor, batch_size: int | None = 16,
+def analyze_layers(model: nn.Module, ids: torch.Tensor | CalibrationSet, batch_size: int | None = 16,
                    patch_threshold: float = 0.95) -> dict[str, Any]:
-    """CKA matrix and per-layer profiles of ``model`` on calibration ids ``[n, seq]``; a JSON-ready dict.
+    """CKA matrix and per-layer profiles of ``model`` on calibration ids ``[n, seq]`` (or a ``CalibrationSet``, whose
+    provenance is recorded); a JSON-ready dict.
 
     ``batch_size`` is the CKA minibatch (16 as the official script; None = all samples in one batch).
     ``patches`` lists the maximal runs of consecutive layers whose pairwise CKA is at least ``patch_threshold``.
     """
+    calibration = ids.describe() if isinstance(ids, CalibrationSet) else describe_calibration(ids)
+    ids = ids.ids if isinstance(ids, CalibrationSet) else ids
     engine = ForwardEngine(model, ids, batch_size=batch_size).record_layer_inputs()  # analysis is no pass: it owns one
     outputs = [engine.inputs[i + 1] for i in range(engine.num_layers)]
     matrix = minibatch_cka(outputs)
@@ -72,7 +75,7 @@ def analyze_layers(model: nn.Module, ids: torch.Tensor, batch_size: int | None =
         "model": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
         "model_type": engine.adapter.config.model_type,
         "num_layers": engine.num_layers,
-        "calibration": describe_calibration(ids),
+        "calibration": calibration,
         "cka_batch_size": engine.batch_size,
         "cka_definition": CKA_DEFINITION,
         "cka": [[round(float(v), 6) for v in row] for row in matrix],

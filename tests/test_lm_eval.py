@@ -128,6 +128,28 @@ def test_parallelize_loads_the_streamed_compressed_checkpoint_with_a_device_map(
                 plan_cache=str(tmp_path / "plans"), **SMALL_CALIB)
 
 
+def test_a_base_over_max_memory_is_compressed_streamed_and_never_loaded_whole(tiny_checkpoint, corpus, tmp_path,
+                                                                              monkeypatch):
+    """max_memory= (the orchestrator's streaming decision, as ``slm compress --max-memory``): the base's layers are
+    streamed while planning and the compressed checkpoint written, which lm-eval then loads; same model as in memory."""
+    from optimum_slm.orchestrate import ModelSource
+
+    monkeypatch.setenv("OPTIMUM_SLM_CACHE", str(tmp_path / "cache"))
+    args = dict(num_layers=2, calib=corpus, plan_cache=str(tmp_path / "plans"), **SMALL_CALIB)
+    plain = make_lm(tiny_checkpoint, **args)
+    loads = []
+    original = ModelSource.load
+    monkeypatch.setattr(ModelSource, "load", lambda self, lazy=False: loads.append(lazy) or original(self, lazy))
+    streamed = make_lm(tiny_checkpoint, max_memory="1KB", **args)
+    assert loads == [True] and streamed.slm_prebuilt and layer_count(streamed) == 4
+    assert streamed.slm_plan.ops == plain.slm_plan.ops
+    probe = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(streamed.model(probe).logits, plain.model(probe).logits, atol=1e-5)
+    with pytest.raises(SLMError, match="expected a size like 2GiB"):
+        make_lm(tiny_checkpoint, max_memory="lots", **args)
+
+
 def test_a_model_offloaded_by_accelerate_is_refused_in_one_line(tiny_checkpoint, corpus, tmp_path):
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM

@@ -124,6 +124,10 @@ def test_the_same_request_from_every_front_door_gives_byte_identical_plans(tiny_
     recorded = Recipe.from_dict(plans["flags"].recipe)
     assert recorded.stages == (PassStage("slm-plus", {"num_layers": 2}),)
     assert recorded.calibration == CalibrationConfig(corpus, 4, 16, seed=3, fit_samples=6, fit_seq_len=16)
+    # slm inspect prints it as the recipe file that repeats the run
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "flags" / "slm_plan.json")]).output
+    block = shown.split("recipe (slm compress --recipe):\n")[1].split("\ntrace")[0]
+    assert Recipe.from_yaml("\n".join(line[2:] for line in block.splitlines()) + "\n") == recorded
 
 
 def test_command_line_options_win_over_the_recipe_file(tiny_checkpoint, corpus, tmp_path):

@@ -94,7 +94,7 @@ def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples
     plan_overlay(plan, ArchAdapter(model).num_layers)  # a plan for another base fails before the analysis runs
     ids = load_calibration(tokenizer, calib_data, calib_samples, calib_seq_len, seed)
     if not quiet:
-        click.echo(f"analysing {model_path}: {ids.shape[0]}x{ids.shape[1]} tokens from {calib_data}", err=True)
+        click.echo(f"analysing {model_path}: {ids.ids.shape[0]}x{ids.ids.shape[1]} tokens from {calib_data}", err=True)
     result = analyze_layers(model, ids, batch_size=batch_size)
     result["model"] = model_path
     paths = write_analysis(result, output_dir, plan)

@@ -142,7 +142,7 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     import time
 
     from ..orchestrate import ModelSource, run
-    from ..io.names import PLAN_FILE
+    from ..io.names import CARD_FILE, HEAL_FILE, PLAN_FILE
 
     started = time.perf_counter()
     # everything that can be checked without the model is checked before the (long) load and search
@@ -163,8 +163,8 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
         from .heal import describe_run
 
         click.echo(describe_run(plan.heal_record))
-    files = f"{PLAN_FILE} (plan only)" if request.output.plan_only else f"checkpoint, {PLAN_FILE}, README.md" + (
-        ", slm_heal.json" if plan.heal_record is not None else "")
+    files = f"{PLAN_FILE} (plan only)" if request.output.plan_only else f"checkpoint, {PLAN_FILE}, {CARD_FILE}" + (
+        f", {HEAL_FILE}" if plan.heal_record is not None else "")
     click.echo(f"wrote {target} ({files}, {folder_size(target)}) in {duration(time.perf_counter() - started)}")
 
 
@@ -246,6 +246,7 @@ def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, all
           max_memory: str | None) -> None:
     """Rebuild a compressed checkpoint from base + plan."""
     from ..engine.budget import MemoryBudget
+    from ..io.names import CARD_FILE, PLAN_FILE
     from ..orchestrate import ModelSource, apply_saved
     from ..plan import CompressionPlan
 
@@ -254,7 +255,7 @@ def apply(model: str, gguf_file: str | None, dtype: str | None, device: str, all
     source = ModelSource(model, gguf_file=gguf_file, dtype=dtype, device=device, allow_download=allow_download,
                          allow_pickle=allow_pickle)
     result = apply_saved(plan, source, output, overwrite=overwrite, save_dtype=save_dtype, budget=budget)
-    click.echo(f"wrote {result.output} (checkpoint, slm_plan.json, README.md, {folder_size(result.output)})")
+    click.echo(f"wrote {result.output} (checkpoint, {PLAN_FILE}, {CARD_FILE}, {folder_size(result.output)})")
     click.echo(f"layers: {plan.num_layers} -> {plan.num_layers_after}")
 
 

@@ -95,13 +95,14 @@ def heal_command(model: str, gguf_file: str | None, dtype: str | None, device: s
     """Heal a compressed model: LoRA (the SLM paper's recipe) or tail fine-tuning, best checkpoint by held-out
     validation loss, written as a plain checkpoint with the plan and card carried over."""
     from ..healing import heal
+    from ..io.names import CARD_FILE, HEAL_FILE
 
     started = time.perf_counter()
     config = HealConfig(**{name: settings[name] for name in CONFIG_FIELDS})  # checked before the load
     record = heal(model, output, config, overwrite=overwrite, gguf_file=gguf_file, dtype=dtype, device=device,
                   allow_download=allow_download, allow_pickle=allow_pickle, save_dtype=save_dtype)
     click.echo(describe_run(record))
-    click.echo(f"wrote {output} (checkpoint, slm_heal.json, README.md, {folder_size(output)}) in "
+    click.echo(f"wrote {output} (checkpoint, {HEAL_FILE}, {CARD_FILE}, {folder_size(output)}) in "
                f"{duration(time.perf_counter() - started)}")
 
 

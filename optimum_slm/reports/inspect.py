@@ -85,6 +85,11 @@ def inspect_lines(plan: CompressionPlan, path: str) -> list[str]:
                          f"({fit.get('sampling', 'pack')}), ids sha256 {(fit.get('sha256') or '')[:12]}")
     else:
         lines.append("calibration: none")
+    if plan.recipe is not None:  # the request, as the recipe file that repeats it (slm compress --recipe)
+        import yaml
+
+        lines.append("recipe (slm compress --recipe):")
+        lines += [f"  {line}" for line in yaml.safe_dump(plan.recipe, sort_keys=False).splitlines()]
     for k, stage in enumerate(plan.stages):
         extra = trace_lines(stage.trace)
         if extra:

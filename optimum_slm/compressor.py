@@ -4,7 +4,7 @@
     plan = compressor.compress("out/", method="slm-plus", calibration="wiki-leads", ratio=0.2)
 
 ``out/`` then holds a vanilla checkpoint (safetensors + config + tokenizer) with fewer layers, ``slm_plan.json`` (and
-``slm_plan.safetensors`` when the plan has fitted tensors) and a model card ``README.md``. The methods translate
+``slm_plan.tensors`` when the plan has fitted tensors) and a model card ``README.md``. The methods translate
 their arguments into a ``Recipe`` and call ``optimum_slm.orchestrate`` (planning, the plan cache, the quality check,
 healing and the atomic write all happen there).
 """
@@ -23,7 +23,7 @@ from .errors import SLMError
 from .healing.config import HealConfig
 from .io.checkpoint import resolve_save_dtype, write_plan_only
 from .io.names import PLAN_FILE
-from .io.output import claim_output
+from .io.output import claim_output, local_paths
 from .loading import load_model
 from .orchestrate import CompressionResult, compress_loaded, write_compressed, write_result
 from .pipeline import CacheSpec, calibration_set, plan_compression, resolve_stages, recipe_of
@@ -125,7 +125,8 @@ class SLMCompressor:
             model = apply_plan(self._fresh_model(), plan, strict=strict)
             self._consumed = True
             return model
-        with claim_output(save_directory, overwrite):
+        with claim_output(save_directory, overwrite,
+                          protect=local_paths(self._source, getattr(self.model, "name_or_path", None))):
             model = self._fresh_model()
             self._consumed = True
             write_compressed(plan, model, self.tokenizer, save_directory, overwrite=overwrite, save_dtype=save_dtype,
@@ -154,7 +155,8 @@ class SLMCompressor:
                                 text_field=text_field, heal=heal,
                                 output=OutputOptions(plan_only=plan_only, check=check, save_dtype=dtype_name),
                                 **params)
-        with claim_output(save_directory, overwrite):
+        with claim_output(save_directory, overwrite, protect=local_paths(
+                self._source, getattr(self.model, "name_or_path", None), recipe.calibration.source)):
             model = self._fresh_model()
             result = compress_loaded(recipe, model, self.tokenizer, save_directory, calibration=drawn,
                                      overwrite=overwrite, cache=cache, command=command, name_or_path=self._source)

@@ -37,7 +37,7 @@ def test_compress_twice_computes_once_and_lm_eval_reuses_it(tiny_checkpoint, cor
     second = slm(*args, "--output", str(tmp_path / "b"))
     assert second.exit_code == 0 and "reused the cached plan" in second.stdout
     assert (tmp_path / "a" / "slm_plan.json").read_bytes() == (tmp_path / "b" / "slm_plan.json").read_bytes()
-    assert (tmp_path / "b" / "slm_plan.safetensors").exists()
+    assert (tmp_path / "b" / "slm_plan.tensors").exists()
 
     pytest.importorskip("lm_eval")
     from lm_eval_slm.model import SLMLM
@@ -223,7 +223,7 @@ def test_apply_rebuilds_the_checkpoint_compress_wrote(slm_plus_plan, tiny_checkp
 
     out = tmp_path / "rebuilt"
     assert slm("apply", "--model", tiny_checkpoint, "--plan", str(slm_plus_plan), "--output", str(out)).exit_code == 0
-    assert (out / "slm_plan.safetensors").exists()
+    assert (out / "slm_plan.tensors").exists()
     base, _ = load_model(tiny_checkpoint)
     expected = apply_plan(base, CompressionPlan.load(slm_plus_plan))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)

@@ -96,7 +96,7 @@ def test_json_mutations_are_refused_or_consistent(tmp_path, path, value, delete)
 @given(position=st.integers(0, 10**6), flip=st.integers(1, 255))
 def test_side_car_byte_flips_are_refused_or_harmless(tmp_path, position, flip):
     PLAN.save(tmp_path / "slm_plan.json")
-    side = tmp_path / "slm_plan.safetensors"
+    side = tmp_path / "slm_plan.tensors"
     data = bytearray(side.read_bytes())
     data[position % len(data)] ^= flip
     side.write_bytes(bytes(data))

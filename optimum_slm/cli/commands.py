@@ -136,7 +136,7 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
              no_cache: bool, no_check: bool, save_dtype: str | None, max_memory: str | None) -> None:
     """Compress a model with a pass.
 
-    Writes DIR: a plain checkpoint with fewer layers, slm_plan.json (+ slm_plan.safetensors) and a model card
+    Writes DIR: a plain checkpoint with fewer layers, slm_plan.json (+ slm_plan.tensors) and a model card
     (--plan-only: the plan), then checks the result's quality on unseen text and warns when it looks broken.
     """
     import time

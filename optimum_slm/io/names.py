@@ -7,8 +7,13 @@ import os
 
 #: the compression plan written beside a compressed checkpoint
 PLAN_FILE = "slm_plan.json"
-#: the plan's side-car tensors (fitted values), beside it when the plan has any (``sidecar_path(PLAN_FILE)``)
-PLAN_TENSORS_FILE = "slm_plan.safetensors"
+#: the plan's side-car tensors (fitted values), beside it when the plan has any (``sidecar_path(PLAN_FILE)``). A
+#: safetensors file, but not named ``*.safetensors``: vLLM and other loaders read every ``*.safetensors`` file of a
+#: checkpoint folder as weights, and would stop at it (releases before 0.4 named it ``slm_plan.safetensors``; those
+#: still load)
+PLAN_TENSORS_FILE = "slm_plan.tensors"
+SIDECAR_SUFFIX = ".tensors"
+LEGACY_SIDECAR_SUFFIX = ".safetensors"
 #: the model card
 CARD_FILE = "README.md"
 #: the record of the healing runs a checkpoint went through
@@ -31,6 +36,12 @@ def shard_file(k: int, n: int) -> str:
 
 
 def sidecar_path(plan_path: str | os.PathLike) -> str:
-    """The side-car tensors of the plan at ``plan_path``: ``x/slm_plan.json`` -> ``x/slm_plan.safetensors``."""
+    """The side-car tensors of the plan at ``plan_path``: ``x/slm_plan.json`` -> ``x/slm_plan.tensors``."""
     root, _ = os.path.splitext(os.fspath(plan_path))
-    return root + ".safetensors"
+    return root + SIDECAR_SUFFIX
+
+
+def legacy_sidecar_path(plan_path: str | os.PathLike) -> str:
+    """Where releases before 0.4 wrote the side-car: ``x/slm_plan.json`` -> ``x/slm_plan.safetensors``."""
+    root, _ = os.path.splitext(os.fspath(plan_path))
+    return root + LEGACY_SIDECAR_SUFFIX

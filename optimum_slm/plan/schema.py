@@ -41,9 +41,18 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json(text: str, what: str) -> Any:
-    """JSON text of a plan; NaN/Infinity are refused (Python's json would accept them)."""
+    """JSON text of a plan; NaN/Infinity are refused (Python's json would accept them), and so are integers beyond
+    64 bits (no plan field needs them; Python refuses to read ones of over 4300 digits)."""
+
+    def parse_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > 20 or not -(2**63) <= int(digits) < 2**64:
+            shown = digits if len(digits) <= 24 else f"{digits[:10]}...{digits[-6:]}"
+            raise PlanError(f"{what} holds the {len(digits.lstrip('-'))}-digit integer {shown}; every integer in a "
+                            "plan must fit in 64 bits")
+        return int(digits)
+
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=parse_int)
     except json.JSONDecodeError as exc:
         raise PlanError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except RecursionError:
@@ -421,7 +430,7 @@ class CompressionPlan:
         temps: list[str] = []
         try:
             if self.tensors:
-                fd, tmp_side = tempfile.mkstemp(prefix=".slm_plan.", suffix=".safetensors", dir=directory)
+                fd, tmp_side = tempfile.mkstemp(prefix=".slm_plan.", suffix=".tensors.tmp", dir=directory)
                 os.close(fd)
                 temps.append(tmp_side)
                 sidecar.write_sidecar(tmp_side, self.tensors)
@@ -435,6 +444,9 @@ class CompressionPlan:
                 os.replace(temps[0], side)
             elif os.path.exists(side):
                 os.unlink(side)  # a stale side-car of an earlier plan at this path
+            legacy = sidecar.legacy_sidecar_path(path)
+            if os.path.exists(legacy):
+                os.unlink(legacy)  # an older release's side-car of an earlier plan at this path
             os.replace(tmp, path)
         finally:
             for t in temps:

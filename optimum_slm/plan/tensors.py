@@ -1,6 +1,8 @@
 """Side-car tensors: fitted values a plan's ops reference by name (branch scales, fitted maps, long index lists).
 
-They live in ``<plan>.safetensors`` next to ``<plan>.json`` (``slm_plan.safetensors`` beside ``slm_plan.json``); the
+They live in ``<plan>.tensors`` (safetensors format) next to ``<plan>.json`` (``slm_plan.tensors`` beside
+``slm_plan.json``; not ``*.safetensors``, which serving engines read as weights; the name releases before 0.4 wrote,
+``slm_plan.safetensors``, is still read); the
 JSON's ``tensors`` manifest lists each name with its dtype, shape and the sha256 of its bytes. Loading checks that
 every listed tensor is present with that dtype and shape, that its hash matches and its values are finite, and that
 the file holds nothing unlisted. A plan without tensors has no side-car.
@@ -15,7 +17,7 @@ from typing import Mapping
 import torch
 
 from ..errors import PlanError
-from ..io.names import sidecar_path
+from ..io.names import legacy_sidecar_path, sidecar_path
 
 #: dtypes a side-car may hold (as written in the manifest)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -65,6 +67,8 @@ def read_sidecar(plan_path: str | os.PathLike, manifest: Mapping[str, Mapping]) 
     if not manifest:
         return {}
     path = sidecar_path(plan_path)
+    if not os.path.isfile(path) and os.path.isfile(legacy_sidecar_path(plan_path)):
+        path = legacy_sidecar_path(plan_path)  # written by a release before 0.4
     if not os.path.isfile(path):
         raise PlanError(f"plan {os.fspath(plan_path)} references {len(manifest)} tensors but its side-car {path} is "
                         "missing")

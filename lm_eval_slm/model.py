@@ -23,7 +23,11 @@ happen in ``optimum_slm.orchestrate``, as for ``slm compress``.
   ``slm compress`` and the Python API). A plan is keyed by base fingerprint + method + parameters +
   calibration-ids hash + dtype, so a run with the same arguments as an earlier one (from any front door) reuses it
   and logs that it did; ``plan_cache=none`` computes without the cache.
-* ``dtype`` (``auto``), ``peft`` (an adapter applied AFTER compression, so it must target the compressed model);
+* ``dtype`` (``auto``), ``peft`` (an adapter folder applied AFTER compression, so it must target the compressed
+  model; its weights must be safetensors unless ``allow_pickle=True``);
+* ``allow_download`` (default False): like ``slm compress``, nothing is downloaded: ``base`` (and ``peft``) must be a
+  folder, an alias or in the local Hub cache, so an unknown id fails at once in one line; ``allow_pickle`` (default
+  False): accept pickle-only weights (``pytorch_model.bin``, ``adapter_model.bin``: loading a pickle can run code);
   every other ``HFLM`` argument (``max_length``, ``trust_remote_code``, ...) is passed through. ``device`` and
   ``batch_size`` come from lm-eval's own ``--device`` / ``--batch_size``.
 """
@@ -102,22 +106,26 @@ class SLMLM(HFLM):
         plan_cache: str | None = None,
         recipe: str | None = None,
         max_memory: str | None = None,
+        allow_download: bool = False,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
         self._init(base=base, gguf_file=gguf_file, method=method, ratio=ratio, num_layers=num_layers,
                    threshold=threshold, merge=merge, plan=plan, calib=calib, calib_samples=calib_samples,
                    calib_seq_len=calib_seq_len, calib_sampling=calib_sampling, fit_samples=fit_samples,
                    fit_seq_len=fit_seq_len, seed=seed, text_field=text_field, dtype=dtype, peft=peft,
-                   plan_cache=plan_cache, recipe=recipe, max_memory=max_memory, **kwargs)
+                   plan_cache=plan_cache, recipe=recipe, max_memory=max_memory,
+                   allow_download=allow_download, allow_pickle=allow_pickle, **kwargs)
 
     @_one_line_errors
     def _init(self, *, base, gguf_file, method, ratio, num_layers, threshold, merge, plan, calib, calib_samples,
               calib_seq_len, calib_sampling, fit_samples, fit_seq_len, seed, text_field, dtype, peft, plan_cache,
-              recipe, max_memory, **kwargs: Any) -> None:
+              recipe, max_memory, allow_download=False, allow_pickle=False, **kwargs: Any) -> None:
         from optimum_slm.engine.budget import MemoryBudget
         from optimum_slm.loading import check_loadable, resolve_model_path
         from optimum_slm.orchestrate import ModelSource
 
+        allow_download, allow_pickle = _flag("allow_download", allow_download), _flag("allow_pickle", allow_pickle)
         if base is None or "pretrained" in kwargs:
             raise ModelLoadError("the slm model needs base=<checkpoint, hub id, .gguf or alias> in --model_args "
                                  "(not pretrained=)")
@@ -142,13 +150,16 @@ class SLMLM(HFLM):
         self.slm_base = str(base)
         self.slm_method = method
         self.slm_plan_file = plan
-        self.slm_peft = peft
+        self.slm_peft = _adapter_folder(str(peft), allow_download, allow_pickle) if peft else None
         self.slm_plan_cache = plan_cache
         self.slm_plan = None
         self.slm_plan_reused = False
         # HFLM loads a plain checkpoint folder (GGUF and aliases resolved here) and calls our _create_model
         path = resolve_model_path(self.slm_base, gguf_file)
-        check_loadable(path, self.slm_base, allow_download=not os.environ.get("HF_HUB_OFFLINE"))
+        check_loadable(path, self.slm_base, allow_download=allow_download, allow_pickle=allow_pickle,
+                       hints=("allow_download=True in --model_args", "allow_pickle=True in --model_args"))
+        if not allow_download:  # a hub id is loaded from its cached snapshot: no network, no retries
+            path = _cached_snapshot(path) or path
         self.slm_prebuilt = None
         # the base is too large for the budget (max_memory=, or 70% of the memory available), or an accelerate device
         # map (layers over GPUs, or offloaded) is HFLM's to build from a plain checkpoint: plan and write the
@@ -220,10 +231,13 @@ class SLMLM(HFLM):
         """``parallelize=True`` or a base over the memory budget: the compressed checkpoint of ``path``, planned and
         written with the decoder layers
         streamed from its safetensors shards (never the whole model in CPU memory), kept in the user cache under the
-        plan's digest (an evaluation of the same plan reuses it)."""
+        plan's digest. An evaluation of the same plan reuses it only when its ``slm_plan.json`` is this plan and every
+        file matches the sha256 manifest written with it (``io.manifest``); anything else is rebuilt, with a
+        warning."""
         import hashlib
 
         from optimum_slm.arch import ArchAdapter, param_count
+        from optimum_slm.io.manifest import write_folder_manifest
         from optimum_slm.loading import cache_dir
         from optimum_slm.orchestrate import ModelSource, write_compressed
         from optimum_slm.plan.width_ops import layer_widths
@@ -238,10 +252,15 @@ class SLMLM(HFLM):
         digest = hashlib.sha256((plan.to_json() + str(dtype)).encode())
         folder = os.path.join(cache_dir("compressed"), digest.hexdigest()[:32])
         before, params_before = ArchAdapter(model).num_layers, param_count(model)
-        if os.path.isfile(os.path.join(folder, "config.json")):
+        why = _prebuilt_differs(folder, plan) if os.path.exists(folder) else "absent"
+        if why is None:
             origin += f"; compressed checkpoint reused from {folder}"
         else:
+            if why != "absent":
+                logger.warning("slm: the cached compressed checkpoint %s is not the one this plan writes (%s); "
+                               "rebuilding it", folder, why)
             write_compressed(plan, model, tokenizer, folder, overwrite=True)
+            write_folder_manifest(folder, cache_dir("digests"))  # what a later reuse checks the folder against
             origin += f"; compressed checkpoint written to {folder}"
         self.slm_plan = plan
         logger.info("slm: evaluating %s compressed by %s: %d -> %d layers, %s parameters before (%s); loading it "
@@ -268,6 +287,82 @@ class SLMLM(HFLM):
                     f"{param_count(result.model):,}", origin)
         for line in plan.summary().splitlines():
             logger.info("slm plan | %s", line)
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean ``--model_args`` value (lm-eval parses ``true``/``false``; a string or 0/1 from Python is accepted)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise SLMError(f"{name} must be True or False, got {value!r}")
+
+
+def _cached_snapshot(name: str, filename: str = "config.json") -> str | None:
+    """The local Hub-cache folder of hub id ``name`` when ``filename`` of it is cached (None for a folder, or an id
+    that is not cached)."""
+    if os.path.isdir(name) or os.path.exists(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, filename)
+    except Exception:  # noqa: BLE001 - a malformed repo id is simply not in the cache
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def _adapter_folder(peft: str, allow_download: bool, allow_pickle: bool) -> str:
+    """The folder of the ``peft=`` adapter (a hub id resolved in the local Hub cache), refused in one line when it is
+    not an adapter, is not available offline (unless ``allow_download``: PEFT then downloads it), or holds only
+    pickle weights (unless ``allow_pickle``)."""
+    folder = peft
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise ModelLoadError(f"peft={peft!r} is a file; give the adapter's folder (adapter_config.json and its "
+                                 "weights)")
+        cached = _cached_snapshot(peft, "adapter_config.json")
+        if cached is None:
+            if allow_download:
+                return peft
+            raise ModelLoadError(f"peft={peft!r} is not an adapter folder or an adapter in the local Hub cache; "
+                                 "downloads are off (allow them with allow_download=True in --model_args)")
+        folder = cached
+    files = os.listdir(folder)
+    if "adapter_config.json" not in files:
+        raise ModelLoadError(f"peft={peft!r} is a folder without adapter_config.json, not a PEFT adapter")
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+        if not pickles:
+            raise ModelLoadError(f"peft={peft!r} holds no adapter weights (adapter_model.safetensors)")
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"peft={peft!r} holds only pickle weights ({pickles[0]}), which optimum-slm does not load (a pickle "
+                "can run code); save the adapter with safetensors (save_pretrained(..., safe_serialization=True)) "
+                "or add allow_pickle=True to --model_args if you trust it")
+    return folder
+
+
+def _prebuilt_differs(folder: str, plan) -> str | None:
+    """Why the cached compressed checkpoint ``folder`` is not the one ``plan`` writes (None when it is): its
+    ``slm_plan.json`` must be this plan (the same JSON), and every file must match the sha256 manifest written with
+    the folder (none added, none missing, none changed)."""
+    import json
+
+    from optimum_slm.io.manifest import check_folder_manifest
+    from optimum_slm.io.names import PLAN_FILE
+    from optimum_slm.loading import cache_dir
+
+    try:
+        with open(os.path.join(folder, PLAN_FILE), encoding="utf-8") as fh:
+            written = json.load(fh)
+    except (OSError, ValueError):
+        return f"it has no readable {PLAN_FILE}"
+    if written != json.loads(plan.to_json()):
+        return f"its {PLAN_FILE} is not this plan"
+    return check_folder_manifest(folder, cache_dir("digests"))
 
 
 def recipe_from_model_args(method: str, params: dict[str, Any], calibration: dict[str, Any],

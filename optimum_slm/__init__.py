@@ -35,6 +35,7 @@ _EXPORTS = {
     "model_fingerprint": "optimum_slm.plan",
     "fingerprint_files": "optimum_slm.plan",
     "load_calibration": "optimum_slm.calibration",
+    "downloads_allowed": "optimum_slm.calibration",
     "load_documents": "optimum_slm.calibration",
     "load_model": "optimum_slm.loading",
     "get_pass": "optimum_slm.registry",

@@ -9,19 +9,24 @@ processes on a shared machine hits all of them alike. Summary numbers (memory in
 standard deviations are in the JSON.
 
 * prefill latency: one forward of the ``[batch, prompt_len]`` prompt with a KV cache (time to first logits);
-* decode latency per token: (generate time − prefill time) / (new_tokens − 1);
-* decode tokens/s = batch × (new_tokens − 1) / decode time; end-to-end tokens/s = batch × new_tokens / generate time
+* decode latency per token: timed on its own — after that prefill, ``new_tokens − 1`` greedy single-token forwards
+  on its KV cache, divided by their count (never the difference of two separately timed runs, which a busy host
+  can drive to zero or below);
+* decode tokens/s = batch / decode latency per token; end-to-end tokens/s = batch × new_tokens / generate time
   (the official script's throughput);
 * peak memory: CUDA ``torch.cuda.max_memory_allocated`` during generation (weights included); on CPU the peak
   resident-set growth during generation above the resident set before it (freed heap returned to the OS first with
   glibc ``malloc_trim``; Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``, elsewhere a 2 ms RSS
   sampler), i.e. KV cache + activations + allocator slack, weights excluded.
 
-Defaults: CUDA 10 warm-ups and 20 repeats as the official script; CPU 1 warm-up and 3 repeats.
+Defaults: CUDA 10 warm-ups and 20 repeats as the official script; CPU 1 warm-up and 3 repeats. When the repeats of a
+timing disagree by more than ``SPREAD_WARN`` (max − min over the median), one warning line says so.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import statistics
 import threading
 import time
@@ -34,7 +39,11 @@ from torch import nn
 from .arch import ArchAdapter, param_count
 from .errors import SLMError
 
+logger = logging.getLogger(__name__)
+
 PAPER_PROMPT = "The Leaning Tower of Pisa is known for"
+#: repeats whose (max − min) / median exceeds this are called out (a busy host, or runs too short to time)
+SPREAD_WARN = 0.2
 CUDA_DEFAULTS = {"warmup": 10, "repeats": 20}
 CPU_DEFAULTS = {"warmup": 1, "repeats": 3}
 
@@ -64,6 +73,8 @@ class BenchResult:
     peak_memory_mib: float
     memory_kind: str
     samples: dict[str, list[float]] = field(default_factory=dict)
+    #: (max − min) / median of the prefill and decode repeats
+    spread: dict[str, float] = field(default_factory=dict)
     speedup_decode: float | None = None
     speedup_prefill: float | None = None
     ideal_speedup: float | None = None
@@ -185,13 +196,29 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _prefill(model: nn.Module, ids: torch.Tensor) -> float:
+def _prefill_and_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds of the prefill (the prompt with a KV cache, giving the first token) and, timed on their own, of the
+    ``new_tokens − 1`` greedy single-token forwards that follow on that cache."""
     device = ids.device
+    mask = torch.ones_like(ids)
     _sync(device)
     start = time.perf_counter()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
     _sync(device)
-    return time.perf_counter() - start
+    prefill = time.perf_counter() - start
+    # the KV cache's argument and output field: ``cache`` in recent transformers, ``past_key_values`` before
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, ones = _cache_of(out), torch.ones_like(token)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, ones], dim=1)
+        out = model(input_ids=token, attention_mask=mask, use_cache=True, **{name: past})
+        past, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    decode = time.perf_counter() - start
+    tick = time.get_clock_info("perf_counter").resolution  # real work was timed: never report zero
+    return max(prefill, tick), max(decode, tick)
 
 
 @torch.inference_mode()
@@ -205,6 +232,11 @@ def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, pad_id: int)
     )
     _sync(device)
     return time.perf_counter() - start, out.shape[1] - ids.shape[1]
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache")
+    return out.get("past_key_values") if cache is None else cache
 
 
 def _weights_mib(model: nn.Module) -> float:
@@ -235,11 +267,13 @@ def bench_models(
     warmup: int | None = None,
     repeats: int | None = None,
     progress: Any = None,
+    warn: Any = None,
 ) -> list[BenchResult]:
     """Benchmark ``(name, model, tokenizer)`` triples; speedups are against the first model at each batch size.
 
     All models must be on the same device. ``warmup``/``repeats`` default by device (``default_runs``).
-    ``progress`` is an optional callable receiving one-line status strings.
+    ``progress`` is an optional callable receiving one-line status strings; ``warn`` one receiving the warning line
+    when repeats disagree by more than ``SPREAD_WARN`` (default: the logger).
     """
     if not models:
         raise SLMError("bench needs at least one model")
@@ -265,7 +299,7 @@ def bench_models(
         inputs = [prompt_ids(tok, batch, prompt_len, m.config.vocab_size).to(device) for _, m, tok in models]
         for k, (name, model, _) in enumerate(models):
             for _ in range(warmup):
-                _prefill(model, inputs[k])
+                _prefill_and_decode(model, inputs[k], new_tokens)
                 _generate(model, inputs[k], new_tokens, info[k]["pad"])
         samples = [{"prefill_ms": [], "generate_ms": [], "decode_ms_per_token": [], "peak_memory_mib": []}
                    for _ in models]
@@ -273,7 +307,7 @@ def bench_models(
             for k, (name, model, _) in enumerate(models):  # interleaved: shared-machine noise hits every model
                 if progress:
                     progress(f"batch {batch}: repeat {r + 1}/{repeats} {name}")
-                prefill = _prefill(model, inputs[k])
+                prefill, decode = _prefill_and_decode(model, inputs[k], new_tokens)
                 with _PeakMemory(device) as mem:
                     total, produced = _generate(model, inputs[k], new_tokens, info[k]["pad"])
                 if produced != new_tokens:
@@ -281,7 +315,7 @@ def bench_models(
                 s = samples[k]
                 s["prefill_ms"].append(prefill * 1e3)
                 s["generate_ms"].append(total * 1e3)
-                s["decode_ms_per_token"].append(max(total - prefill, 1e-9) * 1e3 / (new_tokens - 1))
+                s["decode_ms_per_token"].append(decode * 1e3 / (new_tokens - 1))
                 s["peak_memory_mib"].append(mem.peak_mib)
                 kind = mem.kind
         for k, (name, model, _) in enumerate(models):
@@ -294,13 +328,36 @@ def bench_models(
                 decode_tokens_per_s=batch * 1e3 / med["decode_ms_per_token"],
                 e2e_tokens_per_s=batch * new_tokens * 1e3 / med["generate_ms"], generate_ms=med["generate_ms"],
                 peak_memory_mib=med["peak_memory_mib"], memory_kind=kind, samples=s,
+                spread={key: _spread(s[key]) for key in ("prefill_ms", "decode_ms_per_token")},
             ))
         base = results[-len(models)]
         for res in results[-len(models):]:
             res.speedup_decode = base.decode_ms_per_token / res.decode_ms_per_token
             res.speedup_prefill = base.prefill_ms / res.prefill_ms
             res.ideal_speedup = base.num_layers / res.num_layers
+    line = spread_warning(results)
+    if line:
+        (warn or logger.warning)(line)
     return results
+
+
+def _spread(values: Sequence[float]) -> float:
+    """(max − min) / median of repeated timings (0 for a single run)."""
+    median = statistics.median(values)
+    return (max(values) - min(values)) / median if len(values) > 1 and median > 0 else 0.0
+
+
+def spread_warning(results: Sequence[BenchResult]) -> str | None:
+    """One line when some timing's repeats disagree by more than ``SPREAD_WARN``, naming the worst; else None."""
+    label = {"prefill_ms": "prefill", "decode_ms_per_token": "decode"}
+    spread = [(value, r, key) for r in results for key, value in r.spread.items() if value > SPREAD_WARN]
+    if not spread:
+        return None
+    value, r, key = max(spread, key=lambda item: item[0])
+    return (f"timings disagree by more than {SPREAD_WARN:.0%} across repeats in {len(spread)} of "
+            f"{2 * len(results)} measurements (worst: {r.name} {label[key]} at batch {r.batch_size}, "
+            f"{value:.0%}): the host is busy or the runs are short; medians are reported — rerun with more "
+            "--repeats on a quiet machine")
 
 
 def format_table(results: Sequence[BenchResult]) -> str:

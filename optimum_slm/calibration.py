@@ -8,6 +8,8 @@ always terminates.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -15,7 +17,7 @@ import os
 import random
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -60,16 +62,25 @@ def read_json_rows(path: str) -> list:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise CalibrationError(f"{path}:{n} is not valid JSON") from None
+                rows.append(_parse_json(line, f"{path}:{n}"))
         return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CalibrationError(f"{path} is not valid JSON: {exc.msg}") from None
+    data = _parse_json(text, path)
     return data.get("data", data.get("rows", [data])) if isinstance(data, dict) else data
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """One JSON value; one line naming ``where`` when it is not valid JSON, nested too deeply for Python's parser,
+    or holds an integer too long for Python to read (over 4300 digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{where} is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise CalibrationError(f"{where} is nested too deeply to be a corpus (rows are strings or flat objects)"
+                               ) from None
+    except ValueError as exc:  # Python's limit on integer digits
+        first = (str(exc).splitlines() or ["not valid JSON"])[0]
+        raise CalibrationError(f"{where} cannot be read as JSON: {first}") from None
 
 
 def _read_json_docs(path: str, text_field: str) -> list[str]:
@@ -124,19 +135,52 @@ def load_documents(source: str, text_field: str = "text") -> list[str]:
     return _load_hf_dataset(source, text_field)
 
 
+#: whether a ``datasets`` name given as a corpus may be downloaded (off: the local cache only); ``downloads_allowed``
+_DOWNLOADS: contextvars.ContextVar[bool] = contextvars.ContextVar("optimum_slm_calibration_downloads", default=False)
+
+
+@contextlib.contextmanager
+def downloads_allowed(allowed: bool = True) -> Iterator[None]:
+    """Within this block a ``datasets`` corpus name may be downloaded from the Hub when it is not in the local cache
+    (``slm compress --allow-download``); outside it, and by default, only the local cache is read."""
+    token = _DOWNLOADS.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _DOWNLOADS.reset(token)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode for the block (both read the switch at call time)."""
+    import datasets.config as ds_config
+    import huggingface_hub.constants as hub_constants
+
+    saved = ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    ds_config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hf_dataset(name: str, text_field: str) -> list[str]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets comes with lm-eval
         raise CalibrationError(f"{name!r} is not a file and the datasets package is missing") from None
     path, _, config = name.partition(":")
+    allowed = _DOWNLOADS.get()
     try:
-        ds = datasets.load_dataset(path, config or None, split="train")
+        with contextlib.nullcontext() if allowed else _hub_offline():
+            ds = datasets.load_dataset(path, config or None, split="train")
     except Exception as exc:  # datasets raises many types; offline misses are the common case
+        if not allowed and isinstance(exc, (ConnectionError, FileNotFoundError)):  # offline: nothing cached
+            raise CalibrationError(f"cannot load dataset {name!r}: it is not in the local cache; pass --allow-download "
+                                   "to download it (Python: within optimum_slm.calibration.downloads_allowed())"
+                                   ) from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CalibrationError(
-            f"cannot load dataset {name!r} (offline cache only; HF_HUB_OFFLINE may block downloads): {first}"
-        ) from None
+        raise CalibrationError(f"cannot load dataset {name!r}: {first}") from None
     if text_field not in ds.column_names:
         raise CalibrationError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
     return [str(t) for t in ds[text_field]]
@@ -294,6 +338,28 @@ def describe_calibration(ids: torch.Tensor, provenance: dict[str, Any] | None = 
     return info
 
 
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        text = f"{str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
+    else:
+        text = type(value).__name__
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def _check_ids(ids: Any, what: str) -> None:
+    """Token ids are a 2-D LongTensor with at least one sequence of at least one token (the range against a model's
+    vocabulary is checked where the model is known: ``pipeline.plan_compression``)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.numel() < 1:
+        hint = ""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+            hint = " (one sequence: ids[None])"
+        elif isinstance(ids, torch.Tensor) and ids.dtype != torch.long and ids.dim() == 2:
+            hint = " (token ids are integers: .long())" if not ids.is_floating_point() else \
+                " (token ids are integers, e.g. tokenizer(text, return_tensors='pt').input_ids)"
+        raise CalibrationError(f"{what} must be token ids, a LongTensor [n_samples, seq_len], got "
+                               f"{_describe_value(ids)}{hint}")
+
+
 class CalibrationSet:
     """The calibration data of one request: the search set, the fit set and the text neither read.
 
@@ -306,12 +372,9 @@ class CalibrationSet:
 
     def __init__(self, ids: torch.Tensor, provenance: dict[str, Any] | None = None,
                  draw: CalibrationDraw | None = None, fit: torch.Tensor | None = None):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[0] < 1:
-            raise CalibrationError(f"calibration ids must be a LongTensor [n_samples, seq_len], got "
-                                   f"{getattr(ids, 'shape', type(ids).__name__)!r}")
-        if fit is not None and (not isinstance(fit, torch.Tensor) or fit.dim() != 2 or fit.dtype != torch.long):
-            raise CalibrationError(f"fit must be token ids [n, seq_len] (a LongTensor), got "
-                                   f"{getattr(fit, 'shape', fit)!r}")
+        _check_ids(ids, "calibration ids")
+        if fit is not None:
+            _check_ids(fit, "fit")
         self.ids, self.provenance, self.draw, self._fit = ids, dict(provenance or {}), draw, fit
 
     def with_fit(self, fit: torch.Tensor) -> "CalibrationSet":

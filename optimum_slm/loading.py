@@ -7,7 +7,7 @@ A GGUF base is converted once to a plain safetensors checkpoint in the user cach
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +20,7 @@ import torch
 from .assets import resolve_model_alias
 from .errors import ModelLoadError
 from .io.checkpoint import DTYPES
+from .io.manifest import file_sha256
 from .io.names import CONFIG_FILE, CONVERSION_MANIFEST, LAYER_WIDTHS_KEY
 from .io.output import follow_umask, pid_alive
 
@@ -53,8 +54,10 @@ def resolve_device(device: str | None) -> str:
 
 
 def _gguf_cache_key(path: str) -> str:
-    st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    """The conversion cache's key for a GGUF file: its content's sha256 (streamed), so another file at the same path
+    with the same size and mtime is converted anew. The digest is remembered by the file's identity (path, size,
+    mtime_ns, inode, ctime_ns: ``io.manifest.remembered``), a shortcut only: any difference and it is hashed again."""
+    return file_sha256(path, cache_dir("digests"))[:16]
 
 
 def convert_gguf(directory: str, gguf_file: str) -> str:
@@ -77,6 +80,9 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
         gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     except ImportError as exc:
         raise ModelLoadError(f"loading GGUF needs the gguf package (pip install 'optimum-slm[gguf]'): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file fails in gguf's reader with many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot read GGUF file {path} (truncated, or not a GGUF model?): {first}") from None
     cfg = gguf_model.config
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
@@ -122,12 +128,13 @@ def _remove_stale_conversions(folder: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def check_loadable(path: str, name: str, allow_download: bool = False, allow_pickle: bool = False) -> None:
+def check_loadable(path: str, name: str, allow_download: bool = False, allow_pickle: bool = False,
+                   hints: tuple[str, str] = ("--allow-download", "--allow-pickle")) -> None:
     """Fail at once, with one line, for a model that cannot be loaded offline from safetensors.
 
     A folder must hold ``*.safetensors`` weights (pickle-only ``pytorch_model.bin`` checkpoints are refused unless
     ``allow_pickle``: loading a pickle can run arbitrary code); anything else must be a hub id already in the local
-    Hub cache, unless ``allow_download``.
+    Hub cache, unless ``allow_download``. ``hints``: how the caller's user allows downloads and pickles.
     """
     if os.path.isdir(path):
         files = os.listdir(path)
@@ -139,7 +146,7 @@ def check_loadable(path: str, name: str, allow_download: bool = False, allow_pic
                 raise ModelLoadError(
                     f"{name!r} holds only pickle weights ({pickles[0]}), which optimum-slm does not load (a pickle can "
                     "run code); convert it with transformers (from_pretrained, then save_pretrained(..., "
-                    "safe_serialization=True)) or pass --allow-pickle if you trust it")
+                    f"safe_serialization=True)) or pass {hints[1]} if you trust it")
         return
     if os.path.exists(path):
         raise ModelLoadError(f"{path} is a file, not a checkpoint folder (for GGUF use --gguf-file)")
@@ -154,7 +161,7 @@ def check_loadable(path: str, name: str, allow_download: bool = False, allow_pic
     if not isinstance(cached, str):
         raise ModelLoadError(
             f"{name!r} is not a checkpoint folder, a .gguf file, an alias (smollm2-135m) or a model in the local Hub "
-            "cache; downloads are off (allow them with --allow-download)")
+            f"cache; downloads are off (allow them with {hints[0]})")
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
@@ -203,6 +210,52 @@ def _load_with_layer_widths(path: str, dtype: Any):
     return model
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Keep transformers' multi-line load report off the terminal: ``_check_complete`` refuses what it reports."""
+    target = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+#: keys transformers reports but legitimately does without: rotary ``inv_freq`` buffers (recomputed), and the tied
+#: output head (``_check_complete`` drops ``lm_head.weight`` only when the embeddings are tied)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".inv_freq")
+
+
+def _check_complete(name: str, model, info: dict) -> None:
+    """Refuse, in one line, a checkpoint whose weights do not fill the model exactly: a missing tensor (transformers
+    would initialise it at random), a tensor the model has no place for (e.g. layers beyond ``num_hidden_layers``,
+    dropped silently) or one of another shape."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+    def real(keys) -> list[str]:
+        return sorted(k for k in keys if not k.endswith(_IGNORED_SUFFIXES) and not (tied and k == "lm_head.weight"))
+
+    missing, unexpected = real(info.get("missing_keys") or ()), real(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: str(m[0]))
+    if missing:
+        raise ModelLoadError(f"{name!r} is an incomplete checkpoint: {len(missing)} weight(s) its config needs are "
+                             f"missing (first: {missing[0]}), which transformers would initialise at random")
+    if unexpected:
+        raise ModelLoadError(f"{name!r} does not match its config.json: it holds {len(unexpected)} weight(s) the model "
+                             f"has no place for (first: {unexpected[0]}), which transformers would drop")
+    if mismatched:
+        key, got, want = (list(mismatched[0]) + [None, None])[:3]
+        raise ModelLoadError(f"{name!r} does not match its config.json: {len(mismatched)} weight(s) of another shape "
+                             f"(first: {key}, {tuple(got) if got is not None else '?'} in the checkpoint, "
+                             f"{tuple(want) if want is not None else '?'} in the model)")
+
+
 def load_model(
     name_or_path: str,
     gguf_file: str | None = None,
@@ -245,10 +298,14 @@ def load_model(
         elif layer_widths:
             model = _load_with_layer_widths(path, torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
-                **local, **kwargs
-            )
+            kwargs.pop("output_loading_info", None)
+            kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, in one line, as a refusal
+            with _quiet_load_report():
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+                    output_loading_info=True, **local, **kwargs
+                )
+            _check_complete(name_or_path, model, info)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **local)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types; each is one line here
         if isinstance(exc, ModelLoadError):

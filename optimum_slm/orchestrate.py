@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from .arch import param_count
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, downloads_allowed
 from .engine import is_lazy_model
 from .engine.budget import MemoryBudget
 from .errors import SLMError
 from .io.checkpoint import resolve_save_dtype, write_checkpoint, write_plan_only
-from .io.output import claim_output
+from .io.output import claim_output, local_paths
 from .loading import load_model, resolve_model_path
 from .pipeline import CacheSpec, plan_compression
 from .plan import CompressionPlan, apply_plan
@@ -164,7 +164,7 @@ def compress_loaded(recipe: Recipe, model: nn.Module, tokenizer, output: str | o
     recipe = resolve_recipe(recipe)
     if recipe.output.save_dtype is not None:
         resolve_save_dtype(recipe.output.save_dtype)
-    with claim_output(output, overwrite):
+    with claim_output(output, overwrite, protect=local_paths(name_or_path, recipe.calibration.source)):
         if not recipe.output.plan_only:
             result = compress_in_memory(recipe, model, tokenizer, calibration=calibration, cache=cache,
                                         name_or_path=name_or_path)
@@ -204,12 +204,14 @@ def run(recipe: Recipe, source: ModelSource | str, output: str | os.PathLike, *,
     if streamed and recipe.heal is not None:
         raise SLMError("healing trains the whole model in memory: drop the heal stage or --max-memory")
     need = None if recipe.output.plan_only else size
-    with claim_output(output, overwrite, need_bytes=need) as target:
+    with claim_output(output, overwrite, need_bytes=need,
+                      protect=local_paths(source.name_or_path, source.path, recipe.calibration.source)) as target:
         if streamed and notify is not None:
             notify("streaming the decoder layers from the checkpoint's shards (sequential engine)")
         model, tokenizer = source.load(lazy=streamed)
-        result = compress_loaded(recipe, model, tokenizer, target, overwrite=overwrite, cache=cache, command=command,
-                                 name_or_path=source.name_or_path)
+        with downloads_allowed(source.allow_download):  # a datasets corpus name: the local cache unless allowed
+            result = compress_loaded(recipe, model, tokenizer, target, overwrite=overwrite, cache=cache,
+                                     command=command, name_or_path=source.name_or_path)
     result.streamed = streamed
     return result
 
@@ -250,7 +252,8 @@ def apply_saved(plan: CompressionPlan, source: ModelSource | str, output: str | 
     source = ModelSource(source) if isinstance(source, str) else source
     size = source.weights_size()
     streamed = (budget or MemoryBudget()).streams(size)
-    with claim_output(output, overwrite, need_bytes=size) as target:
+    with claim_output(output, overwrite, need_bytes=size,
+                      protect=local_paths(source.name_or_path, source.path)) as target:
         model, tokenizer = source.load(lazy=streamed)
         result = write_compressed(plan, model, tokenizer, target, overwrite=overwrite, save_dtype=save_dtype)
     result.streamed = streamed

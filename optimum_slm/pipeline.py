@@ -27,12 +27,12 @@ from .calibration import CalibrationConfig, CalibrationSet, load_calibration
 from .engine import engine_for, is_lazy_model
 from .engine.budget import MemoryBudget
 from .engine.lazy import check_not_offloaded, lazy_copy
-from .errors import PassError, SLMError
+from .errors import CalibrationError, PassError, SLMError
 from .passes.base import CompressionPass
 from .plan import CompressionPlan, Stage, describe_base, fingerprint, kind_of
 from .plan.cache import PlanCache, plan_key
 from .plan.execute import apply_plan
-from .plan.fingerprint import jsonable
+from .plan.fingerprint import SCHEME, jsonable
 from .recipe import DEFAULT_METHOD, PassStage, Recipe
 from .registry import get_pass, pass_classes
 
@@ -136,10 +136,29 @@ def _requested(p: CompressionPass) -> dict[str, Any]:
     return {k: v for k, v in jsonable(p.public_params()).items() if k not in p.search_outputs}
 
 
+def _entry_key(plan: CompressionPlan, passes: Sequence[CompressionPass], dtype: str | None) -> str:
+    """The cache key re-derived from a cached plan's own content: its base fingerprint, stage methods and recorded
+    parameters (the searched ones, e.g. a found threshold, as requested), its calibration hashes; the dtype and the
+    version come from the request (a plan does not record them)."""
+    stages = []
+    for stage, p in zip(plan.stages, passes):
+        params = {k: v for k, v in jsonable(stage.params).items() if k not in p.search_outputs}
+        requested = jsonable(p.public_params())
+        params.update({k: requested[k] for k in p.search_outputs if k in requested})
+        stages.append((stage.method, params))
+    blocks = [s.calibration for s in plan.stages if s.calibration]
+    data_sha = blocks[0].get("sha256") if blocks else None
+    fits = [b["fit"].get("sha256") for b in blocks if isinstance(b.get("fit"), dict)]
+    if fits:
+        data_sha = f"{data_sha}+fit:{fits[0]}"
+    return plan_key(plan.base.get("fingerprint"), stages, data_sha, dtype)
+
+
 def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionPass], ids_sha: str | None,
-                   fit_sha: str | None = None) -> str | None:
-    """Why a cached plan does not answer this request (None when it does)."""
-    if plan.base.get("fingerprint") != fp or plan.base.get("fingerprint_scheme") != "v2":
+                   fit_sha: str | None = None, key: str | None = None, dtype: str | None = None) -> str | None:
+    """Why a cached plan does not answer this request (None when it does); with ``key``, also when the key re-derived
+    from the plan's content (``_entry_key``) is not ``key``, the one it is stored under."""
+    if plan.base.get("fingerprint") != fp or plan.base.get("fingerprint_scheme") != SCHEME:
         return "it was made for another base"
     if [s.method for s in plan.stages] != [p.name for p in passes]:
         return f"it holds method {plan.method!r}"
@@ -151,6 +170,8 @@ def _entry_matches(plan: CompressionPlan, fp: str, passes: Sequence[CompressionP
             return "it was made on other calibration data"
         if p.needs_fit_set and ((stage.calibration or {}).get("fit") or {}).get("sha256") != fit_sha:
             return "it was fitted on another fit set"
+    if key is not None and _entry_key(plan, passes, dtype) != key:
+        return "the key re-derived from its content is not the key it is stored under"
     return None
 
 
@@ -179,6 +200,9 @@ def plan_compression(
     recorded as the base's name; ``budget`` (a ``MemoryBudget``) bounds the sequential engine of a lazy model.
     The plan records the request as ``plan.recipe`` (when its passes are registered ones).
     """
+    if not isinstance(model, nn.Module):
+        raise SLMError(f"plan_compression's first argument is the model (an nn.Module, e.g. from load_model), got "
+                       f"{type(model).__name__}")
     passes = resolve_stages(method, params)
     check_not_offloaded(model)
     if isinstance(method, Recipe):
@@ -193,9 +217,13 @@ def plan_compression(
         recipe = recipe_of(passes, config)
     needs = [p.name for p in passes if p.needs_calibration]
     calib = calibration_set(calibration, tokenizer, fit)
+    if calib is not None:  # ids the model's embedding cannot look up fail here, not deep inside a forward
+        vocab = _vocab_size(model)
+        check_token_ids(calib.ids, vocab, "calibration ids")
+        if fit is not None:
+            check_token_ids(fit, vocab, "fit ids")
     if calib is None and needs:
         raise PassError(f"pass {needs[0]!r} needs calibration data (--calib-data / calibration=...)")
-    ids = calib.ids if calib is not None else None
     ids_sha = calib.describe()["sha256"] if calib is not None else None
     fits = any(p.needs_fit_set for p in passes)
     fit_ids = calib.fit_ids() if fits and calib is not None else None
@@ -214,7 +242,7 @@ def plan_compression(
         key = plan_key(fp, [(p.name, p.public_params()) for p in passes], data_sha, dtype)
         cached = store.get(key)
         if cached is not None:
-            why = _entry_matches(cached, fp, passes, ids_sha, fit_sha)
+            why = _entry_matches(cached, fp, passes, ids_sha, fit_sha, key, dtype) or store.check_binding(key)
             if why is None:
                 cached.reused_from = store.path(key)
                 logger.info("reusing the cached plan %s", store.path(key))
@@ -249,6 +277,34 @@ def _stage_calibration(p: CompressionPass, calib: CalibrationSet | None, fit: to
     return block
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    """The number of rows of the model's input embedding (the config's ``vocab_size`` when it has none)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int | None, what: str) -> None:
+    """Refuse token ids the model's embedding cannot look up (negative, or >= its vocabulary), in one line."""
+    if vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise CalibrationError(f"{what} hold token {bad}, outside the model's vocabulary 0..{vocab - 1}; were they "
+                               f"made with this model's tokenizer?")
+
+
+def _ask_for_more(p: CompressionPass) -> str:
+    """What to change so that pass ``p`` removes something."""
+    given = [name for name in ("ratio", "num_layers", "threshold") if p.config.get(name) is not None]
+    asks = {"ratio": "a larger ratio", "num_layers": "more layers (num_layers)", "threshold": "a lower threshold"}
+    return "ask for " + (" or ".join(asks[name] for name in given) if given else "more (a ratio or num_layers)")
+
+
 def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], calib: CalibrationSet | None,
                 base: dict[str, Any], fit: torch.Tensor | None, budget: MemoryBudget) -> CompressionPlan:
     ids = calib.ids if calib is not None else None
@@ -275,6 +331,9 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], calib: Cali
             result = p.run(engine)
         finally:
             engine.close()
+        if not result.ops:  # an empty plan would write a copy of the base and call it compressed
+            raise PassError(f"{f'stage {k + 1}: ' if len(passes) > 1 else ''}pass {p.name!r} removes nothing from "
+                            f"this model (its plan has no ops); {_ask_for_more(p)}")
         # the load-independent cost goes into the plan (decoder-layer runs, in passes over the search set); the wall
         # time only into ``plan.timings``, so the same plan always has the same bytes
         result.trace["layer_evaluations"] = round(engine.layer_evaluations, 2)

@@ -3,11 +3,13 @@
 On text the pass never saw (documents of the calibration corpus the sampling did not reach), it measures the
 base's and the compressed model's perplexity and the per-token cosine of their final hidden states. The result is
 printed, stored in the plan's trace (``quality_check``) and in the model card; a compressed model whose perplexity
-exceeds ``WARN_RATIO`` × the base's gets a loud one-line warning naming a better choice.
+exceeds ``WARN_RATIO`` × the base's gets a loud one-line warning naming a better choice. A base whose own perplexity
+is not finite (a float16 load that overflows) gets a warning about the base instead: the check cannot judge the pass.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,15 +94,19 @@ class QualityCheck:
     def run(self, compressed: nn.Module) -> dict[str, Any]:
         """The check's result for the compressed model (JSON-ready; no timings, so plans stay reproducible)."""
         ppl, finals = _measure(compressed, self.ids, budget=self.budget)
-        ratio = ppl / self.base_ppl if self.base_ppl > 0 else float("inf")
-        return {
+        base_ok = math.isfinite(self.base_ppl)
+        ratio = ppl / self.base_ppl if base_ok and self.base_ppl > 0 else float("inf")
+        result = {
             "text": f"{self.source} (documents the calibration did not read)",
             "tokens": int(self.ids.numel()),
-            "base_ppl": round(self.base_ppl, 4),
-            "ppl": round(ppl, 4) if ppl != float("inf") else "inf",
-            "ppl_ratio": round(ratio, 3) if ratio != float("inf") else "inf",
+            "base_ppl": round(self.base_ppl, 4) if base_ok else str(self.base_ppl),
+            "ppl": round(ppl, 4) if math.isfinite(ppl) else str(ppl),
+            "ppl_ratio": (round(ratio, 3) if ratio != float("inf") else "inf") if base_ok else "n/a",
             "final_cosine": round(mean_token_cosine(finals, self.base_final), 4),
         }
+        if not base_ok:  # the base itself is broken (in the dtype it was loaded in): say so, not "the pass"
+            result["base_dtype"] = str(next(compressed.parameters()).dtype).replace("torch.", "")
+        return result
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -114,6 +120,13 @@ def describe(result: dict[str, Any]) -> str:
 
 def warning(result: dict[str, Any], method: str) -> str | None:
     """The loud line for a result past ``WARN_RATIO``, naming a better choice; None when the result is fine."""
+    base = result.get("base_ppl")
+    if base is not None and not (isinstance(base, (int, float)) and math.isfinite(base)):
+        dtype = result.get("base_dtype")
+        where = f" in {dtype}" if dtype else ""
+        return (f"WARNING: the base model's own perplexity is {base}{where}: the base is already broken in this "
+                f"dtype (not by {method}), so the check cannot judge the pass; load it in float32 or bfloat16 "
+                "(--dtype)")
     ratio = result["ppl_ratio"]
     if isinstance(ratio, (int, float)) and ratio <= WARN_RATIO:
         return None

@@ -198,12 +198,9 @@ class Recipe:
         """A recipe from a YAML/JSON file, or from YAML/JSON text (a string with a newline)."""
         text, where, is_json = _read(path_or_text)
         try:
-            if is_json:
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys(where)) if is_json else _load_yaml(text, where)
+        except RecipeError:
+            raise
         except Exception as exc:  # noqa: BLE001 - yaml and json raise their own types; one line either way
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise RecipeError(f"{where} is not valid YAML/JSON: {first}") from None
@@ -268,6 +265,50 @@ class Recipe:
         """This recipe with calibration fields replaced (``values`` left at None are not changed)."""
         given = {k: v for k, v in values.items() if v is not None}
         return self.replace(calibration=dataclasses.replace(self.calibration, **given)) if given else self
+
+
+def _unique_keys(where: str):
+    """A ``json`` object hook that refuses a key given twice in one object (json keeps the last one silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise RecipeError(f"{where}: key {key!r} is given twice in one mapping; keep one")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<' merges: explicit keys may override merged ones
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                        continue
+                    line = key_node.start_mark.line + 1
+                    if first is not None:
+                        raise RecipeError(f"{where}: key {key!r} is given twice in one mapping (lines {first} and "
+                                          f"{line}); keep one")
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _read(path_or_text: str | os.PathLike) -> tuple[str, str, bool]:

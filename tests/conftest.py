@@ -157,3 +157,25 @@ def plan_of(compression_pass, model, calibration=None):
     from optimum_slm.pipeline import compress
 
     return compress(model, compression_pass, calibration, cache=False)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI's faults
+#: a small calibration for CLI runs on the tiny checkpoint
+CLI_CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
+
+
+def run(*args: str):
+    """``slm --quiet ARGS`` in process (click's runner), exceptions propagated."""
+    from click.testing import CliRunner
+
+    from optimum_slm.cli import cli
+
+    return CliRunner().invoke(cli, ["--quiet", *args], catch_exceptions=False)
+
+
+def assert_one_line(result, code: int, message: str) -> None:
+    """The CLI failed as a fault should: exit ``code``, one ``error:`` line holding ``message``, no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output and message in lines[0], lines[0]

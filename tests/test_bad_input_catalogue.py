@@ -11,22 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_model
+from conftest import assert_one_line, make_model, run
 from optimum_slm.cli import cli
 from optimum_slm.plan import CompressionPlan, drop_op, fingerprint_v1
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
 
-
-def run(*args: str):
-    return CliRunner().invoke(cli, ["--quiet", *args], catch_exceptions=False)
-
-
-def assert_one_line(result, code: int, message: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output and message in lines[0], lines[0]
 
 
 def leftovers(folder) -> list[str]:
@@ -148,8 +138,10 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_checkpoint, corpus, tmp
 
 def test_leftovers_of_a_killed_run_are_cleaned(tiny_checkpoint, corpus, tmp_path, caplog):
     (tmp_path / ".out.lock").write_text("999999999\n")  # no such process
-    (tmp_path / ".out.tmp-dead").mkdir()
-    (tmp_path / ".out.tmp-dead" / "model.safetensors").write_bytes(b"partial")
+    dead = tmp_path / ".out.tmp-999999999-1-dead"  # a temp folder of a run that is gone, marked as ours
+    dead.mkdir()
+    (dead / ".slm-temp").write_text("999999999-1\n")
+    (dead / "model.safetensors").write_bytes(b"partial")
     result = run("compress", "--model", tiny_checkpoint, "--calib-data", corpus, *CALIB, "--num-layers", "1",
                  "--output", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output

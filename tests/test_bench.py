@@ -82,3 +82,48 @@ def test_cli_compare_prints_speedup_and_json(tmp_path, tiny_checkpoint):
     assert res.exit_code == 2
     res = CliRunner().invoke(bench_command, ["--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and res.output.strip().startswith("error:")
+
+
+def test_decode_is_timed_on_its_own(monkeypatch):
+    """A generate that reads as no slower than the prefill (a busy host) no longer makes decode ~0 s and tokens/s
+    absurd: decode is its own loop of single-token steps on the prefill's KV cache."""
+    monkeypatch.setattr(bench, "_generate", lambda model, ids, new_tokens, pad: (1e-9, new_tokens))
+    m = make_model("llama", 2)
+    (r,) = bench.bench_models([("m", m, None)], batch_sizes=(1,), prompt_len=8, new_tokens=4, warmup=0, repeats=1)
+    assert r.decode_ms_per_token > 1e-3 and r.decode_tokens_per_s < 1e7  # at least a microsecond a token
+
+
+def test_decode_steps_continue_the_prompt_greedily():
+    """The timed loop produces the tokens generate would: greedy, on the cache (checked through a counting model)."""
+    m = make_model("llama", 2)
+    ids = bench.prompt_ids(None, 1, 8, m.config.vocab_size)
+    calls = []
+    handle = m.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    prefill, decode = bench._prefill_and_decode(m, ids, 5)
+    handle.remove()
+    assert prefill > 0 and decode > 0
+    assert calls == [(1, 8)] + [(1, 1)] * 4  # one prefill, then new_tokens - 1 single-token steps
+
+
+def test_repeats_that_disagree_give_one_warning_line(monkeypatch):
+    times = iter([(0.010, 0.030), (0.010, 0.090), (0.011, 0.030)] * 4)
+    monkeypatch.setattr(bench, "_prefill_and_decode", lambda model, ids, new_tokens: next(times))
+    lines = []
+    m = make_model("llama", 2)
+    (r,) = bench.bench_models([("m", m, None)], batch_sizes=(1,), prompt_len=8, new_tokens=4, warmup=0, repeats=3,
+                              warn=lines.append)
+    assert r.spread["decode_ms_per_token"] == pytest.approx(2.0) and r.spread["prefill_ms"] == pytest.approx(0.1)
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "timings disagree by more than 20% across repeats in 1 of 2 measurements (worst: m decode at batch 1, " \
+           "200%)" in lines[0]
+
+
+def test_the_cli_prints_the_spread_warning(monkeypatch, tiny_checkpoint):
+    times = iter([(0.010, 0.030), (0.010, 0.090)] * 4)
+    monkeypatch.setattr(bench, "_prefill_and_decode", lambda model, ids, new_tokens: next(times))
+    res = CliRunner().invoke(bench_command, ["--model", tiny_checkpoint, "--batch-sizes", "1", "--prompt-len", "6",
+                                             "--new-tokens", "3", "--warmup", "0", "--repeats", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: timings disagree")]
+    assert len(warnings) == 1

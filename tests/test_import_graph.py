@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import os
-from collections import defaultdict
 
 import pytest
 

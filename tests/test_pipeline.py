@@ -162,7 +162,7 @@ def slm_plus_plan(tiny_checkpoint, tmp_path):
 def _nan_sidecar(path):
     from safetensors.torch import load_file, save_file
 
-    side = path.with_suffix(".safetensors")
+    side = path.with_suffix(".tensors")
     tensors = load_file(side)
     name = sorted(tensors)[0]
     tensors[name] = torch.full_like(tensors[name], float("nan"))
@@ -173,7 +173,7 @@ def _bad_plans(path):
     """(label, how to break the plan file at ``path``, the message every reader gives)."""
     return [
         ("nan", _nan_sidecar, "sha256"),
-        ("missing side-car", lambda p: p.with_suffix(".safetensors").unlink(), "is missing"),
+        ("missing side-car", lambda p: p.with_suffix(".tensors").unlink(), "is missing"),
         ("wrong shape", lambda p: _reshape_manifest(p), "shape"),
         ("nan in json", lambda p: p.write_text(p.read_text().replace('"sim": ', '"sim": NaN, "x": ', 1)),
          "non-finite"),

@@ -35,9 +35,9 @@ def test_save_load_roundtrip_and_byte_identical(model, tmp_path):
     assert stage["method"] == "test" and stage["params"] == {"a": 1} and stage["trace"] == {"x": [0.5]}
     assert stage["ops"] == [{"op": "merge", "layers": [3, 4], "rule": "official"}, {"op": "drop", "layers": [1]}]
     assert data["num_layers_after"] == 4 and data["shape_after"] == {"num_layers": 4, "layers": [0, 2, 3, 5]}
-    assert data["tensors"] == {} and not (tmp_path / "a.safetensors").exists()  # small plans need no side-car
+    assert data["tensors"] == {} and not (tmp_path / "a.tensors").exists()  # small plans need no side-car
     assert data["base"]["num_layers"] == 6 and len(data["base"]["fingerprint"]) == 64
-    assert data["base"]["fingerprint_scheme"] == "v2" and data["base"]["hidden_size"] == 64
+    assert data["base"]["fingerprint_scheme"] == "v3" and data["base"]["hidden_size"] == 64
     assert data["created_with"].startswith("optimum-slm ")
 
 
@@ -225,14 +225,14 @@ def _rewrite_sidecar(path, change):
     ],
 )
 def test_changed_side_car_is_refused(calibrated_plan, change, message):
-    _rewrite_sidecar(calibrated_plan.with_suffix(".safetensors"), change)
+    _rewrite_sidecar(calibrated_plan.with_suffix(".tensors"), change)
     with pytest.raises(PlanError, match=message) as err:
         CompressionPlan.load(calibrated_plan)
     assert "\n" not in str(err.value)
 
 
 def test_missing_or_broken_side_car_is_refused(calibrated_plan):
-    side = calibrated_plan.with_suffix(".safetensors")
+    side = calibrated_plan.with_suffix(".tensors")
     side.write_bytes(b"garbage")
     with pytest.raises(PlanError, match="not a readable safetensors"):
         CompressionPlan.load(calibrated_plan)
@@ -245,7 +245,7 @@ def test_nan_tensors_are_refused_even_with_a_matching_hash(calibrated_plan):
     """A side-car and manifest both rewritten around NaN values: the hash matches, the values are still refused."""
     from optimum_slm.plan.tensors import describe
 
-    side = calibrated_plan.with_suffix(".safetensors")
+    side = calibrated_plan.with_suffix(".tensors")
     data = json.loads(calibrated_plan.read_text())
     name = next(iter(data["tensors"]))
     bad = {}

@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_model
 from optimum_slm import CompressionPlan, PlanError, apply_plan
 from optimum_slm.plan import drop_op, merge_op
+from optimum_slm.plan.fingerprint import fingerprint, fingerprint_files
 from weights import weights_digest
 
 BASE = make_model("llama", 6)
@@ -117,3 +118,37 @@ def test_descriptive_fields_never_change_the_model(tmp_path, path):
     (tmp_path / "slm_plan.json").write_text(json.dumps(document))
     plan = CompressionPlan.load(tmp_path / "slm_plan.json")
     assert weights_digest(apply_plan(copy.deepcopy(BASE), plan)) == REFERENCE
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def _fp_base(tied: bool):
+    import transformers
+
+    from conftest import make_config
+
+    torch.manual_seed(1)
+    config = make_config("llama", 2)
+    config.tie_word_embeddings = tied
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+FP_BASES = {tied: _fp_base(tied) for tied in (False, True)}
+FP_REFERENCE = {tied: fingerprint(model) for tied, model in FP_BASES.items()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tied=st.booleans(), which=st.integers(0, 10**6), position=st.integers(0, 10**7),
+       value=st.floats(-1e4, 1e4, allow_nan=False, width=32))
+def test_any_single_value_change_changes_the_v3_fingerprint(tmp_path, tied, which, position, value):
+    """Any one value of any tensor changed (by more than bfloat16 rounding) changes the v3 fingerprint, and the
+    fingerprint computed from the saved files equals the loaded model's."""
+    model = copy.deepcopy(FP_BASES[tied])
+    names = [name for name, _ in model.named_parameters()]
+    flat = model.get_parameter(names[which % len(names)]).data.view(-1)
+    i = position % flat.numel()
+    assume(torch.tensor(value).bfloat16() != flat[i].bfloat16())
+    flat[i] = value
+    fp = fingerprint(model)
+    assert fp != FP_REFERENCE[tied]
+    model.save_pretrained(tmp_path / "ckpt")
+    assert fingerprint_files(tmp_path / "ckpt", remember=False) == fp

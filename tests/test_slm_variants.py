@@ -110,7 +110,7 @@ def test_calibrated_plan_rebuilds_without_calibration_data(tmp_path):
     plan = plan_of(get_pass("slm", num_layers=2, search="global", merge="calibrated"), model, ids)
     assert all(op["rule"] == "calibrated" and set(op["tensors"]) == {"attn", "mlp"} for op in plan.ops)
     plan.save(tmp_path / "p.json")
-    assert (tmp_path / "p.safetensors").exists()  # the scales live in the side-car, not the JSON
+    assert (tmp_path / "p.tensors").exists()  # the scales live in the side-car, not the JSON
     a = apply_plan(copy.deepcopy(model), plan)
     b = apply_plan(copy.deepcopy(model), CompressionPlan.load(tmp_path / "p.json"))
     keep_top = copy.deepcopy(plan.to_dict())

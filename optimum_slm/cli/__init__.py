@@ -5,9 +5,11 @@ share (the group's one-line errors, the model and memory options)."""
 from .analysis import register_commands as _register_analysis
 from .commands import cli, main
 from .common import SLMGroup, SLMUsageError
+from .export import register_commands as _register_export
 from .heal import register_commands as _register_heal
 
 _register_analysis(cli)
 _register_heal(cli)
+_register_export(cli)
 
 __all__ = ["SLMGroup", "SLMUsageError", "cli", "main"]

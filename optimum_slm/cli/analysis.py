@@ -136,7 +136,8 @@ def bench_command(model_path, compare, batch_sizes, prompt_len, new_tokens, warm
         model, tok = load_model(path, gguf_file=gguf_file if k == 0 else None, dtype=dtype, device=device)
         models.append((_short_name(path), model, tok))
     report = None if quiet else (lambda msg: click.echo(f"  {msg}", err=True))
-    results = bench_models(models, batch_sizes, prompt_len, new_tokens, warmup, repeats, progress=report)
+    results = bench_models(models, batch_sizes, prompt_len, new_tokens, warmup, repeats, progress=report,
+                           warn=lambda line: click.echo(f"warning: {line}", err=True))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=1))
     else:

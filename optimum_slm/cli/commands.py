@@ -14,8 +14,6 @@ imports it to build its parser, so torch and transformers are imported inside th
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any, Iterable, Sequence
 
 import click

@@ -4,7 +4,9 @@ model, memory and quiet options, and small formatting helpers. Cheap to import (
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -28,6 +30,39 @@ class SLMUsageError(click.ClickException):
 #: exit codes: bad input (the user can fix it), a failure (the machine or a bug), an interrupt
 EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 _debug = False
+
+#: the signals a run is stopped with (``timeout``, Slurm, Docker, a closed terminal) and handled like Ctrl-C
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by a stop signal, so that every ``with``/``finally`` runs (temp folders removed,
+    the output's lock released) before the CLI prints one line and exits 128 + the signal's number. A
+    ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _install_stop_handlers() -> dict[int, Any]:
+    """Make SIGTERM/SIGHUP raise ``Terminated`` (once: a second signal during the clean-up is ignored); returns the
+    handlers replaced. Only in the main thread, and only for signals left at their default (``nohup`` keeps)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    stopping = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Terminated(signum)
+
+    replaced = {}
+    for name in STOP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            replaced[signum] = signal.signal(signum, stop)
+    return replaced
 
 
 def one_line(text: Any) -> str:
@@ -57,8 +92,11 @@ class SLMGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        replaced = _install_stop_handlers()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Terminated as exc:
+            _fail(f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
         except click.exceptions.Abort:
             _fail("interrupted", EXIT_INTERRUPTED)
         except KeyboardInterrupt:
@@ -78,6 +116,9 @@ class SLMGroup(click.Group):
             if _debug:
                 raise
             _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug to see the traceback)", EXIT_FAILURE)
+        finally:
+            for signum, handler in replaced.items():
+                signal.signal(signum, handler)
         sys.exit(result if isinstance(result, int) else 0)
 
 

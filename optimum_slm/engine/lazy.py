@@ -19,7 +19,6 @@ from torch import nn
 
 from ..arch import ArchAdapter
 from ..errors import ModelLoadError
-from ..io.checkpoint import save_model as save_model  # re-exported for compressor.save_compressed until it moves to io
 from ..io.shards import _LAZY, LazyState, TensorStore, is_lazy, is_lazy_model, lazy_state, register_lazy
 
 __all__ = ["LazyState", "check_not_offloaded", "is_lazy", "is_lazy_model", "lazy_copy", "lazy_state",

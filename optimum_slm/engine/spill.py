@@ -5,19 +5,46 @@
   when a pass touches them (the page cache keeps hot ones fast); raw tensor bytes, never pickles; the folder is
   removed with the engine;
 - spilled layers (``SpillStore``): layers built while a plan is applied to a lazy model, read back like the base's.
+
+Both folders are named ``slm-activations-<run>-*`` / ``slm-spill-<run>-*`` (``<run>``: the owning process's pid and
+start time) and carry the marker ``.slm-temp``; making one removes those of runs that were killed (SIGKILL leaves
+them), and nothing else.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from ..io.output import make_marked_dir, remove_dead_marked, remove_marked_dir
 from ..io.shards import _LAZY, LazyState, TensorStore, read_raw, register_lazy
+
+#: the names of this module's temp folders under TMPDIR (``<prefix><run token>-<random>``)
+SPILL_PREFIXES = ("slm-activations-", "slm-spill-")
+
+
+class _TempFolder:
+    """A marked temp folder under TMPDIR, removed with its owner (or at exit); stale ones of dead runs go first."""
+
+    def __init__(self, prefix: str) -> None:
+        parent = tempfile.gettempdir()
+        remove_dead_marked(parent, SPILL_PREFIXES, "streamed run")
+        # the clean-up is registered before the folder exists: a stop signal at any point leaves nothing
+        self.name = make_marked_dir(prefix, parent, register=self._register)
+
+    def _register(self, path: str) -> None:
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()  # a name that was taken meanwhile: not ours to remove
+        self._finalizer = weakref.finalize(self, remove_marked_dir, path)
+
+    def cleanup(self) -> None:
+        self._finalizer()
 
 
 def available_memory() -> int | None:
@@ -36,7 +63,7 @@ class ActivationFolder:
     """A temporary folder of tensors written once and read many times (one file per tensor)."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="slm-activations-")
+        self._dir = _TempFolder("slm-activations-")
         self._count = 0
         self.bytes_written = 0
 
@@ -88,7 +115,7 @@ class SpillStore:
     layers of one op. The folder is made under ``TMPDIR`` and removed with the model."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="slm-spill-")
+        self._dir = _TempFolder("slm-spill-")
         self._count = 0
 
     def spill(self, module: nn.Module) -> None:

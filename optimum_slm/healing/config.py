@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import SLMError
-from ..io.names import HEAL_FILE
+from ..io.names import HEAL_FILE  # noqa: F401 - healing.HEAL_FILE, the name of the record
 
 HEAL_METHODS = ("lora", "tail")
 DATA_FORMATS = ("auto", "text", "instruction")

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..io.checkpoint import resolve_save_dtype, write_checkpoint
 from ..io.names import CARD_FILE, HEAL_FILE, PLAN_FILE
-from ..io.output import check_output_dir, claim_output
+from ..io.output import check_output_dir, claim_output, local_paths
 from .config import HealConfig, HealError
 from .train import heal_model
 
@@ -88,14 +88,17 @@ def heal(model: str, output: str | os.PathLike, config: HealConfig | None = None
         raise HealError("no heal data given (--data / data=...)")
     if save_dtype is not None:
         resolve_save_dtype(save_dtype)
-    with claim_output(output, overwrite) as target:
+    with claim_output(output, overwrite, protect=local_paths(model, config.data)) as target:
         net, tokenizer = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, allow_download=allow_download,
                                     allow_pickle=allow_pickle)
         source = resolve_model_path(model, gguf_file)
         source_dir = source if os.path.isdir(source) else None
         plan = carried_plan(source_dir, net)
         _previous_runs(source_dir)  # an unreadable record fails before the training, not after
-        healed, record = heal_model(net, tokenizer, config)
+        from ..calibration import downloads_allowed
+
+        with downloads_allowed(allow_download):  # a datasets name as --data is read from the local cache unless asked
+            healed, record = heal_model(net, tokenizer, config)
         save_healed(healed, tokenizer, record, target, source_dir=source_dir, plan=plan, overwrite=overwrite,
                     save_dtype=save_dtype)
     return record

@@ -40,19 +40,27 @@ def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
-                    autocast: Any = None) -> float:
-    """Token-weighted mean next-token loss of ``model`` on ``examples``."""
+                    autocast: Any = None, desc: str | None = None) -> float:
+    """Token-weighted mean next-token loss of ``model`` on ``examples``; ``desc``: show a progress bar (with an ETA)
+    of that name over the validation batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in micro_batches(examples, range(len(examples)), batch_size):
-        tokens = sum(e.label_tokens for e in batch)
-        if not tokens:
-            continue
-        with autocast or contextlib.nullcontext():
-            total += float(_loss_sum(model, {k: v.to(device) for k, v in collate(batch, pad_id).items()}))
-        count += tokens
-    model.train(was_training)
+    batches = list(micro_batches(examples, range(len(examples)), batch_size))
+    bar = progress_bar(total=len(batches), desc=desc, unit="batch") if desc is not None else None
+    try:
+        for batch in batches:
+            tokens = sum(e.label_tokens for e in batch)
+            if tokens:
+                with autocast or contextlib.nullcontext():
+                    total += float(_loss_sum(model, {k: v.to(device) for k, v in collate(batch, pad_id).items()}))
+                count += tokens
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
     if not count:
         raise HealError("the validation examples hold no response tokens to score (all prompt, or cut off at "
                         "--cutoff-len)")
@@ -92,13 +100,13 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _schedule(s, config.warmup_steps, planned))
 
-    def evaluate() -> float:
-        return validation_loss(net, data.val, config.batch_size, pad_id, device, autocast)
+    def evaluate(desc: str) -> float:
+        return validation_loss(net, data.val, config.batch_size, pad_id, device, autocast, desc=desc)
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in params.items()}
 
-    before = evaluate()
+    before = evaluate("heal: validation loss before training")  # a long pass on a busy host: show its ETA
     history = [{"step": 0, "val_loss": before}]
     best, best_step, best_state, worse, last_val = before, 0, snapshot(), 0, before
     step, tokens, stopped, last_loss = 0, 0, "completed", float("nan")
@@ -137,7 +145,7 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
                 last_loss = step_loss
                 bar.update(1)
                 if step % config.eval_steps == 0 or step == planned:
-                    last_val = val = evaluate()
+                    last_val = val = evaluate(f"heal: validation at step {step}")
                     history.append({"step": step, "val_loss": val, "train_loss": step_loss})
                     if val < best:
                         best, best_step, best_state, worse = val, step, snapshot(), 0

@@ -71,6 +71,9 @@ def save_model(model: nn.Module, folder: str, dtype: torch.dtype | None = None) 
     """``save_pretrained`` for an ordinary model; config, generation config and streamed weights for a lazy one."""
     if not is_lazy_model(model):
         if dtype is not None:
+            for name, value in _persistent(model):  # before the model changes: a float16 cast turns 1e6 into inf
+                if value.is_floating_point() and value.dtype != dtype and _all_finite(value):
+                    check_finite(name, value.to(dtype), dtype)
             model.to(dtype)
         model.save_pretrained(folder)
         return
@@ -80,6 +83,30 @@ def save_model(model: nn.Module, folder: str, dtype: torch.dtype | None = None) 
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     write_weights(model, folder, dtype=dtype)
+
+
+def _persistent(model: nn.Module):
+    """``(name, tensor)`` of the weights a checkpoint holds: parameters and persistent buffers."""
+    persistent = set(model.state_dict())
+    yield from model.named_parameters()
+    yield from ((n, b) for n, b in model.named_buffers() if n in persistent)
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    return not value.is_floating_point() or value.is_meta or bool(torch.isfinite(value).all())
+
+
+def check_finite(name: str, value: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Refuse a weight that the cast to ``dtype`` made non-finite (it was finite before), in one line."""
+    if dtype is None or _all_finite(value):
+        return
+    bad = int((~torch.isfinite(value)).sum())
+    short = str(dtype).replace("torch.", "")
+    top = torch.finfo(dtype).max
+    others = " or ".join(n for n, d in DTYPES.items() if d != dtype and torch.finfo(d).max > top)
+    fix = f"; write {others} (--save-dtype)" if others else ""
+    values = f"{bad:,} values become" if bad != 1 else "1 value becomes"
+    raise SLMError(f"{name} overflows {short} (max {top:g}): {values} inf{fix}")
 
 
 def write_weights(model: nn.Module, folder: str, max_shard_bytes: int = 512 << 20, dtype: torch.dtype | None = None
@@ -106,7 +133,10 @@ def write_weights(model: nn.Module, folder: str, max_shard_bytes: int = 512 << 2
             raise ModelLoadError(f"cannot write {name}: it has no weights")  # pragma: no cover - a bug
         value = value.detach()
         if dtype is not None and value.is_floating_point():
+            finite = _all_finite(value)
             value = value.to(dtype)
+            if finite:  # the cast made it non-finite: a float16 write turns 1e6 into inf
+                check_finite(name, value, dtype)
         return value.contiguous().cpu()
 
     shards: list[list[str]] = [[]]

@@ -3,8 +3,8 @@
 * ``schema``: ``CompressionPlan`` (base, stages of ops, side-car tensors), JSON load/save, summaries;
 * ``ops``: the op-kind registry (``drop``, ``merge``; plugins add kinds) and the running ``PlanShape``;
 * ``execute``: ``apply_plan``, validated in full before any weight changes;
-* ``fingerprint``: base-model fingerprints (v2 sampled values of every tensor; v1 kept for old plans);
-* ``tensors``: the ``<plan>.safetensors`` side-car; ``v1``: reading 0.1.0 plans; ``cache``: the plan cache.
+* ``fingerprint``: base-model fingerprints (v3: every value of every tensor; v2 and v1 kept for old plans);
+* ``tensors``: the ``<plan>.tensors`` side-car; ``v1``: reading 0.1.0 plans; ``cache``: the plan cache.
 """
 
 from .execute import ApplyContext, apply_plan, check_base

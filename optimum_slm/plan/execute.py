@@ -98,13 +98,23 @@ def check_base(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
     return adapter
 
 
-def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: CompressionPlan | None = None, strict: bool = True) -> nn.Module:
     """Rebuild the compressed model from its base, in place and atomically; returns ``model``.
 
-    Refuses a model whose fingerprint differs from the plan's base unless ``strict=False``. On a lazy model
-    (``load_lazy_model``) every layer an op builds is written to a temporary spill file after the op and read back
-    when needed, so applying holds one op's layers, whatever the plan narrows or merges.
+    Refuses a model whose fingerprint differs from the plan's base unless ``strict=False``, and a plan without ops
+    (it would leave the base as it is). On a lazy model (``load_lazy_model``) every layer an op builds is written to
+    a temporary spill file after the op and read back when needed, so applying holds one op's layers, whatever the
+    plan narrows or merges.
     """
+    how = "apply_plan(model, plan) takes the model (an nn.Module, from load_model) and a CompressionPlan " \
+          "(CompressionPlan.load(path) reads a plan file)"
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"{how}; the model given is {type(model).__name__} {_short(model)}")
+    if not isinstance(plan, CompressionPlan):
+        raise PlanError(f"{how}; the plan given is {type(plan).__name__} {_short(plan)}")
+    if not plan.ops:
+        raise PlanError("the plan has no ops: applying it would leave the base unchanged (plan a larger ratio or "
+                        "more layers)")
     check_not_offloaded(model)
     adapter = check_base(model, plan, strict)
     shape = plan.validate(hidden_size=int(adapter.config.hidden_size))  # tensor widths against this very model
@@ -124,3 +134,9 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, strict: bool = True) -> 
     elif uniform is None:
         adapter.set_layer_widths(per_layer)
     return model
+
+
+def _short(value) -> str:
+    """``value``'s repr cut to one short line (for a message about a wrong argument)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."

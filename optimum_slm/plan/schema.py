@@ -144,7 +144,8 @@ def _condensed(lines: list[str], kinds: list[Any], limit: int = 8) -> list[str]:
 
 
 def describe_base(model: nn.Module, fingerprint_value: str | None = None) -> dict[str, Any]:
-    """The ``base`` block of a plan for this model (v2 fingerprint, computed unless given)."""
+    """The ``base`` block of a plan for this model (fingerprint under the current scheme, ``SCHEME``, computed unless
+    given)."""
     adapter = ArchAdapter(model)
     return {
         "name_or_path": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),

@@ -61,6 +61,38 @@ def uniform_target(adapter: ArchAdapter, ratio: float, attention: str) -> Unifor
     return UniformTarget(groups, heads, channels)
 
 
+def require_removal(name: str, adapter: ArchAdapter, ratio: float, attention: str, target: UniformTarget) -> None:
+    """Refuse a ratio too small to remove one KV group, query head or step of MLP channels, naming the smallest ratio
+    that removes something (found by bisection: ``uniform_target`` removes more as the ratio grows)."""
+    w = adapter.widths()
+    kv, rep = w["num_key_value_heads"], w["num_attention_heads"] // w["num_key_value_heads"]
+    full = UniformTarget(kv, rep, w["intermediate_size"])
+    if target != full:
+        return
+
+    def removes(r: float) -> bool:
+        return uniform_target(adapter, r, attention) != full
+
+    kept = {"groups": f" and {kv} KV groups", "heads": f" and {rep} query heads per KV group"}.get(attention, "")
+    what = f"every layer keeps its {w['intermediate_size']} MLP channels{kept}"
+    low, high = ratio, 1 - 1e-9
+    if not removes(high):
+        raise PassError(f"{name}: no ratio removes anything from this model ({what})")
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if removes(mid) else (mid, high)
+    smallest = high
+    for significant in range(3, 10):  # the bound rounded up to 3 significant digits (more if that misses it)
+        digits = significant - 1 - math.floor(math.log10(high))
+        candidate = math.ceil(high * 10**digits) / 10**digits
+        if candidate < 1 and removes(candidate):
+            smallest = candidate
+            break
+    step = f" (MLP widths move in steps of {ROUND_TO})" if w["intermediate_size"] >= 4 * ROUND_TO else ""
+    raise PassError(f"{name}: ratio {ratio:g} removes nothing: {what}{step}; the smallest ratio that removes "
+                    f"something is {smallest:g}")
+
+
 def check_ratio(name: str, ratio: float | None) -> float:
     if ratio is None:
         raise PassError(f"pass {name!r} needs ratio (the fraction of projection parameters to remove)")

@@ -27,8 +27,8 @@ from ...engine import ForwardEngine, Slot
 from ...errors import PassError
 from ...progress import progress_bar
 from ..base import CompressionPass, PassParam, PassResult
-from .common import (WIDTH_RATIO, check_ratio, collect_input_stats, group_scores, params_trace, top_k,
-                     uniform_target, width_ops)
+from .common import (WIDTH_RATIO, check_ratio, collect_input_stats, group_scores, params_trace, require_removal,
+                     top_k, uniform_target, width_ops)
 
 METRICS = ("WIFV", "IFV", "WIFN")
 
@@ -73,7 +73,9 @@ class FLAPPass(CompressionPass):
         compensate = representable if compensate is None else compensate
         if self.config["structure"] == "AL-AM":
             return self._adaptive(engine, ratio, compensate)
-        target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
+        mode = "groups" if self.config["prune_attention"] else "none"
+        target = uniform_target(adapter, ratio, mode)
+        require_removal(self.name, adapter, ratio, mode, target)
         engine.record_layer_inputs()
         hidden = engine.inputs[0]
         ops: list[dict[str, Any]] = []

@@ -15,7 +15,8 @@ from __future__ import annotations
 from ...engine import ForwardEngine
 from ...progress import progress_bar
 from ..base import CompressionPass, PassParam, PassResult
-from .common import WIDTH_RATIO, check_ratio, collect_input_stats, params_trace, top_k, uniform_target, width_ops
+from .common import (WIDTH_RATIO, check_ratio, collect_input_stats, params_trace, require_removal, top_k,
+                     uniform_target, width_ops)
 
 
 class MinitronWidthPass(CompressionPass):
@@ -33,7 +34,9 @@ class MinitronWidthPass(CompressionPass):
         engine.require_calibration(self.name)
         ratio = check_ratio(self.name, self.config["ratio"])
         adapter = engine.adapter
-        target = uniform_target(adapter, ratio, "heads" if self.config["prune_attention"] else "none")
+        mode = "heads" if self.config["prune_attention"] else "none"
+        target = uniform_target(adapter, ratio, mode)
+        require_removal(self.name, adapter, ratio, mode, target)
         w = adapter.widths()
         kv, rep, hd = w["num_key_value_heads"], w["num_attention_heads"] // w["num_key_value_heads"], w["head_dim"]
         engine.record_layer_inputs()

@@ -20,7 +20,8 @@ import torch
 from ...engine import ForwardEngine
 from ...errors import PassError
 from ..base import CompressionPass, PassParam, PassResult
-from .common import WIDTH_RATIO, check_ratio, params_trace, top_k, uniform_target, width_ops
+from .common import (WIDTH_RATIO, check_ratio, params_trace, require_removal, top_k, uniform_target,
+                     width_ops)
 
 
 def _salience(linear) -> torch.Tensor:
@@ -71,7 +72,9 @@ class TaylorWidthPass(CompressionPass):
         engine.require_calibration(self.name)
         ratio = check_ratio(self.name, self.config["ratio"])
         adapter = engine.adapter
-        target = uniform_target(adapter, ratio, "groups" if self.config["prune_attention"] else "none")
+        mode = "groups" if self.config["prune_attention"] else "none"
+        target = uniform_target(adapter, ratio, mode)
+        require_removal(self.name, adapter, ratio, mode, target)
         w = adapter.widths()
         start = self.config["layer_start"] or 0
         end = adapter.num_layers if self.config["layer_end"] is None else self.config["layer_end"]

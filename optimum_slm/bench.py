@@ -377,3 +377,73 @@ def format_table(results: Sequence[BenchResult]) -> str:
         lines.append(f"device {r.device}; prompt {r.prompt_len} tokens, {r.new_tokens} new tokens (greedy, fixed "
                      f"count); medians of {len(r.samples['prefill_ms'])} repeats; memory: {r.memory_kind}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ serving engines
+def bench_engine(engine: str, paths: Sequence[str], batch_sizes: Sequence[int] = (1, 16), prompt_len: int = 128,
+                 new_tokens: int = 128, repeats: int = 3, progress: Any = None) -> list[dict[str, Any]]:
+    """Prefill and decode throughput of checkpoint folders in a serving engine (``vllm`` or ``llama.cpp``, see
+    ``optimum_slm.serving``), with speed-ups against the first folder at each batch size. llama.cpp gets each folder
+    exported to a temporary f32 GGUF (``slm export``); the ideal speed-up is the layer ratio, as in ``bench_models``.
+    """
+    import json
+    import os
+    import tempfile
+
+    from . import serving
+    from .io.names import CONFIG_FILE
+
+    missing = serving.engine_missing(engine)
+    if missing:
+        raise SLMError(missing)
+    if new_tokens < 2 or prompt_len < 1 or repeats < 1 or not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise SLMError("need new_tokens >= 2, prompt_len >= 1, repeats >= 1 and positive batch sizes")
+    layers = []
+    for path in paths:
+        config = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(config):
+            raise SLMError(f"--engine {engine} serves checkpoint folders; {path} has no {CONFIG_FILE}")
+        with open(config, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+        layers.append(int((cfg.get("text_config") or cfg).get("num_hidden_layers") or 0))
+    with tempfile.TemporaryDirectory(prefix="slm-bench-") as tmp:
+        targets = list(paths)
+        if engine == "llama.cpp":
+            from .io.gguf_export import export_gguf
+
+            targets = [export_gguf(path, os.path.join(tmp, f"{k}.gguf"), dtype="f32") for k, path in
+                       enumerate(paths)]
+        rows: list[dict[str, Any]] = []
+        for batch in batch_sizes:
+            measured = []
+            for path, target in zip(paths, targets):
+                if progress:
+                    progress(f"{engine}: batch {batch}: {path}")
+                run = serving.time_vllm if engine == "vllm" else serving.time_llama_cpp
+                measured.append(run(target, batch, prompt_len, new_tokens, repeats))
+            base = measured[0]
+            for path, n_layers, result in zip(paths, layers, measured):
+                rows.append({"name": os.path.basename(os.path.normpath(path)), "engine": result["engine"],
+                             "batch_size": batch, "layers": n_layers, **{k: v for k, v in result.items()
+                                                                           if k not in ("greedy", "engine")},
+                             "speedup_prefill": base["prefill_ms"] / result["prefill_ms"],
+                             "speedup_decode": (base["decode_ms_per_token"] / result["decode_ms_per_token"]
+                                                if base["decode_ms_per_token"] and result["decode_ms_per_token"]
+                                                else None),
+                             "ideal_speedup": layers[0] / n_layers if n_layers else None,
+                             "greedy_matches_first": result["greedy"] == base["greedy"]})
+    return rows
+
+
+def format_engine_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of ``bench_engine`` rows."""
+    def x(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}×"
+
+    lines = ["| model | engine | layers | batch | prefill tok/s | decode tok/s | prefill × | decode × | ideal L/L′ |",
+             "|" + "---|" * 9]
+    for r in rows:
+        decode = "—" if r["decode_tps"] is None else f"{r['decode_tps']:.1f}"
+        lines.append(f"| {r['name']} | {r['engine']} | {r['layers']} | {r['batch_size']} | {r['prefill_tps']:.1f} | "
+                     f"{decode} | {x(r['speedup_prefill'])} | {x(r['speedup_decode'])} | {x(r['ideal_speedup'])} |")
+    return "\n".join(lines)

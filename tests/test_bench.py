@@ -127,3 +127,18 @@ def test_the_cli_prints_the_spread_warning(monkeypatch, tiny_checkpoint):
     assert res.exit_code == 0, res.output
     warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: timings disagree")]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("engine", ["vllm", "llama.cpp"])
+def test_a_serving_engine_that_is_not_installed_is_one_line(tiny_checkpoint, engine):
+    """``slm bench --engine`` times vLLM / llama.cpp when they are installed here; otherwise it says so in one line."""
+    from optimum_slm.serving import ENGINES
+
+    import importlib.util
+
+    if importlib.util.find_spec(ENGINES[engine][0]) is not None:
+        pytest.skip(f"{engine} is installed in this environment")
+    result = CliRunner().invoke(bench_command, ["--model", tiny_checkpoint, "--engine", engine, "-q"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {engine} is not installed in this environment "
+                                                   f"({ENGINES[engine][1]})"]

@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the one orchestrator: plan, apply, heal, save
     ("orchestrate",),
     # front ends over the orchestrator; benchmarks and evaluation helpers
-    ("compressor", "evaluate", "bench"),
+    ("compressor", "evaluate", "bench", "serving"),
     # the command line
     ("cli",),
 ]

@@ -44,6 +44,8 @@ def test_every_output_loads_strictly_and_through_load_model(tiny_checkpoint, cor
     plan = CompressionPlan.load(out / "slm_plan.json")
     assert bool(plan.tensors) == (out / "slm_plan.tensors").exists()
     reloaded, _ = load_model(str(out))
+    per_layer = bool(getattr(reloaded.config, "slm_layer_widths", None))
+    assert ("note: the layers have different widths" in result.output) == per_layer  # who cannot serve it, said
     # every tensor a strict loader finds is a parameter of the model, and every parameter is there
     expected = set(reloaded.state_dict())
     if reloaded.config.tie_word_embeddings:
@@ -54,7 +56,7 @@ def test_every_output_loads_strictly_and_through_load_model(tiny_checkpoint, cor
     probe = calib_ids(2, 10, seed=3)
     with torch.no_grad():
         assert torch.allclose(reloaded(probe).logits, rebuilt(probe).logits, atol=1e-5)
-    if not getattr(reloaded.config, "slm_layer_widths", None):  # uniform widths: vanilla transformers loads it too
+    if not per_layer:  # uniform widths: vanilla transformers loads it too
         vanilla = transformers.AutoModelForCausalLM.from_pretrained(out)
         with torch.no_grad():
             assert torch.allclose(vanilla(probe).logits, rebuilt(probe).logits, atol=1e-5)

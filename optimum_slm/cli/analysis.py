@@ -122,15 +122,29 @@ def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples
               help="Load dtype (default: the checkpoint's).")
 @click.option("--device", default=None, help="cpu, cuda or auto (default: auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every sample, mean/std/median) instead of a table.")
+@click.option("--engine", type=click.Choice(["transformers", "vllm", "llama.cpp"]), default="transformers",
+              show_default=True,
+              help="Engine to time: transformers (in process, every measure), or the serving engines vLLM and "
+                   "llama.cpp (checkpoint folders; llama.cpp gets each exported to a temporary GGUF) when installed "
+                   "in this environment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @_handle_errors
 def bench_command(model_path, compare, batch_sizes, prompt_len, new_tokens, warmup, repeats, gguf_file, dtype,
-                  device, as_json, quiet) -> None:
+                  device, as_json, engine, quiet) -> None:
     """Prefill/decode latency, tokens/s, peak memory and speedup against the first model."""
     from ..bench import bench_models, format_table
     from ..loading import load_model
 
     quiet = _resolve_quiet(quiet)
+    if engine != "transformers":
+        from ..bench import bench_engine, format_engine_table
+        from ..loading import resolve_model_path
+
+        paths = [resolve_model_path(p) for p in (model_path, *compare)]
+        report = None if quiet else (lambda msg: click.echo(f"  {msg}", err=True))
+        rows = bench_engine(engine, paths, batch_sizes, prompt_len, new_tokens, repeats or 3, progress=report)
+        click.echo(json.dumps(rows, indent=1) if as_json else format_engine_table(rows))
+        return
     models = []
     for k, path in enumerate([model_path, *compare]):
         model, tok = load_model(path, gguf_file=gguf_file if k == 0 else None, dtype=dtype, device=device)

@@ -164,6 +164,17 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     files = f"{PLAN_FILE} (plan only)" if request.output.plan_only else f"checkpoint, {PLAN_FILE}, {CARD_FILE}" + (
         f", {HEAL_FILE}" if plan.heal_record is not None else "")
     click.echo(f"wrote {target} ({files}, {folder_size(target)}) in {duration(time.perf_counter() - started)}")
+    from ..plan.width_ops import layer_widths
+
+    if not request.output.plan_only and layer_widths(plan.shape_after)[0] is None:
+        click.echo(PER_LAYER_WIDTHS_NOTE)
+
+
+#: said after writing a checkpoint whose layers have different widths (who can serve it, and the alternative)
+PER_LAYER_WIDTHS_NOTE = (
+    "note: the layers have different widths: optimum_slm.load_model and llama.cpp (slm export --format gguf, as its "
+    "deci architecture) load this checkpoint; vanilla transformers and vLLM cannot. For them, prune to uniform widths "
+    "(flap's default structure=UL-UM; taylor-width without layer_start/layer_end)")
 
 
 #: ``compress`` options that are calibration fields, by field

@@ -79,6 +79,9 @@ class SLMCompressor:
     """Runs compression passes on one base model and writes the results (Optimum ``*Quantizer`` style)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, source: str | None = None, load_kwargs: dict | None = None):
+        if not isinstance(model, nn.Module):
+            raise SLMError(f"SLMCompressor takes a loaded model, got {type(model).__name__}; for a path, hub id or "
+                           "alias use SLMCompressor.from_pretrained(...)")
         ArchAdapter(model)  # fail early on an unsupported architecture
         self.model = model
         self.tokenizer = tokenizer

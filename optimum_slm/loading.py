@@ -280,6 +280,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path):
+        raise ModelLoadError(f"load_model takes a checkpoint folder, hub id, .gguf file or alias, got "
+                             f"{type(name_or_path).__name__} {name_or_path!r}"[:200])
+    name_or_path = os.fspath(name_or_path)
     path = resolve_model_path(name_or_path, gguf_file)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)

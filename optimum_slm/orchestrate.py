@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -72,14 +72,14 @@ class ModelSource:
 @dataclass
 class CompressionResult:
     """What a run produced: the plan (with ``quality_check`` in its trace and ``heal_record`` when it healed), the
-    compressed model (None when only the plan was written), the parameters before, and the folder written."""
+    compressed model (None when the model given is still the base: only the plan was written, the check ran on a
+    copy), the parameters before, the folder written, and whether the layers were streamed from disk."""
 
     plan: CompressionPlan
     model: nn.Module | None = None
     params_before: int = 0
     output: str | None = None
     streamed: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
@@ -175,15 +175,14 @@ def compress_loaded(recipe: Recipe, model: nn.Module, tokenizer, output: str | o
             calibration = draw_calibration(recipe, tokenizer)
         plan = plan_for(recipe, model, tokenizer, calibration=calibration, cache=cache, name_or_path=name_or_path)
         probe = _quality_probe(recipe, model, tokenizer, calibration)
-        consumed = False
+        consumed, before = False, param_count(model)
         if probe is not None:
             # a lazy model cannot be copied (its layers are the checkpoint's anyway): it is compressed in place
             consumed = is_lazy_model(model)
             checked = apply_plan(model if consumed else copy.deepcopy(model), plan)
             plan.stages[-1].trace["quality_check"] = probe.run(checked)
         path = write_plan_only(plan, output, overwrite)
-        return CompressionResult(plan, model if consumed else None, param_count(model), path,
-                                 extras={"consumed": consumed})
+        return CompressionResult(plan, model if consumed else None, before, path)
 
 
 def run(recipe: Recipe, source: ModelSource | str, output: str | os.PathLike, *, overwrite: bool = False,

@@ -205,15 +205,14 @@ def plan_compression(
                        f"{type(model).__name__}")
     passes = resolve_stages(method, params)
     check_not_offloaded(model)
+    # the calibration given as a corpus to draw from belongs to the recorded request (drawn data does not)
+    config = CalibrationConfig(calibration) if isinstance(calibration, str) else (
+        calibration if isinstance(calibration, CalibrationConfig) else None)
     if isinstance(method, Recipe):
-        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(calibration) \
-            if isinstance(calibration, str) else None
         recipe = method.replace(calibration=config) if config is not None else method
         if calibration is None and recipe.calibration.source is not None:
             calibration = recipe.calibration
     else:
-        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(calibration) \
-            if isinstance(calibration, str) else None
         recipe = recipe_of(passes, config)
     needs = [p.name for p in passes if p.needs_calibration]
     calib = calibration_set(calibration, tokenizer, fit)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -22,9 +21,11 @@ from .errors import ModelLoadError
 from .io.checkpoint import DTYPES
 from .io.manifest import file_sha256
 from .io.names import CONFIG_FILE, CONVERSION_MANIFEST, LAYER_WIDTHS_KEY
-from .io.output import follow_umask, pid_alive
+from .io.output import TEMP_MARKER, follow_umask, make_marked_dir, remove_dead_marked, remove_marked_dir
 
 logger = logging.getLogger(__name__)
+#: the temp folders a GGUF conversion writes into before it renames one into the cache
+CONVERT_PREFIX = ".convert-"
 
 
 def cache_dir(*parts: str) -> str:
@@ -68,7 +69,8 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
     if not os.path.exists(path):
         raise ModelLoadError(f"GGUF file not found: {path}")
     target = os.path.join(cache_dir("converted"), f"{os.path.splitext(gguf_file)[0]}-{_gguf_cache_key(path)}")
-    _remove_stale_conversions(os.path.dirname(target))
+    # temp folders of conversions that were killed (marked as ours, their run gone; nothing else is touched)
+    remove_dead_marked(os.path.dirname(target), (CONVERT_PREFIX,), "GGUF conversion")
     if os.path.exists(target):
         if _conversion_intact(target):
             return target
@@ -89,7 +91,7 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     plain.tie_weights()
-    tmp = tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=os.path.dirname(target))
+    tmp = make_marked_dir(CONVERT_PREFIX, os.path.dirname(target))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -97,13 +99,14 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
         follow_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_marked_dir(tmp)
         raise
+    os.unlink(os.path.join(target, TEMP_MARKER))  # a finished conversion is no temp folder
     return target
 
 
 def _write_manifest(folder: str) -> None:
-    sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
+    sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != TEMP_MARKER}
     with open(os.path.join(folder, CONVERSION_MANIFEST), "w", encoding="utf-8") as fh:
         json.dump(sizes, fh, indent=1, sort_keys=True)
 
@@ -117,15 +120,6 @@ def _conversion_intact(folder: str) -> bool:
             os.path.getsize(os.path.join(folder, name)) == size for name, size in sizes.items())
     except (OSError, ValueError, TypeError):
         return False
-
-
-def _remove_stale_conversions(folder: str) -> None:
-    """Temp folders of conversions whose process is gone (killed mid-way) are removed."""
-    for name in os.listdir(folder):
-        parts = name.split("-")
-        if name.startswith(".convert-") and len(parts) >= 3 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-            logger.warning("removing %s, left by a conversion that was killed", os.path.join(folder, name))
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def check_loadable(path: str, name: str, allow_download: bool = False, allow_pickle: bool = False,

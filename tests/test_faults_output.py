@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -225,3 +226,26 @@ def test_spill_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
     assert set(os.listdir(tmp_path)) == {"slm-spill-mine", f"slm-activations-{run_token()}-abe", *ours}
     del store, folder
     assert set(os.listdir(tmp_path)) == {"slm-spill-mine", f"slm-activations-{run_token()}-abe"}
+
+
+def test_a_killed_gguf_conversions_temp_folder_is_removed_and_nothing_else(tmp_path, monkeypatch):
+    """GGUF conversions write into marked temp folders in the conversion cache, cleaned like every other temp folder
+    of ours: a dead run's marked folder goes (its pid reused or not), a user's look-alike stays."""
+    from optimum_slm.errors import ModelLoadError
+    from optimum_slm.loading import CONVERT_PREFIX, cache_dir, convert_gguf
+
+    monkeypatch.setenv("OPTIMUM_SLM_CACHE", str(tmp_path / "cache"))
+    converted = cache_dir("converted")
+    dead = os.path.join(converted, f"{CONVERT_PREFIX}{DEAD}-abcd1234")
+    os.makedirs(dead)
+    with open(os.path.join(dead, TEMP_MARKER), "w", encoding="utf-8") as fh:
+        fh.write(f"{DEAD} {socket.gethostname()}\n")
+    with open(os.path.join(dead, "model.safetensors"), "wb") as fh:
+        fh.write(b"partial")
+    mine = os.path.join(converted, f"{CONVERT_PREFIX}notes")  # named like ours, but not ours
+    os.makedirs(mine)
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(ModelLoadError, match="cannot read GGUF file"):
+        convert_gguf(str(tmp_path), "broken.gguf")
+    assert not os.path.exists(dead) and os.path.isdir(mine)
+    assert sorted(os.listdir(converted)) == [f"{CONVERT_PREFIX}notes"]  # the failed conversion left nothing

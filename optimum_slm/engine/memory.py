@@ -178,17 +178,38 @@ class ForwardEngine:
 
     @torch.inference_mode()
     def stream_fit(self, points: Sequence[int], desc: str = "fitting",
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator["FitBatch"]:
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   reuse: bool = False) -> Iterator["FitBatch"]:
         """The fit set batch by batch: for each, the base's hidden state entering every base layer in ``points``
         (``num_layers``: the last layer's output, before the final norm) and every layer's call kwargs up to there.
 
         The base forward stops at the highest point, and nothing of a batch outlives the next one: memory does not
         grow with the fit set. ``reduce`` (e.g. the last token) is applied to each captured state before it is kept.
+
+        ``reuse``: a fit that streams the same points several times (one pass per branch map, per norm gain) has the
+        first full pass keep the captured states (in memory, or on disk where they would take more than half of what
+        memory is left; ``_fit_keeper``) and the later passes replay them without running the base again, until
+        ``release_fit_replay``.
         """
+        reuse = reuse and reduce is None
+        replay = self._fit_replay
+        if reuse and replay is not None and set(points) <= replay[0]:
+            with progress_bar(desc=desc, unit="seq", total=self.fit_set("stream_fit").shape[0]) as bar:
+                for recorded in replay[1]:
+                    batch = recorded.batch()
+                    yield batch
+                    bar.update(batch.ids.shape[0])
+            return
         # captured states come to the compute device (a device map leaves each layer's on its own)
         keep = (lambda h: reduce(h.to(self.device))) if reduce is not None else (lambda h: h.to(self.device))
         ids_all = self.fit_set("stream_fit")
         n, top = self.num_layers, max(points)
+        kept: list[_RecordedFitBatch] | None = None
+        if reuse:
+            self.release_fit_replay()
+            width = self.adapter.config.hidden_size
+            store = self._fit_keeper(ids_all.numel() * width * 4 * len(set(points)))
+            kept = []
         with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
             for start in range(0, ids_all.shape[0], self.fit_batch_size):
                 ids = ids_all[start : start + self.fit_batch_size]
@@ -196,7 +217,42 @@ class ForwardEngine:
                 self._capture_fit(batch, set(points), top, keep)
                 self.fit_layer_tokens += ids.numel() * min(top + 1, n)
                 yield batch
+                if kept is not None:
+                    kept.append(_RecordedFitBatch(batch, store))
                 bar.update(ids.shape[0])
+        if kept is not None:  # only a pass that ran to its end is replayed
+            self._fit_replay = (frozenset(points), kept)
+
+    #: the states a ``stream_fit(reuse=True)`` pass kept: (points, batches), None when nothing is kept
+    _fit_replay: tuple[frozenset, list["_RecordedFitBatch"]] | None = None
+
+    #: the temp folder of replayed fit states written to disk (None: they are in memory)
+    _fit_folder = None
+
+    def release_fit_replay(self) -> None:
+        """Free what ``stream_fit(reuse=True)`` kept (memory or temp files)."""
+        self._fit_replay = None
+        folder, self._fit_folder = self._fit_folder, None
+        if folder is not None:
+            folder.cleanup()
+
+    def _fit_room(self) -> int | None:
+        """Bytes replayed fit states may take in memory (None: no limit known)."""
+        from .spill import available_memory
+
+        free = available_memory()
+        return None if free is None else free // 2
+
+    def _fit_keeper(self, total: int) -> Callable[[torch.Tensor], Any]:
+        """How replayed fit states are kept: as tensors on ``storage_device``, or written to a temp folder when
+        ``total`` bytes would exceed ``_fit_room`` (half the memory available now; a lazy model's budget)."""
+        from .spill import ActivationFolder
+
+        room = self._fit_room()
+        if room is not None and total > room:
+            self._fit_folder = folder = ActivationFolder()
+            return folder.write
+        return lambda t: t.to(self.storage_device)
 
     def _capture_fit(self, batch: "FitBatch", wanted: set[int], top: int, keep: Callable) -> None:
         """Fill ``batch``: one base forward with hooks, cut after the highest point."""
@@ -327,6 +383,21 @@ def call_layer(module: nn.Module, kwargs: dict[str, Any], hidden: torch.Tensor) 
 
 class _StopForward(Exception):
     """Raised by a hook once a streamed fit batch has what it needs: the rest of the forward is skipped."""
+
+
+class _RecordedFitBatch:
+    """A fit batch kept for replay: its ids, call kwargs and captured states (tensors, or files on disk)."""
+
+    def __init__(self, batch: "FitBatch", store: Callable[[torch.Tensor], Any]):
+        self.engine, self.ids, self.kwargs = batch.engine, batch.ids, batch.kwargs
+        self.inputs = {point: store(h) for point, h in batch.inputs.items()}
+
+    def batch(self) -> "FitBatch":
+        out = FitBatch(self.engine, self.ids)
+        out.kwargs = self.kwargs
+        device = self.engine.device
+        out.inputs = {p: (v if isinstance(v, torch.Tensor) else v.read()).to(device) for p, v in self.inputs.items()}
+        return out
 
 
 class FitBatch:

@@ -126,12 +126,7 @@ class SequentialEngine(ForwardEngine):
         """How recorded hidden states are kept: on ``storage_device``, or on disk (``activations``, an
         ``ActivationFolder``) when ``total`` bytes of them exceed half of what the memory budget leaves after the
         loaded tensors and a few layers' weights (``self.budget``; without a limit, the memory available now)."""
-        store = getattr(self.model, "slm_store", None)
-        layer_bytes = store.nbytes() / max(self.num_layers, 1) if store is not None else 0
-        resident = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
-                       if not t.is_meta)
-        # with a limit the loaded tensors count against it; the memory available now has them taken already
-        left = self.budget.left_after((resident if self.budget.limit is not None else 0) + 4 * layer_bytes)
+        left = self._left_after_weights()
         if left is not None and total > left / 2:
             self.activations = ActivationFolder()
             self._cache_budget = max(0.0, left / 2)
@@ -139,6 +134,23 @@ class SequentialEngine(ForwardEngine):
         # what the activations leave, halved for the working memory of the computations, keeps layers resident
         self._cache_budget = max(0.0, (left - total) / 2) if left is not None else 0.0
         return lambda hidden: [h.to(self.storage_device) for h in hidden]
+
+    def _left_after_weights(self, extra: float = 0.0) -> float | None:
+        """What the memory budget leaves after the loaded tensors, a few layers' weights and ``extra`` bytes (None:
+        no limit known)."""
+        store = getattr(self.model, "slm_store", None)
+        layer_bytes = store.nbytes() / max(self.num_layers, 1) if store is not None else 0
+        resident = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
+                       if not t.is_meta)
+        # with a limit the loaded tensors count against it; the memory available now has them taken already
+        return self.budget.left_after((resident if self.budget.limit is not None else 0) + 4 * layer_bytes + extra)
+
+    def _fit_room(self) -> int | None:
+        # replayed fit states share the budget with the recorded activations kept in memory and the resident layers
+        recorded = 0 if self.activations is not None else sum(
+            h.numel() * h.element_size() for hidden in self.inputs for h in hidden if isinstance(h, torch.Tensor))
+        left = self._left_after_weights(recorded + self._cache_budget)
+        return None if left is None else int(max(0.0, left) / 2)
 
     @torch.inference_mode()
     def run_layers(self, slots: Sequence[Slot | tuple[nn.Module, int]], start: int | Batches, final_norm: bool = True,

@@ -76,6 +76,10 @@ class ActivationFolder:
         self.bytes_written += t.numel() * t.element_size()
         return _Stored(path, tuple(t.shape), t.dtype)
 
+    def cleanup(self) -> None:
+        """Remove the folder and its files now (otherwise they go with the owner)."""
+        self._dir.cleanup()
+
     def batches(self, tensors: Sequence[torch.Tensor], device: torch.device) -> "DiskBatches":
         """``tensors`` (one per calibration batch) written here; reads come back on ``device``."""
         return DiskBatches([self.write(t) for t in tensors], device)

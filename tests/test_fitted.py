@@ -169,15 +169,6 @@ def test_map_plan_round_trips_and_refuses_a_tampered_map(tmp_path):
         CompressionPlan(base=plan.base, stages=plan.stages, tensors={name: plan.tensors[name][0]})
 
 
-def test_gemma_refuses_a_map_it_cannot_fold():
-    model = make_model("gemma2", 6)
-    with pytest.raises(UnsupportedArchitectureError, match="cannot be folded exactly"):
-        compress(model, "replaceme", calib_ids(4, 16), fit=calib_ids(32, 16), cache=False, num_layers=2)
-    with pytest.raises(UnsupportedArchitectureError, match="cannot be folded exactly"):
-        compress(model, "slm", calib_ids(4, 16), fit=calib_ids(32, 16), cache=False, search="greedy",
-                 num_layers=2, merge="calibrated-lstsq")
-
-
 def test_least_squares_refuses_too_few_tokens_and_accepts_a_ridge():
     system = LeastSquares(8)
     a = torch.randn(5, 8)
@@ -246,6 +237,46 @@ def test_stream_fit_keeps_one_batch_and_stops_early():
         torch.testing.assert_close(batch.inputs[3], ref[3])
     assert sizes == [16, 16, 8]
     assert engine.fit_layer_tokens == fit.numel() * 4
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_a_reused_fit_pass_replays_the_base_states_without_running_the_base(monkeypatch, to_disk):
+    model = make_model("llama", 6)
+    fit = calib_ids(40, 16)
+    engine = ForwardEngine(model, calib_ids(2, 8), fit_ids=fit, fit_batch_size=16)
+    if to_disk:  # no room in memory: the states go to a marked temp folder
+        monkeypatch.setattr(engine, "_fit_room", lambda: 0)
+    partial = engine.stream_fit([1, 4], reuse=True)
+    next(partial)
+    partial.close()
+    assert engine._fit_replay is None  # a pass stopped early keeps nothing
+    first = [{p: h.clone() for p, h in b.inputs.items()} for b in engine.stream_fit([1, 4], reuse=True)]
+    cost = engine.fit_layer_tokens
+    folder = engine._fit_folder
+    assert (folder is not None) == to_disk
+    again = list(engine.stream_fit([4], reuse=True))  # a subset of the kept points replays too
+    assert engine.fit_layer_tokens == cost
+    for kept, batch in zip(first, again, strict=True):
+        torch.testing.assert_close(batch.inputs[4], kept[4], rtol=0, atol=0)
+        assert set(batch.kwargs) >= {1, 4}
+    list(engine.stream_fit([5], reuse=True))  # a point not kept: the base runs again
+    assert engine.fit_layer_tokens > cost
+    engine.release_fit_replay()
+    assert engine._fit_replay is None
+    if to_disk:
+        import os
+
+        assert not os.path.exists(folder._dir.name)
+
+
+def test_the_fit_runs_the_base_once_for_all_its_maps():
+    model = make_model("llama", 8, seed=3)
+    fit = calib_ids(64, 16, seed=2)
+    plan = compress(model, "slm-plus", calib_ids(4, 16), fit=fit, cache=False, num_layers=2)
+    (low, high), = [op["layers"] for op in plan.stages[0].ops]
+    # one base forward through the layer the window's top hands on to, then the kept layer once per map (attention,
+    # MLP); without the replay the base forward would run once per map
+    assert plan.stages[0].trace["fit"]["fit_layer_passes"] == min(high + 2, 8) + 2
 
 
 # ------------------------------------------------------------------ calibration: packing and the fit set

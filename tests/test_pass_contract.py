@@ -33,8 +33,6 @@ from optimum_slm.plan import CompressionPlan, apply_plan
 from optimum_slm.registry import get_pass, pass_classes
 
 NUM_LAYERS = 6
-#: the fitted merges need the branch output to reach the residual add unnormed; Gemma-2/3 put a norm in between
-SANDWICH_NORMS = frozenset({"gemma2", "gemma3_text"})
 
 
 @dataclass(frozen=True)
@@ -49,14 +47,14 @@ PASSES: dict[str, Spec] = {
     "angular": Spec({"num_layers": 2}),
     "drop": Spec({"layers": [1, 3]}),
     "laco": Spec({"num_layers": 2, "merge_layers": 3}),
-    "replaceme": Spec({"num_layers": 2}, refused_on=SANDWICH_NORMS),
+    "replaceme": Spec({"num_layers": 2}),
     "shortened-magnitude": Spec({"num_layers": 2, "keep_first": 1, "keep_last": 1}),
     "shortened-ppl": Spec({"num_layers": 2, "keep_first": 1, "keep_last": 1}),
     "shortened-taylor": Spec({"num_layers": 2, "keep_first": 1, "keep_last": 1}),
     "shortgpt": Spec({"num_layers": 2}),
     "sleb": Spec({"num_layers": 2}),
     "slm": Spec({"num_layers": 2}),
-    "slm-plus": Spec({"num_layers": 2}, refused_on=SANDWICH_NORMS),
+    "slm-plus": Spec({"num_layers": 2}),
     "flap": Spec({"ratio": 0.3}),
     "minitron-width": Spec({"ratio": 0.3}),
     "taylor-width": Spec({"ratio": 0.3}),

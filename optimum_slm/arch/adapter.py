@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import PlanError, UnsupportedArchitectureError
 from ..io.shards import is_lazy, lazy_state
 from .families import BIAS, NORM, PROJECTION, family_for, text_config
 
@@ -111,26 +111,78 @@ class ArchAdapter:
     def _branch(self, name: str):
         return next(b for b in self.family.branches if b.name == name)
 
-    def check_output_map(self, layer: nn.Module | None = None, branch: str = "mlp") -> None:
-        """Refuse (one line) a family where a d×d map on a branch's output (``mlp`` or ``attn``) cannot be folded
-        exactly into a weight."""
-        b = self._branch(branch)
-        if b.fold != "rows":
-            raise UnsupportedArchitectureError(
-                f"{self.family.name}: a norm ({b.target}) sits between the {branch.upper()} and the residual add, so "
-                f"a least-squares map on its output cannot be folded exactly into a weight; use a merge rule "
-                "without a fitted map (slm-plus: --merge calibrated)")
+    def post_norm(self, layer: nn.Module, branch: str = "mlp") -> nn.Module | None:
+        """The norm between a branch's projection and the residual add (Gemma-2/3's sandwich norms), else None."""
+        name = self._branch(branch).post_norm
+        return None if name is None else layer.get_submodule(name)
 
-    def fold_output_map(self, layer: nn.Module, t: torch.Tensor, branch: str = "mlp") -> None:
-        """Make a branch's output x·T (T: [hidden, hidden]) by folding T into its output projection (``down_proj``,
-        or ``o_proj`` for ``attn``): W ← Tᵀ·W, b ← b·T."""
+    @staticmethod
+    def norm_unit(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What a Gemma RMSNorm multiplies by its gain: x / sqrt(mean(x²) + eps), computed as the norm does (in
+        float32)."""
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+
+    @staticmethod
+    def norm_gain(norm: nn.Module) -> torch.Tensor:
+        """A Gemma RMSNorm's per-channel multiplier 1 + w (float32)."""
+        return 1.0 + norm.weight.detach().float()
+
+    def check_output_map(self, layer: nn.Module | None = None, branch: str = "mlp") -> None:
+        """Refuse (one line) a family where a d×d map on a branch's output (``mlp`` or ``attn``) has no exact fold.
+
+        Two folds exist: into the branch's output projection where its output enters the residual stream linearly
+        (``rows``), and, under a post-branch Gemma norm (``gemma-norm``), into the projection before the norm
+        together with a refitted norm gain (see ``fold_output_map``)."""
+        b = self._branch(branch)
+        if b.fold not in ("rows", "gemma-norm") or not b.projection:
+            raise UnsupportedArchitectureError(
+                f"{self.family.name}: the {branch.upper()} output reaches the residual stream through {b.target}, "
+                "where a least-squares map cannot be folded exactly into a weight; use a merge rule without a fitted "
+                "map (slm-plus: --merge calibrated)")
+
+    def supports_output_map(self) -> bool:
+        """Whether every branch of this family has an exact fold for a fitted map."""
+        try:
+            for b in self.family.branches:
+                self.check_output_map(None, b.name)
+        except UnsupportedArchitectureError:
+            return False
+        return True
+
+    def fold_output_map(self, layer: nn.Module, t: torch.Tensor, branch: str = "mlp",
+                        gain: torch.Tensor | None = None) -> None:
+        """Fold a fitted map T ([hidden, hidden]) into a branch.
+
+        Without a post-branch norm the branch's output becomes x·T: T folds into its output projection (``down_proj``,
+        or ``o_proj`` for ``attn``) as W ← Tᵀ·W, b ← b·T. Under a Gemma post-branch norm the branch's output becomes
+        ``gain`` ⊙ unit(z·T), z being the projection's output: T folds into the projection the same way and
+        ``gain`` (the norm's new multiplier 1 + w, a [hidden] vector) into the norm as w ← gain − 1. Both folds
+        are exact: the checkpoint computes what the fit computed."""
         self.check_output_map(layer, branch)
-        target = layer.get_submodule(self._branch(branch).target)
+        b = self._branch(branch)
+        norm = self.post_norm(layer, branch)
+        if (gain is None) != (norm is None):
+            raise PlanError(f"{self.family.name}: a map on the {branch.upper()} output "
+                            + ("needs a refitted norm gain (the family has a norm after the branch)" if gain is None
+                               else "takes no norm gain (the family has no norm after the branch)"))
+        target = layer.get_submodule(b.projection)
         with torch.no_grad():
             t64 = t.to(device=target.weight.device, dtype=torch.float64)
             target.weight.copy_((t64.T @ target.weight.double()).to(target.weight.dtype))
             if getattr(target, "bias", None) is not None:
                 target.bias.copy_((target.bias.double() @ t64).to(target.bias.dtype))
+        if norm is not None:
+            self.set_norm_gain(layer, branch, gain)
+
+    def set_norm_gain(self, layer: nn.Module, branch: str, gain: torch.Tensor) -> None:
+        """Give a branch's post-branch Gemma norm the per-channel multiplier ``gain`` (w ← gain − 1)."""
+        norm = self.post_norm(layer, branch)
+        if norm is None:
+            raise PlanError(f"{self.family.name}: the {branch.upper()} has no norm after it to take a gain")
+        with torch.no_grad():
+            g = gain.to(device=norm.weight.device, dtype=torch.float32)
+            norm.weight.copy_((g - 1.0).to(norm.weight.dtype))
 
     # ------------------------------------------------------------------ widths (channel groups)
     def widths(self) -> dict[str, int]:

@@ -18,18 +18,31 @@ class Branch:
     ``fold`` names where a per-channel output scale is folded so the checkpoint stays vanilla: ``rows`` scales the
     output rows of the projection ``target`` (weight and bias); ``gemma-norm`` rescales a Gemma RMSNorm ``target``
     whose output is x·(1 + w), so w ← (1 + w)·s − 1.
+
+    ``projection`` is the branch's last linear layer (``o_proj`` / ``down_proj``): a d×d map on what it outputs
+    folds into it exactly. Where it is not ``module`` (Gemma's sandwich norms), a norm sits between it and the
+    residual add, so a fitted map is applied before that norm and paired with a refitted norm gain.
     """
 
     name: str
     module: str
     target: str
     fold: str = "rows"
+    projection: str = ""
+
+    @property
+    def post_norm(self) -> str | None:
+        """The norm between the branch's projection and the residual add (Gemma-2/3), None where there is none."""
+        return self.module if self.fold == "gemma-norm" else None
 
 
-LLAMA_BRANCHES = (Branch("attn", "self_attn", "self_attn.o_proj"), Branch("mlp", "mlp", "mlp.down_proj"))
+LLAMA_BRANCHES = (
+    Branch("attn", "self_attn", "self_attn.o_proj", projection="self_attn.o_proj"),
+    Branch("mlp", "mlp", "mlp.down_proj", projection="mlp.down_proj"),
+)
 GEMMA_BRANCHES = (
-    Branch("attn", "post_attention_layernorm", "post_attention_layernorm", "gemma-norm"),
-    Branch("mlp", "post_feedforward_layernorm", "post_feedforward_layernorm", "gemma-norm"),
+    Branch("attn", "post_attention_layernorm", "post_attention_layernorm", "gemma-norm", "self_attn.o_proj"),
+    Branch("mlp", "post_feedforward_layernorm", "post_feedforward_layernorm", "gemma-norm", "mlp.down_proj"),
 )
 
 
@@ -133,6 +146,18 @@ FAMILIES: tuple[Family, ...] = (
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_BY_MODEL_TYPE))
+
+
+def map_fold(family: Family) -> str:
+    """How a fitted d×d branch map (slm-plus, replaceme) reaches a vanilla checkpoint of ``family``: the line
+    ``slm list`` shows for it."""
+    folds = {b.fold for b in family.branches}
+    if not all(b.projection for b in family.branches) or not folds <= {"rows", "gemma-norm"}:
+        return "no exact fold for a fitted map: slm-plus uses merge=calibrated (branch scales)"
+    if folds == {"rows"}:
+        return "fitted maps folded into o_proj / down_proj (exact)"
+    return ("fitted maps folded into o_proj / down_proj before the post-branch norms, whose gains are refitted "
+            "(exact)")
 
 
 def text_config(model_or_config) -> object:

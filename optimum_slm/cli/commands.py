@@ -276,6 +276,7 @@ def _format_default(value: Any) -> str:
 @quiet_option
 def list_command() -> None:
     """List the registered passes and their parameters."""
+    from ..arch.families import FAMILIES, map_fold
     from ..registry import pass_classes
 
     classes = pass_classes()
@@ -288,6 +289,10 @@ def list_command() -> None:
                        f"{p.help}{choices}")
         click.echo()
     click.echo("Parameters are given as --ratio/--num-layers/--threshold/--merge or --param KEY=VALUE.")
+    click.echo()
+    click.echo("Families (model_type: how the default method's fitted maps reach the checkpoint):")
+    for family in FAMILIES:
+        click.echo(f"    {', '.join(family.model_types):<12}  {map_fold(family)}")
 
 
 @cli.command()

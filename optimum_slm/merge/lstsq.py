@@ -9,8 +9,20 @@ and fit T so that the MLP output of layer i, M·T, carries what the block added:
 set (only the two d×d sums live in memory: O(d²), whatever the number of tokens), then folded as
 ``W_down ← Tᵀ·W_down`` (and a ``down_proj`` bias b ← b·T): the checkpoint stays a vanilla one.
 
-The fold is exact only where the MLP output enters the residual stream linearly. Gemma-2/3 put a norm between the
-MLP and the residual add; there ``ArchAdapter.fold_output_map`` refuses rather than fold silently wrong.
+Gemma-2/3 put a norm between each branch and the residual add (``out = g ⊙ unit(z)``, z the projection's output,
+unit(z) = z / rms(z), g = 1 + w the norm's gain), so a map after the norm has no weight to fold into. There the map
+goes before the norm, where it folds exactly (z ← z·T, into ``o_proj``/``down_proj``), and the norm's gain is
+refitted, in two least-squares steps over the fit set (``BranchFit``):
+
+1. the map, on directions: unit(z)·T ≈ b·rms(unit(z)) / rms(b), b = (target − Y) / g (rms(unit(z)) is 1 less the
+   norm's eps). The norm removes each token's magnitude from z·T, so the map only has to point the branch where
+   the removed layers did;
+2. the gain, per channel, with the map folded: g′_c = Σ q_c·(target − Y)_c / Σ q_c², q = unit(z·T), shrunk towards
+   the old gain by the same relative ridge. It carries the mean magnitude of what the removed layers added.
+
+The map and the gain fold exactly (the checkpoint computes what the fit computed); what no fold can give is a
+per-token magnitude other than the gain's, which the norm fixes. The plan stores the gain beside the map (roles
+``gain`` / ``attn_gain``).
 
 Two fit orders for several windows: ``independent`` (every map on the base's own activations, one pass; the
 official code fits all blocks from one forward of the base) and ``bottom-up`` (each map on the activations of the
@@ -29,6 +41,7 @@ from torch import nn
 
 from ..engine import ForwardEngine, Slot
 from ..errors import PassError
+from .rules import BRANCH_ROLES, GAIN_ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +122,96 @@ def capture_branch(engine: ForwardEngine, module: nn.Module, branch: str, sink: 
     return sub.register_forward_hook(hook)
 
 
+class BranchFit:
+    """The fitted map of one residual branch of a kept layer, folded into it when solved.
+
+    Rows come from runs of ``module`` inside ``capture()``: ``add(captured, layer_output, target)``. A branch that
+    reaches the residual stream linearly takes one pass (``phases`` = ``("map",)``); one under a Gemma post-branch
+    norm takes two, the map then the norm gain (``("map", "gain")``, see the module docstring): after ``solve``,
+    ``phase`` names the next pass, or None when done.
+    """
+
+    def __init__(self, adapter, module: nn.Module, branch: str, device: torch.device | str = "cpu"):
+        adapter.check_output_map(module, branch)
+        self.adapter, self.module, self.branch = adapter, module, branch
+        self.norm = adapter.post_norm(module, branch)
+        self.hidden = adapter.config.hidden_size
+        self.system = LeastSquares(self.hidden, device)
+        self.phases = ("map",) if self.norm is None else ("map", "gain")
+        self.phase: str | None = "map"
+        self.tensors: dict[str, torch.Tensor] = {}
+        if self.norm is not None:
+            self._gain_sums = torch.zeros(2, self.hidden, dtype=torch.float64, device=device)
+
+    def capture(self):
+        """A context: while open, every run of the module appends (branch projection output, branch output)."""
+        sub = self.adapter.branch_modules(self.module)[self.branch]
+        sink: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def hook(_m, inp, out):
+            out = out[0] if isinstance(out, tuple) else out
+            sink.append((inp[0].detach() if self.norm is not None else out.detach(), out.detach()))
+
+        return _Hooked(sub.register_forward_hook(hook), sink)
+
+    def add(self, captured: list, out: torch.Tensor, target: torch.Tensor) -> None:
+        """Rows of one batch: the branch's last captured run, the layer's output, the hidden state to reach."""
+        z, part = captured[-1]
+        # what the branch should add: the target minus everything else the layer's output holds
+        want = target.double() - (out.double() - part.double())
+        if self.norm is None:
+            self.system.add(part, want)
+            return
+        unit = self.adapter.norm_unit(self.norm, z).double().reshape(-1, self.hidden)
+        want = want.reshape(-1, self.hidden).to(unit.device)
+        if self.phase == "map":
+            gain = self.adapter.norm_gain(self.norm).double().to(unit.device)
+            # a channel the norm zeroes cannot be steered: keep its own direction there
+            safe = gain.abs() > 1e-6
+            b = torch.where(safe, want / torch.where(safe, gain, torch.ones_like(gain)), unit)
+            # aim at the target's direction with the rms the input rows have (1, less the norm's eps): the norm
+            # discards each token's magnitude, so fitting it would only bend the map
+            rms_in = unit.pow(2).mean(-1, keepdim=True).sqrt()
+            b = b * rms_in * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + 1e-30)
+            self.system.add(unit, b)
+        else:
+            self._gain_sums[0] += (unit * want).sum(0).to(self._gain_sums.device)
+            self._gain_sums[1] += unit.pow(2).sum(0).to(self._gain_sums.device)
+
+    def solve(self, ridge: float, what: str, prior: str) -> None:
+        """Solve the current phase, fold its result into the module and move to the next phase."""
+        if self.phase == "map":
+            t = self.system.solve(ridge, what, prior)
+            self.tensors[BRANCH_ROLES[self.branch]] = t
+            gain = None if self.norm is None else self.adapter.norm_gain(self.norm)
+            self.adapter.fold_output_map(self.module, t, self.branch, gain)
+            self.phase = "gain" if self.norm is not None else None
+            return
+        old = self.adapter.norm_gain(self.norm).double().to(self._gain_sums.device)
+        num, den = self._gain_sums
+        alpha = ridge * float(den.mean())
+        fitted = (num + alpha * old) / (den + alpha)
+        # a channel no fit token reached keeps its gain
+        gain = torch.where(den + alpha > 0, fitted, old)
+        if not torch.isfinite(gain).all():
+            raise PassError(f"{what}: the refitted norm gain is not finite; give a larger fit set or a ridge")
+        gain = gain.float().cpu()
+        self.tensors[GAIN_ROLES[self.branch]] = gain
+        self.adapter.set_norm_gain(self.module, self.branch, gain)
+        self.phase = None
+
+
+class _Hooked:
+    def __init__(self, handle, sink: list):
+        self.handle, self.sink = handle, sink
+
+    def __enter__(self) -> list:
+        return self.sink
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 @torch.inference_mode()
 def fit_output_maps(
     engine: ForwardEngine,
@@ -126,8 +229,8 @@ def fit_output_maps(
     module (the compressed model, whose lower sites already hold their maps) — used by the ``bottom-up`` order.
     ``prior``: what a ridge shrinks the map towards (see ``LeastSquares.solve``). ``final_norm_target``: a target at
     the stack's output (base layer ``num_layers``) is the post-norm state (the official ReplaceMe reads
-    ``hidden_states[-1]``, which HF returns after the final norm). Returns the maps by site name and branch, and a
-    cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
+    ``hidden_states[-1]``, which HF returns after the final norm). Returns the fitted tensors by site name and role
+    (``map`` / ``attn_map``, with ``gain`` / ``attn_gain`` under post-branch norms), and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
     ``fit_seconds`` (wall time: a timing, kept out of plan files).
     """
     if order not in FIT_ORDERS:
@@ -140,37 +243,48 @@ def fit_output_maps(
     started, layer_tokens = time.perf_counter(), engine.fit_layer_tokens
     maps: dict[str, dict[str, torch.Tensor]] = {site.name: {} for site in sites}
     groups = [list(sites)] if order == "independent" else [[s] for s in sites]
-    for group in groups:
-        for branch in [b for b in BRANCH_ORDER if any(b in s.branches for s in group)]:
-            members = [s for s in group if branch in s.branches]
-            systems = [LeastSquares(hidden, engine.device) for _ in members]
-            first = sites[0].input_at
-            points = {s.target_at for s in members} | (
-                {first} if order == "bottom-up" else {s.input_at for s in members})
-            label = ", ".join(s.name for s in members) + ("" if branch == "mlp" else f" ({branch})")
-            for batch in engine.stream_fit(sorted(points), desc=f"{what}: fitting {label}"):
-                for site, system in zip(members, systems):
-                    if order == "bottom-up":
-                        x = batch.run(stack_below(sites.index(site)), batch.inputs[first].to(engine.device))
-                    else:
-                        x = batch.inputs[site.input_at].to(engine.device)
-                    captured: list[torch.Tensor] = []
-                    handle = capture_branch(engine, site.module, branch, captured)
-                    try:
-                        out = batch.run([Slot(site.module, site.type_index)], x)
-                    finally:
-                        handle.remove()
-                    target = batch.inputs[site.target_at].to(engine.device)
-                    if final_norm_target and site.target_at == engine.num_layers:
-                        target = engine.adapter.final_norm(target)
-                    system.add_branch(captured[-1], out, target)
-            for site, system in zip(members, systems):
-                t = system.solve(ridge, f"{what} {site.name}", prior)
-                engine.adapter.fold_output_map(site.module, t, branch)
-                maps[site.name][branch] = t
+    # every pass asks for the same base states (each site's input and target, or the first site's input): the first
+    # pass keeps them and the later ones (one per branch map and norm gain) replay them without the base forward
+    points = sorted({s.target_at for s in sites} | ({sites[0].input_at} if order == "bottom-up"
+                                                    else {s.input_at for s in sites}))
+    try:
+        _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps)
+    finally:
+        engine.release_fit_replay()
     cost = {
         "fit_tokens": int(fit.numel()),
         "fit_seconds": round(time.perf_counter() - started, 2),
         "fit_layer_passes": round((engine.fit_layer_tokens - layer_tokens) / fit.numel(), 2),
     }
     return maps, cost
+
+
+def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps) -> None:
+    """The passes of ``fit_output_maps``: per group of sites and branch, one pass over the fit set per phase."""
+    first = sites[0].input_at
+    for group in groups:
+        for branch in [b for b in BRANCH_ORDER if any(b in s.branches for s in group)]:
+            members = [s for s in group if branch in s.branches]
+            fits = [BranchFit(engine.adapter, s.module, branch, engine.device) for s in members]
+            label = ", ".join(s.name for s in members) + ("" if branch == "mlp" else f" ({branch})")
+            # one pass over the fit set per phase: the map, then (post-branch norms only) the norm gain
+            while any(f.phase for f in fits):
+                active = [(site, f) for site, f in zip(members, fits) if f.phase]
+                phase = active[0][1].phase
+                desc = f"{what}: fitting {label}" + ("" if phase == "map" else " (norm gain)")
+                for batch in engine.stream_fit(points, desc=desc, reuse=True):
+                    for site, f in active:
+                        if order == "bottom-up":
+                            x = batch.run(stack_below(sites.index(site)), batch.inputs[first].to(engine.device))
+                        else:
+                            x = batch.inputs[site.input_at].to(engine.device)
+                        with f.capture() as captured:
+                            out = batch.run([Slot(site.module, site.type_index)], x)
+                        target = batch.inputs[site.target_at].to(engine.device)
+                        if final_norm_target and site.target_at == engine.num_layers:
+                            target = engine.adapter.final_norm(target)
+                        f.add(captured, out, target)
+                for site, f in active:
+                    f.solve(ridge, f"{what} {site.name}", prior)
+            for site, f in zip(members, fits):
+                maps[site.name].update(f.tensors)

@@ -48,6 +48,9 @@ MAP_ROLE = "map"
 ATTN_MAP_ROLE = "attn_map"
 #: residual branch -> the role of its map
 BRANCH_ROLES = {"attn": ATTN_MAP_ROLE, "mlp": MAP_ROLE}
+#: residual branch -> the role of the refitted gain of its post-branch norm, which accompanies its map in families
+#: with such a norm (Gemma-2/3: the map is folded before the norm, see ``ArchAdapter.fold_output_map``)
+GAIN_ROLES = {"attn": "attn_gain", "mlp": "gain"}
 Kinds = Mapping[str, str]
 
 
@@ -75,6 +78,11 @@ class MergeRule:
     def map_branches(self) -> tuple[str, ...]:
         """The residual branches this rule fits a d×d map on, in fitting order (attention before MLP)."""
         return tuple(b for b, role in BRANCH_ROLES.items() if role in self.tensor_roles) if self.fit_map else ()
+
+    @property
+    def gain_roles(self) -> tuple[str, ...]:
+        """The roles of the norm gains that accompany the maps in families with a post-branch norm."""
+        return tuple(GAIN_ROLES[b] for b in self.map_branches)
 
     def tensor_shape(self, role: str, hidden: int) -> tuple[int, ...]:
         """The shape of a side-car tensor of this rule: the map is [hidden, hidden], every other role [hidden]."""
@@ -178,10 +186,11 @@ def _fold_scales(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def _fold_map(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
-    # plan-time order: the attention map (when the rule has one) was fitted first, the MLP map on top of it
-    if ATTN_MAP_ROLE in tensors:
-        adapter.fold_output_map(module, tensors[ATTN_MAP_ROLE], "attn")
-    adapter.fold_output_map(module, tensors[MAP_ROLE])
+    # plan-time order: the attention map (when the rule has one) was fitted first, the MLP map on top of it; a
+    # family with post-branch norms has each map's refitted norm gain beside it
+    for branch in ("attn", "mlp"):
+        if BRANCH_ROLES[branch] in tensors:
+            adapter.fold_output_map(module, tensors[BRANCH_ROLES[branch]], branch, tensors.get(GAIN_ROLES[branch]))
 
 
 def _fold_scales_then_map(adapter, module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -252,6 +261,8 @@ def get_merge_rule(name: str) -> MergeRule:
 __all__ = [
     "MergeRule",
     "MERGE_RULES",
+    "BRANCH_ROLES",
+    "GAIN_ROLES",
     "merge_rules",
     "get_merge_rule",
     "merge_official",

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import torch
 
 from ..arch import load_layer_state, window_states
+from ..arch.families import family_for_type
 from ..errors import PlanError
 
 Op = Mapping[str, Any]
@@ -169,6 +170,12 @@ class DropOp(OpKind):
         return drop_op(slots[p] for p in layers)
 
 
+def _has_post_norm(model_type: str | None) -> bool | None:
+    """Whether a model type's branches reach the residual stream through a norm; None when the type is unknown."""
+    family = family_for_type(model_type) if model_type else None
+    return None if family is None else any(b.post_norm for b in family.branches)
+
+
 class MergeOp(OpKind):
     name = "merge"
     keys = frozenset({"op", "layers", "rule", "args", "tensors"})
@@ -217,9 +224,16 @@ class MergeOp(OpKind):
             if refs:
                 raise PlanError(f"{what}: merge rule {rule.name!r} takes no tensors")
             return
-        if not isinstance(refs, dict) or set(refs) != set(rule.tensor_roles):
-            raise PlanError(f"{what}: merge rule {rule.name!r} needs tensors {{{', '.join(rule.tensor_roles)}}}, "
-                            f"got {refs!r}")
+        roles = list(rule.tensor_roles)
+        if rule.gain_roles:
+            # a family with post-branch norms (Gemma-2/3) pairs every map with its norm's refitted gain; a plan
+            # whose base type is unknown may hold either form
+            post_norm = _has_post_norm(shape.model_type)
+            if post_norm or (post_norm is None and isinstance(refs, dict) and set(refs) >= set(rule.gain_roles)):
+                roles += rule.gain_roles
+        if not isinstance(refs, dict) or set(refs) != set(roles):
+            raise PlanError(f"{what}: merge rule {rule.name!r} needs tensors {{{', '.join(roles)}}}"
+                            + (f" for a {shape.model_type} model" if shape.model_type else "") + f", got {refs!r}")
         for role, name in refs.items():
             if not isinstance(name, str) or name not in tensors:
                 raise PlanError(f"{what}: tensor {name!r} ({role}) is not in the plan's tensors")

@@ -128,9 +128,11 @@ class ReplaceMePass(CompressionPass):
                                      prior="zero")
         tensors, ops = {}, []
         for (s, e), site in zip(blocks, sites):
-            name = f"replaceme.{site.name}.map"
-            tensors[name] = maps[site.name]["mlp"]
-            ops.append(merge_op(s - 1, e - 1, "lstsq", tensors={"map": name}))
+            refs = {}
+            for role, value in maps[site.name].items():
+                refs[role] = f"replaceme.{site.name}.{role}"
+                tensors[refs[role]] = value
+            ops.append(merge_op(s - 1, e - 1, "lstsq", tensors=refs))
         timings = {"fit_seconds": cost.pop("fit_seconds")}
         trace = {
             "block_size": size,

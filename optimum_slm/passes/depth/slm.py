@@ -98,21 +98,17 @@ class WindowEvaluator:
     @torch.inference_mode()
     def _search_map(self, module: nn.Module, anchor: int, low: int, high: int) -> None:
         """Fold a map fitted on the search set's recorded base activations (window input → window output)."""
-        from ...merge.lstsq import LeastSquares, capture_branch
+        from ...merge.lstsq import BranchFit
 
         engine = self.engine
         for branch in self.rule.map_branches:
-            system = LeastSquares(self.adapter.config.hidden_size, engine.device)
-            captured: list[torch.Tensor] = []
-            handle = capture_branch(engine, module, branch, captured)
-            try:
-                outs = engine.run_layers([Slot(module, anchor)], low, final_norm=False)
-            finally:
-                handle.remove()
-            for part, out, target in zip(captured, outs, engine.inputs[high + 1]):
-                system.add_branch(part, out, target.to(engine.device))
-            t = system.solve(self.search_ridge, f"search map {low}-{high}", "identity")
-            self.adapter.fold_output_map(module, t, branch)
+            fit = BranchFit(self.adapter, module, branch, engine.device)
+            while fit.phase:
+                with fit.capture() as captured:
+                    outs = engine.run_layers([Slot(module, anchor)], low, final_norm=False)
+                for i, (out, target) in enumerate(zip(outs, engine.inputs[high + 1])):
+                    fit.add(captured[: i + 1], out, target.to(engine.device))
+                fit.solve(self.search_ridge, f"search map {low}-{high}", "identity")
 
     def slot(self, window: Window) -> Slot:
         low, high = window
@@ -158,7 +154,6 @@ class WindowEvaluator:
         """Fit the rule's least-squares map of every window on the fit set and fold it into the merged layers;
         returns the fit's cost record."""
         from ...merge.lstsq import MapSite, fit_output_maps
-        from ...merge.rules import BRANCH_ROLES
 
         ordered = sorted(windows)
         # rebuild the merged layers without the search-set maps, then keep them: lower ones carry their maps into
@@ -177,8 +172,7 @@ class WindowEvaluator:
 
         maps, cost = fit_output_maps(self.engine, sites, stack_below, order, ridge, what=self.rule.name)
         for (lo, hi), site in zip(ordered, sites):
-            for branch, t in maps[site.name].items():
-                self._fitted.setdefault((lo, hi), {})[BRANCH_ROLES[branch]] = t
+            self._fitted.setdefault((lo, hi), {}).update(maps[site.name])
         return {"order": order, "ridge": ridge, **cost}
 
     # ------------------------------------------------------------------ scoring

@@ -15,12 +15,16 @@ the merge):
   validation splits ``wiki-leads-valid`` + ``lambada-books-valid`` (the lowest sum of log perplexities).
 
 The merged layers fold their maps into ``o_proj`` / ``down_proj``: the checkpoint is a vanilla one. Families with a
-norm between a branch and the residual add (Gemma-2/3) refuse the fitted merge; ``merge=calibrated`` (the previous
-default) serves them.
+norm between a branch and the residual add (Gemma-2/3) get the map before that norm and a refitted norm gain (both
+fold exactly; see ``merge/lstsq.py``). A family with no exact fold for a map gets ``merge=calibrated`` (the previous
+default) instead, said in one warning line, unless the user asked for a fitted merge.
 """
 
 from __future__ import annotations
 
+import warnings
+
+from ...merge import get_merge_rule
 from ...similarity import SIMILARITIES
 from ..base import NUM_LAYERS, RATIO, PassParam
 from .slm import SEARCHES, SLMPass
@@ -56,8 +60,6 @@ class SLMPlusPass(SLMPass):
 
     def validate(self) -> None:
         self.config.setdefault("threshold", None)
-        from ...merge import get_merge_rule
-
         if get_merge_rule(self.config["merge"]).fit_map:
             # the fitted-merge defaults apply only to rules that fit a map (slm refuses them elsewhere)
             if self.config["ridge"] is None:
@@ -67,3 +69,12 @@ class SLMPlusPass(SLMPass):
             if self.config["fit_order"] is None:
                 self.config["fit_order"] = FIT_ORDER_DEFAULT
         super().validate()
+
+    def run(self, engine):
+        if ("merge" not in self.given_params and get_merge_rule(self.config["merge"]).fit_map
+                and not engine.adapter.supports_output_map()):
+            # the default must work on every supported family: fall back to the best merge that needs no fold
+            warnings.warn(f"slm-plus: {engine.adapter.family.name} has no exact fold for a fitted map; using "
+                          "merge=calibrated", stacklevel=2)
+            self.config.update(merge="calibrated", ridge=None, search_ridge=None, fit_order=None)
+        return super().run(engine)

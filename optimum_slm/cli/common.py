@@ -163,7 +163,7 @@ def model_options(func=None, *, what: str = "Base model"):
     decorators = [
         click.option("--model", required=True, metavar="PATH_OR_ID",
                      help=f"{what}: checkpoint folder, hub id (offline cache), .gguf file or alias "
-                          "(smollm2-135m)."),
+                          "(smollm2-135m, qwen2.5-coder-1.5b)."),
         click.option("--gguf-file", default=None, metavar="FILE",
                      help="GGUF file inside --model (a folder) to load and convert."),
         click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,

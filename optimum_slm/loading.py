@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .assets import SplitGGUF, is_model_alias, locate_split_gguf, model_alias_names, resolve_model_alias
+from .assets import (SPLIT_MODEL_ALIASES, is_model_alias, locate_split_gguf, model_alias_names,
+                     resolve_model_alias)
 from .errors import ModelLoadError
 from .io.checkpoint import DTYPES
 from .io.manifest import file_sha256
@@ -135,17 +136,20 @@ def _assemble(pieces: list[str], dest: str) -> str:
     return digest.hexdigest()
 
 
-def convert_split_gguf(name: str, parts: SplitGGUF, pieces: list[str]) -> str:
+def convert_split_gguf(name: str) -> str:
     """The cached fp32 checkpoint of a split-GGUF alias: once converted, found by the file's known sha256 (nothing is
-    read but the checkpoint's manifest); otherwise the pieces are put together in a marked temp folder in the cache,
+    read but the checkpoint's manifest, and the parts may since have been uninstalled); otherwise the installed pieces
+    are located (one line naming any missing or of the wrong size) and put together in a marked temp folder in the cache,
     the whole file's sha256 checked (a mismatch: one line, nothing left behind), and the file converted by
     ``convert_gguf``. The temp folder, with the 1 GB GGUF, is removed however this ends."""
+    parts = SPLIT_MODEL_ALIASES[name]
     target = _conversion_target(parts.gguf_file, parts.sha256)
     parent = os.path.dirname(target)
     # a killed run's temp folder holds a whole GGUF (1 GB): cleaned even when the checkpoint is already there
     remove_dead_marked(parent, (ASSEMBLE_PREFIX,), "split GGUF assembly")
     if os.path.exists(target) and _conversion_intact(target):
         return target
+    parts, pieces = locate_split_gguf(name)
     tmp = make_marked_dir(ASSEMBLE_PREFIX, parent)
     try:
         logger.info("putting the %d parts of %s together in %s", len(pieces), name, tmp)
@@ -215,9 +219,8 @@ def check_loadable(path: str, name: str, allow_download: bool = False, allow_pic
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """A loadable checkpoint folder or hub id for a path, alias or GGUF file."""
-    split = locate_split_gguf(name_or_path)
-    if split is not None:
-        return convert_split_gguf(name_or_path, *split)
+    if name_or_path in SPLIT_MODEL_ALIASES:
+        return convert_split_gguf(name_or_path)
     alias = resolve_model_alias(name_or_path)
     if alias is not None:
         name_or_path, gguf_file = alias

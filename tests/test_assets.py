@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -160,6 +161,8 @@ def test_a_real_gguf_in_12_parts_is_converted_once_and_reused(fake_parts, tmp_pa
         fh.write(bytes(len(pieces[0])))
     killed_assembly()  # and a killed run's whole GGUF is cleaned although nothing is converted
     assert resolve_model_path(ALIAS) == path and cache_entries(tmp_path) == [os.path.basename(path)]
+    shutil.rmtree(tmp_path / "site")  # the parts uninstalled once converted: the checkpoint is still found
+    assert resolve_model_path(ALIAS) == path
 
 
 # ------------------------------------------------------------------------------------------------ python-code corpus

@@ -347,6 +347,7 @@ def test_cli_checkpoint_reloads_in_vanilla_transformers(tiny_checkpoint, corpus,
     assert [op["op"] for op in plan.ops] == ["drop", "rescale", "drop", "rescale"]
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and "slm_layer_widths" not in config
+    assert "arxiv.org/abs/2507.18212" in (out / "README.md").read_text()  # the card names the paper
     plain = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     base, _ = load_model(tiny_checkpoint)
     rebuilt = apply_plan(base, plan)

@@ -11,6 +11,7 @@ from .merge.rules import MERGE_RULES
 from .passes.depth.angular import AngularPass
 from .passes.depth.drop import DropPass
 from .passes.depth.laco import LaCoPass
+from .passes.depth.prune_comp import PruneCompPass
 from .passes.depth.replaceme import ReplaceMePass
 from .passes.depth.shortened import ShortenedMagnitudePass, ShortenedPPLPass, ShortenedTaylorPass
 from .passes.depth.shortgpt import ShortGPTPass
@@ -21,12 +22,14 @@ from .passes.width.flap import FLAPPass
 from .passes.width.minitron import MinitronWidthPass
 from .passes.width.taylor import TaylorWidthPass
 from .plan.ops import BUILTIN_KINDS
+from .plan.stream_ops import RescaleOp
 from .plan.width_ops import NarrowAttention, NarrowMLP
 from .similarity import SIMILARITIES
 
 #: the built-in passes: depth (the paper's SLM, our slm-plus, the baselines), then width
-PASSES = (DropPass, SLMPass, SLMPlusPass, ShortGPTPass, AngularPass, ReplaceMePass, SLEBPass, ShortenedPPLPass,
-          ShortenedTaylorPass, ShortenedMagnitudePass, LaCoPass, FLAPPass, TaylorWidthPass, MinitronWidthPass)
+PASSES = (DropPass, SLMPass, SLMPlusPass, ShortGPTPass, AngularPass, ReplaceMePass, SLEBPass, PruneCompPass,
+          ShortenedPPLPass, ShortenedTaylorPass, ShortenedMagnitudePass, LaCoPass, FLAPPass, TaylorWidthPass,
+          MinitronWidthPass)
 
 
 @hookimpl
@@ -37,7 +40,7 @@ def register_passes(register) -> None:
 
 @hookimpl
 def register_op_kinds(register) -> None:
-    for kind in (*BUILTIN_KINDS, NarrowMLP(), NarrowAttention()):
+    for kind in (*BUILTIN_KINDS, RescaleOp(), NarrowMLP(), NarrowAttention()):
         register(kind)
 
 

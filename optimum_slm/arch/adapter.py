@@ -14,7 +14,7 @@ Why each fix matters (transformers 5):
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -107,6 +107,44 @@ class ArchAdapter:
                     target.weight.copy_(((1.0 + target.weight.float()) * s - 1.0).to(target.weight.dtype))
                 else:  # pragma: no cover - families are data defined above
                     raise ValueError(f"unknown fold {b.fold!r}")
+
+    def scale_branches(self, layer: nn.Module, scale: float) -> None:
+        """Multiply every residual branch's output of ``layer`` by the number ``scale`` (``fold_branch_scales``
+        with one value on every channel: the ``o_proj``/``down_proj`` rows and biases, or Gemma's post-branch norm
+        gains)."""
+        s = torch.full((int(self.config.hidden_size),), float(scale), dtype=torch.float32)
+        self.fold_branch_scales(layer, {b.name: s for b in self.family.branches})
+
+    def scaled_stream_input(self, scales: Sequence[float]) -> Callable[[], None]:
+        """The input embedding multiplied by each of ``scales`` in turn (w ← w·s, computed in float32, cast back
+        after each), so the residual stream entering the first layer is scaled by their product; returns a
+        function that installs it.
+
+        The new tensors are computed here and installed by the returned function as new parameters, never written
+        in place: a lazy model's copy shares its embedding with the model it was copied from. An output head tied
+        to the embedding gets the new tensor too (the checkpoint stays tied), and the final norm's gain is divided
+        by each scale in turn (Gemma's 1 + w: w ← (1 + w)/s − 1) so that the logits keep their scale."""
+        embedding = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
+        tied = head is not None and head.weight is embedding.weight
+        norm = self.final_norm
+        offset = any(b.fold == "gemma-norm" for b in self.family.branches)  # Gemma-2/3 norms multiply by 1 + w
+        with torch.no_grad():
+            weight = embedding.weight.detach()
+            gain = norm.weight.detach() if tied else None
+            for s in scales:
+                weight = (weight.float() * float(s)).to(weight.dtype)
+                if gain is not None:
+                    g = gain.float()
+                    gain = (((1.0 + g) / float(s) - 1.0) if offset else g / float(s)).to(gain.dtype)
+
+        def install() -> None:
+            embedding.weight = nn.Parameter(weight, requires_grad=embedding.weight.requires_grad)
+            if tied:
+                head.weight = embedding.weight
+                norm.weight = nn.Parameter(gain, requires_grad=norm.weight.requires_grad)
+
+        return install
 
     def _branch(self, name: str):
         return next(b for b in self.family.branches if b.name == name)

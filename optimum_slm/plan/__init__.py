@@ -1,7 +1,8 @@
 """Compression plans: the one object everything flows through.
 
 * ``schema``: ``CompressionPlan`` (base, stages of ops, side-car tensors), JSON load/save, summaries;
-* ``ops``: the op-kind registry (``drop``, ``merge``; plugins add kinds) and the running ``PlanShape``;
+* ``ops``: the op-kind registry (``drop``, ``merge``; plugins add kinds) and the running ``PlanShape``; ``width_ops``
+  (``narrow_mlp``, ``narrow_attn``) and ``stream_ops`` (``rescale``: Prune&Comp's compensation) add built-in kinds;
 * ``execute``: ``apply_plan``, validated in full before any weight changes;
 * ``fingerprint``: base-model fingerprints (v3: every value of every tensor; v2 and v1 kept for old plans);
 * ``tensors``: the ``<plan>.tensors`` side-car; ``v1``: reading 0.1.0 plans; ``cache``: the plan cache.

@@ -3,7 +3,8 @@
 Everything is checked before the first weight changes: the base's identity (layer count, model type, hidden size,
 fingerprint under the plan's scheme), every op against the running shape, every tensor against the model's widths.
 Ops then build their new layers as private copies in an ``ApplyContext``; the model itself is rewritten only by the
-final swap of its layer list. A plan that fails on any op leaves the model bit-identical.
+final swap of its layer list (and of its input embedding tensor, which ``rescale`` ops scale: a new tensor, computed
+before the swap). A plan that fails on any op leaves the model bit-identical.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ApplyContext:
         self.order = list(range(len(self.base_layers)))
         self.slots = {i: (i, layer) for i, layer in enumerate(self.base_layers)}
         self._owned: set[int] = set()  # ids of modules built here (safe to change in place)
+        #: factors the input embedding is multiplied by, in op order (``rescale`` ops), installed with the final swap
+        self.embedding_scales: list[float] = []
 
     def replace(self, slot: int, type_index: int, module: nn.Module) -> None:
         """Put ``module`` (a new object, never one of the model's layers modified in place) at ``slot``."""
@@ -125,7 +128,11 @@ def apply_plan(model: nn.Module, plan: CompressionPlan | None = None, strict: bo
         kind_of(op).apply(ctx, op, plan.tensors)
         ctx.release()
     uniform, per_layer = layer_widths(shape)
-    adapter.set_layers(ctx.stack())  # the only change to the model (with the config's widths below)
+    # computed before the swap (a failure leaves the model as it was), installed with it
+    install_embedding = adapter.scaled_stream_input(ctx.embedding_scales) if ctx.embedding_scales else None
+    adapter.set_layers(ctx.stack())  # the only change to the model (with the config's widths and embedding below)
+    if install_embedding is not None:
+        install_embedding()
     if uniform:
         adapter.set_widths(intermediate_size=uniform.get("intermediate_size"),
                            num_attention_heads=uniform.get("num_attention_heads"),

@@ -24,6 +24,7 @@ METHOD_PAPERS = {
     "shortened-taylor": "[Shortened LLaMA (Kim et al. 2024)](https://arxiv.org/abs/2402.02834)",
     "shortened-magnitude": "[Shortened LLaMA (Kim et al. 2024)](https://arxiv.org/abs/2402.02834)",
     "laco": "[LaCo (Yang et al., EMNLP 2024 Findings)](https://arxiv.org/abs/2402.11187)",
+    "prune-comp": "[Prune&Comp (Chen et al., AAAI 2026)](https://arxiv.org/abs/2507.18212)",
 }
 
 

@@ -11,6 +11,7 @@ from .merge.rules import MERGE_RULES
 from .passes.depth.angular import AngularPass
 from .passes.depth.drop import DropPass
 from .passes.depth.laco import LaCoPass
+from .passes.depth.linearpatch import LinearPatchPass
 from .passes.depth.replaceme import ReplaceMePass
 from .passes.depth.shortened import ShortenedMagnitudePass, ShortenedPPLPass, ShortenedTaylorPass
 from .passes.depth.shortgpt import ShortGPTPass
@@ -25,8 +26,9 @@ from .plan.width_ops import NarrowAttention, NarrowMLP
 from .similarity import SIMILARITIES
 
 #: the built-in passes: depth (the paper's SLM, our slm-plus, the baselines), then width
-PASSES = (DropPass, SLMPass, SLMPlusPass, ShortGPTPass, AngularPass, ReplaceMePass, SLEBPass, ShortenedPPLPass,
-          ShortenedTaylorPass, ShortenedMagnitudePass, LaCoPass, FLAPPass, TaylorWidthPass, MinitronWidthPass)
+PASSES = (DropPass, SLMPass, SLMPlusPass, ShortGPTPass, AngularPass, ReplaceMePass, LinearPatchPass, SLEBPass,
+          ShortenedPPLPass, ShortenedTaylorPass, ShortenedMagnitudePass, LaCoPass, FLAPPass, TaylorWidthPass,
+          MinitronWidthPass)
 
 
 @hookimpl

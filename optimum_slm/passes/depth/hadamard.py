@@ -1,7 +1,7 @@
 """Orthonormal Hadamard matrices of the sizes LinearPatch rotates the residual stream with.
 
 LinearPatch's ``get_hadamard_matrix(n)`` (``rotate_utils/hadamard_utils.py``, adapted from QuIP#/QuaRot) applies a
-Walsh–Hadamard butterfly to the identity and then one ±1 matrix H_K of a small order K taken from Sloane's table of
+Walsh–Hadamard butterfly to the identity and then one ±1 matrix H_K of a small order K from Sloane's table of
 Hadamard matrices; as a matrix its result is kron(H_Kᵀ, S_{n/K}) / √n, S_m being Sylvester's ±1 matrix of order m (a
 power of two; ``scipy.linalg.hadamard``). K is the first of 172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12 that
 divides n (K = 1 when none does), and n/K must be a power of two.

@@ -31,14 +31,14 @@ c = tr(P)/d = mean(D) (so R = H·diag(D/c)·Hᵀ has unit mean eigenvalue, and R
   factor 1/c): the rows of ``o_proj``/``down_proj`` (Gemma-2/3: the post-branch norms' gains);
 * the remainder R is approximated, by the least-squares map on layer s−1's MLP output that best makes its output
   y·R (float64 sums over the fit set, T = (MᵀM)⁻¹MᵀB, no ridge), folded exactly into its ``down_proj`` (Gemma-2/3:
-  before the post-MLP norm, whose gain is refitted; ``merge/lstsq.py``). Plan op ``merge`` [s−1, s+n−1] with rule
+  before the post-MLP norm, whose gain is refitted; ``merge/lstsq.py``). Plan op ``merge`` [s−1, s+n−1], rule
   ``lstsq``, the machinery ReplaceMe's map uses, fitted to the patched stream instead of the base's. Taking T = R
   or T = I (no remainder) are both candidates the fit beats on the fit set.
 
 On SmolLM2-135M at 6/30 layers (block 13..18; held-out ``wiki-leads-test``, 16 × 512 tokens) the official hooked
-patch gives perplexity 28.80, its scalar part alone 28.86 (hooked or folded: the same to 6 digits), the scalar folded
-with T = R 28.83, plain deletion of the block 30.86; folding the whole P by least squares instead (no exact scalar) gives
-30.37: a layer's MLP output cannot carry c·y.
+patch gives perplexity 28.80, its scalar part alone 28.86 (hooked or folded: the same to 6 digits), the scalar
+folded with T = R 28.83, plain deletion of the block 30.86; folding the whole P by least squares instead (no exact
+scalar) gives 30.37: a layer's MLP output cannot carry c·y.
 
 Quirks kept: the token-axis cosine and the unscored starts 0 and L−n; a mean of per-sample ratios for D; when no
 start beats the unscored 0.0 (or n ≥ L−1 leaves no candidate) the official block starts at 0 and its hook goes to
@@ -71,7 +71,7 @@ class LinearPatchPass(CompressionPass):
     name = "linearpatch"
     streams = True  # runs on a lazy model through the sequential engine
     description = ("LinearPatch (NeurIPS 2025): delete the block whose ends are most alike (token-axis cosine), "
-                   "patch the cut with H·diag(D)·Hᵀ (fit set; scalar part exact, remainder least-squares)")
+                   "patch the cut with H·diag(D)·Hᵀ (fit set; its scalar part exact, the rest least-squares)")
     params = (
         RATIO,
         NUM_LAYERS,
@@ -119,8 +119,7 @@ class LinearPatchPass(CompressionPass):
         makes the layer's output closest to the base's output times ``remainder``; folded into a copy of the layer."""
         module = engine.copy_layer(start - 1)
         fit = BranchFit(engine.adapter, module, "mlp", engine.device)
-        hidden = engine.adapter.config.hidden_size
-        ids = engine.fit_set(self.name, min_tokens=16 * hidden)
+        ids = engine.fit_set(self.name)
         r = remainder.to(engine.device, torch.float64)
         started, layer_tokens = time.perf_counter(), engine.fit_layer_tokens
         try:
@@ -147,6 +146,7 @@ class LinearPatchPass(CompressionPass):
         n = self.target_count(L)
         insert = self.config["insert_type"]
         hidden = engine.adapter.config.hidden_size
+        engine.fit_set(self.name, min_tokens=16 * hidden)  # warns when it falls back to the small search set
         rotation = None
         if insert == "rotate":
             hadamard_order(hidden)  # a hidden size with no official Hadamard matrix is refused before any work

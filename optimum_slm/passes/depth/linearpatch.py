@@ -35,10 +35,10 @@ c = tr(P)/d = mean(D) (so R = H·diag(D/c)·Hᵀ has unit mean eigenvalue, and R
   ``lstsq``, the machinery ReplaceMe's map uses, fitted to the patched stream instead of the base's. Taking T = R
   or T = I (no remainder) are both candidates the fit beats on the fit set.
 
-On SmolLM2-135M at 6/30 layers (block 13..18; held-out ``wiki-leads-test``, 16 × 512 tokens) the official hooked
-patch gives perplexity 28.80, its scalar part alone 28.86 (hooked or folded: the same to 6 digits), the scalar
-folded with T = R 28.83, plain deletion of the block 30.86; folding the whole P by least squares instead (no exact
-scalar) gives 30.37: a layer's MLP output cannot carry c·y.
+On SmolLM2-135M at 6/30 layers (the default fit set picks block 13..18; held-out ``wiki-leads-test``, 16 × 512
+tokens) this fold gives perplexity 28.78, the official hooked patch 28.80, its scalar part alone 28.86 (hooked or
+folded: the same to 6 digits), the scalar folded with T = R 28.83, plain deletion of the block 30.86; folding the
+whole P by least squares instead (no exact scalar) gives 30.37: a layer's MLP output cannot carry c·y.
 
 Quirks kept: the token-axis cosine and the unscored starts 0 and L−n; a mean of per-sample ratios for D; when no
 start beats the unscored 0.0 (or n ≥ L−1 leaves no candidate) the official block starts at 0 and its hook goes to

@@ -7,8 +7,8 @@ power of two; ``scipy.linalg.hadamard``). K is the first of 172, 156, 140, 108, 
 divides n (K = 1 when none does), and n/K must be a power of two.
 
 The tables are data we do not copy: every H_K below is built from its definition, and for K = 12, 20, 28, 36, 40, 60,
-108 and 140 the construction equals the official table entry for entry (checked once against the official file, and
-by the properties tested in tests/test_linearpatch.py):
+108 and 140 the construction equals the official table entry for entry (tests/test_linearpatch.py holds the sha256 of
+each official table's sign pattern, and transcribes the official butterfly):
 
 * K = q + 1 for a prime q ≡ 3 (mod 4) (12, 20, 60, 108, 140: q = 11, 19, 59, 107, 139): Paley's first construction
   in the skew form the table uses, I + S with S = [[0, −1ᵀ], [1, Q]], Q[i][j] = χ(i − j) the quadratic character

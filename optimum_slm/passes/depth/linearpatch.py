@@ -32,8 +32,8 @@ c = tr(P)/d = mean(D) (so R = H·diag(D/c)·Hᵀ has unit mean eigenvalue, and R
 * the remainder R is approximated, by the least-squares map on layer s−1's MLP output that best makes its output
   y·R (float64 sums over the fit set, T = (MᵀM)⁻¹MᵀB, no ridge), folded exactly into its ``down_proj`` (Gemma-2/3:
   before the post-MLP norm, whose gain is refitted; ``merge/lstsq.py``). Plan op ``merge`` [s−1, s+n−1], rule
-  ``lstsq``, the machinery ReplaceMe's map uses, fitted to the patched stream instead of the base's. Taking T = R
-  or T = I (no remainder) are both candidates the fit beats on the fit set.
+  ``lstsq``, the machinery ReplaceMe's map uses, fitted to the patched stream instead of the base's. T = R and
+  T = I (no remainder) are both candidates of the fit: on the fit set it is never worse than either.
 
 On SmolLM2-135M at 6/30 layers (the default fit set picks block 13..18; held-out ``wiki-leads-test``, 16 × 512
 tokens) this fold gives perplexity 28.78, the official hooked patch 28.80, its scalar part alone 28.86 (hooked or

@@ -12,6 +12,7 @@ from .passes.depth.angular import AngularPass
 from .passes.depth.drop import DropPass
 from .passes.depth.laco import LaCoPass
 from .passes.depth.prune_comp import PruneCompPass
+from .passes.depth.linearpatch import LinearPatchPass
 from .passes.depth.replaceme import ReplaceMePass
 from .passes.depth.shortened import ShortenedMagnitudePass, ShortenedPPLPass, ShortenedTaylorPass
 from .passes.depth.shortgpt import ShortGPTPass
@@ -27,7 +28,8 @@ from .plan.width_ops import NarrowAttention, NarrowMLP
 from .similarity import SIMILARITIES
 
 #: the built-in passes: depth (the paper's SLM, our slm-plus, the baselines), then width
-PASSES = (DropPass, SLMPass, SLMPlusPass, ShortGPTPass, AngularPass, ReplaceMePass, SLEBPass, PruneCompPass,
+PASSES = (DropPass, SLMPass, SLMPlusPass, ShortGPTPass, AngularPass, ReplaceMePass, LinearPatchPass, SLEBPass,
+          PruneCompPass,
           ShortenedPPLPass, ShortenedTaylorPass, ShortenedMagnitudePass, LaCoPass, FLAPPass, TaylorWidthPass,
           MinitronWidthPass)
 

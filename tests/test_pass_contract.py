@@ -47,6 +47,7 @@ PASSES: dict[str, Spec] = {
     "angular": Spec({"num_layers": 2}),
     "drop": Spec({"layers": [1, 3]}),
     "laco": Spec({"num_layers": 2, "merge_layers": 3}),
+    "linearpatch": Spec({"num_layers": 2}),
     "prune-comp": Spec({"num_layers": 2}),
     "replaceme": Spec({"num_layers": 2}),
     "shortened-magnitude": Spec({"num_layers": 2, "keep_first": 1, "keep_last": 1}),

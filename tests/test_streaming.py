@@ -54,6 +54,7 @@ def test_lazy_model_holds_no_layer_weights(sharded):
     ("shortgpt", {"num_layers": 2}),
     ("angular", {"num_layers": 2}),
     ("replaceme", {"num_layers": 2}),
+    ("linearpatch", {"num_layers": 2}),
     ("slm-plus", {"ratio": 0.34, "fit_order": "bottom-up"}),
     ("laco", {"num_layers": 2, "merge_layers": 3}),
     ("shortened-ppl", {"num_layers": 1, "keep_first": 1, "keep_last": 1}),

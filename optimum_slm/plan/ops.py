@@ -8,7 +8,13 @@ hold a base layer's weights, per-layer widths), so a later op sees what the earl
 * ``merge`` ``{"layers": [low, high], "rule": name, "args": {...}, "tensors": {role: name}}``: collapse the base layers
   low..high into one layer by a merge rule (merge/rules.py); the result takes position ``low``. A window must consist
   of layers that still hold their base weights (a merged layer cannot be merged again: the op is defined on the
-  base's tensors). Fitted rules reference side-car tensors by name in ``tensors``.
+  base's tensors). Fitted rules reference side-car tensors by name in ``tensors``;
+* ``scale_branches`` ``{"layers": [i, ...], "factor": f}``: multiply the output of every residual branch (attention
+  and MLP) of those layers by the positive number f, folded into their weights (``ArchAdapter.fold_branch_scales``:
+  the rows of ``o_proj``/``down_proj``, or a post-branch norm's gain). With the final norm and every layer's input
+  norms blind to a scalar, this computes exactly (up to the norms' ε) what the unscaled layers compute on a residual
+  stream multiplied by 1/f where it enters the first of them (LinearPatch's scalar part, see
+  passes/depth/linearpatch.py).
 
 Third-party kinds register through the ``register_op_kinds`` hook.
 """
@@ -279,7 +285,43 @@ class MergeOp(OpKind):
         return {**op, "layers": [slots[p], slots[q]]}
 
 
-BUILTIN_KINDS: tuple[OpKind, ...] = (DropOp(), MergeOp())
+class ScaleBranchesOp(OpKind):
+    name = "scale_branches"
+    keys = frozenset({"op", "layers", "factor"})
+
+    def validate(self, op: Op, shape: PlanShape, tensors: Tensors) -> PlanShape:
+        layers = int_list(op.get("layers"), "scale_branches op 'layers'")
+        what = "scale_branches op"
+        if not layers or len(set(layers)) != len(layers):
+            raise PlanError(f"{what} needs at least one layer, each once, got {layers}")
+        self.check_keys(op, what)
+        check_in_base(layers, shape, what)
+        check_alive(layers, shape, what)
+        factor = op.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise PlanError(f"{what}: 'factor' must be a finite number > 0, got {factor!r}")
+        # the scaled layers no longer hold their base weights: a later merge must not read the base's
+        return replace(shape, derived=shape.derived | set(layers))
+
+    def apply(self, ctx, op: Op, tensors: Tensors) -> None:
+        hidden = int(ctx.adapter.config.hidden_size)
+        for layer in op["layers"]:
+            module = ctx.writable(layer)  # acts on the layer as earlier ops left it
+            scales = {b.name: torch.full((hidden,), float(op["factor"])) for b in ctx.adapter.family.branches}
+            ctx.adapter.fold_branch_scales(module, scales)
+
+    def describe(self, op: Op) -> str:
+        return f"scale_branches {', '.join(str(i) for i in op['layers'])} x{op['factor']:.6g}"
+
+    def to_base(self, op: Op, slots: Sequence[int]) -> dict[str, Any]:
+        layers = int_list(op.get("layers"), "scale_branches op 'layers'")
+        bad = [p for p in layers if not 0 <= p < len(slots)]
+        if bad:
+            raise PlanError(f"scale_branches op: position {bad[0]} out of range 0..{len(slots) - 1}")
+        return {**op, "layers": [slots[p] for p in layers]}
+
+
+BUILTIN_KINDS: tuple[OpKind, ...] = (DropOp(), MergeOp(), ScaleBranchesOp())
 
 
 def op_kinds() -> dict[str, OpKind]:
@@ -308,3 +350,8 @@ def merge_op(start: int, end: int, rule: str = "official", **extra: Any) -> dict
 def drop_op(layers: Iterable[int]) -> dict[str, Any]:
     """A drop op removing the given base layers."""
     return {"op": "drop", "layers": sorted(int(i) for i in layers)}
+
+
+def scale_branches_op(layers: Iterable[int], factor: float) -> dict[str, Any]:
+    """A scale_branches op: every residual branch output of the given base layers multiplied by ``factor``."""
+    return {"op": "scale_branches", "layers": sorted(int(i) for i in layers), "factor": float(factor)}

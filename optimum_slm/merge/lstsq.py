@@ -66,11 +66,6 @@ class LeastSquares:
         self.atb += a.T @ b
         self.rows += a.shape[0]
 
-    def add_branch(self, part: torch.Tensor, out: torch.Tensor, target: torch.Tensor) -> None:
-        """Rows for a map on one residual branch: its output ``part`` should add what the layer output ``out`` lacks
-        to reach ``target`` beyond everything else it holds, i.e. part·T ≈ target − (out − part)."""
-        self.add(part, target.double() - (out.double() - part.double()))
-
     def solve(self, ridge: float = 0.0, what: str = "map", prior: str = "zero") -> torch.Tensor:
         """argmin ‖A·T − B‖² + α‖T − P‖² as float32, α = ``ridge`` × the mean diagonal of AᵀA:
         T = (AᵀA + αI)⁻¹ (AᵀB + αP). ``prior`` P: ``zero`` (ReplaceMe's ridge; α = 0, plain least squares, is the
@@ -109,17 +104,6 @@ class MapSite:
     target_at: int
     #: the residual branches that get a map, fitted in this order (attention first: the MLP then sees its effect)
     branches: tuple[str, ...] = ("mlp",)
-
-
-def capture_branch(engine: ForwardEngine, module: nn.Module, branch: str, sink: list):
-    """A forward hook appending the output of ``module``'s residual branch (``attn`` / ``mlp``) to ``sink``; returns
-    its handle."""
-    sub = engine.adapter.branch_modules(module)[branch]
-
-    def hook(_m, _inp, out):
-        sink.append((out[0] if isinstance(out, tuple) else out).detach())
-
-    return sub.register_forward_hook(hook)
 
 
 class BranchFit:

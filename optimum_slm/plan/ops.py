@@ -144,6 +144,23 @@ class OpKind:
         raise PlanError(f"op {self.name!r} cannot be re-expressed in base numbering")
 
 
+def positions_to_base(op: Op, slots: Sequence[int], name: str) -> list[int]:
+    """An op's ``layers`` given as positions of a compressed model, in base numbering (``slots[p]``)."""
+    layers = int_list(op.get("layers"), f"{name} op 'layers'")
+    bad = [p for p in layers if not 0 <= p < len(slots)]
+    if bad:
+        raise PlanError(f"{name} op: position {bad[0]} out of range 0..{len(slots) - 1}")
+    return [slots[p] for p in layers]
+
+
+def positive_number(op: Op, key: str, what: str) -> float:
+    """``op[key]`` as a finite number > 0 (a scale folded into weights); one-line ``PlanError`` otherwise."""
+    value = op.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise PlanError(f"{what}: '{key}' must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 class DropOp(OpKind):
     name = "drop"
     keys = frozenset({"op", "layers"})
@@ -169,11 +186,7 @@ class DropOp(OpKind):
         return {"dropped": sorted(op["layers"])}
 
     def to_base(self, op: Op, slots: Sequence[int]) -> dict[str, Any]:
-        layers = int_list(op.get("layers"), "drop op 'layers'")
-        bad = [p for p in layers if not 0 <= p < len(slots)]
-        if bad:
-            raise PlanError(f"drop op: position {bad[0]} out of range 0..{len(slots) - 1}")
-        return drop_op(slots[p] for p in layers)
+        return drop_op(positions_to_base(op, slots, "drop"))
 
 
 def _has_post_norm(model_type: str | None) -> bool | None:
@@ -297,28 +310,20 @@ class ScaleBranchesOp(OpKind):
         self.check_keys(op, what)
         check_in_base(layers, shape, what)
         check_alive(layers, shape, what)
-        factor = op.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
-            raise PlanError(f"{what}: 'factor' must be a finite number > 0, got {factor!r}")
+        positive_number(op, "factor", what)
         # the scaled layers no longer hold their base weights: a later merge must not read the base's
         return replace(shape, derived=shape.derived | set(layers))
 
     def apply(self, ctx, op: Op, tensors: Tensors) -> None:
-        hidden = int(ctx.adapter.config.hidden_size)
         for layer in op["layers"]:
-            module = ctx.writable(layer)  # acts on the layer as earlier ops left it
-            scales = {b.name: torch.full((hidden,), float(op["factor"])) for b in ctx.adapter.family.branches}
-            ctx.adapter.fold_branch_scales(module, scales)
+            # acts on the layer as earlier ops left it
+            ctx.adapter.scale_branches(ctx.writable(layer), float(op["factor"]))
 
     def describe(self, op: Op) -> str:
         return f"scale_branches {', '.join(str(i) for i in op['layers'])} x{op['factor']:.6g}"
 
     def to_base(self, op: Op, slots: Sequence[int]) -> dict[str, Any]:
-        layers = int_list(op.get("layers"), "scale_branches op 'layers'")
-        bad = [p for p in layers if not 0 <= p < len(slots)]
-        if bad:
-            raise PlanError(f"scale_branches op: position {bad[0]} out of range 0..{len(slots) - 1}")
-        return {**op, "layers": [slots[p] for p in layers]}
+        return {**op, "layers": positions_to_base(op, slots, "scale_branches")}
 
 
 BUILTIN_KINDS: tuple[OpKind, ...] = (DropOp(), MergeOp(), ScaleBranchesOp())

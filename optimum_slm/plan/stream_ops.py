@@ -15,18 +15,12 @@ refuses it (merges read the base's tensors).
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
 from ..errors import PlanError
-from .ops import OpKind, Op, PlanShape, Tensors, check_alive, check_in_base, int_list
-
-
-def _check_scale(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise PlanError(f"{what}: 'scale' must be a finite number > 0, got {value!r}")
-    return float(value)
+from .ops import (OpKind, Op, PlanShape, Tensors, check_alive, check_in_base, int_list, positions_to_base,
+                  positive_number)
 
 
 def _spans(layers: Sequence[int]) -> str:
@@ -51,7 +45,7 @@ class RescaleOp(OpKind):
         layers = int_list(op.get("layers"), f"{what} 'layers'")
         if layers != sorted(set(layers)):
             raise PlanError(f"{what}: 'layers' must be increasing base layer indices, each once, got {layers}")
-        _check_scale(op.get("scale"), what)
+        positive_number(op, "scale", what)
         check_in_base(layers, shape, what)
         check_alive(layers, shape, what)
         return replace(shape, derived=shape.derived | set(layers))
@@ -68,11 +62,7 @@ class RescaleOp(OpKind):
         return f"rescale x{op['scale']:.6g} (embedding{below})"
 
     def to_base(self, op: Op, slots: Sequence[int]) -> dict[str, Any]:
-        layers = int_list(op.get("layers"), "rescale op 'layers'")
-        bad = [p for p in layers if not 0 <= p < len(slots)]
-        if bad:
-            raise PlanError(f"rescale op: position {bad[0]} out of range 0..{len(slots) - 1}")
-        return rescale_op((slots[p] for p in layers), op.get("scale"))
+        return rescale_op(positions_to_base(op, slots, "rescale"), op.get("scale"))
 
 
 def rescale_op(layers: Iterable[int], scale: float) -> dict[str, Any]:

@@ -235,12 +235,18 @@ def fit_output_maps(
         _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps)
     finally:
         engine.release_fit_replay()
-    cost = {
+    return maps, fit_cost(engine, fit, started, layer_tokens)
+
+
+def fit_cost(engine: ForwardEngine, fit: torch.Tensor, started: float, layer_tokens: int) -> dict[str, float]:
+    """A fit's cost record since ``started`` (``perf_counter``) and ``layer_tokens`` (``engine.fit_layer_tokens``
+    then): ``fit_tokens``, ``fit_seconds`` (a timing, kept out of plan files) and ``fit_layer_passes``
+    (decoder-layer runs in passes over the fit set ``fit``)."""
+    return {
         "fit_tokens": int(fit.numel()),
         "fit_seconds": round(time.perf_counter() - started, 2),
         "fit_layer_passes": round((engine.fit_layer_tokens - layer_tokens) / fit.numel(), 2),
     }
-    return maps, cost
 
 
 def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps) -> None:

@@ -58,7 +58,7 @@ import torch
 
 from ...engine import Slot
 from ...errors import PassError
-from ...merge.lstsq import BranchFit
+from ...merge.lstsq import BranchFit, fit_cost
 from ...plan import drop_op, merge_op, scale_branches_op
 from ..base import NUM_LAYERS, RATIO, CompressionPass, PassParam, PassResult
 from .common import round_scores
@@ -133,12 +133,7 @@ class LinearPatchPass(CompressionPass):
                 fit.solve(0.0, f"{self.name} {start - 1}", "zero")
         finally:
             engine.release_fit_replay()
-        cost = {
-            "fit_tokens": int(ids.numel()),
-            "fit_seconds": round(time.perf_counter() - started, 2),
-            "fit_layer_passes": round((engine.fit_layer_tokens - layer_tokens) / ids.numel(), 2),
-        }
-        return fit.tensors, cost
+        return fit.tensors, fit_cost(engine, ids, started, layer_tokens)
 
     def run(self, engine) -> PassResult:
         engine.require_calibration(self.name)

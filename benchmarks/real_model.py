@@ -15,8 +15,8 @@ pass reads and no setting was chosen on (16 x 512 tokens each, ``evaluate.heldou
 calibration domain), ``lambada-books`` (BookCorpus fiction) and ``python-code-test`` (standard-library source, the
 model's home domain). Per plan row: wall time of the plan with the search / fit split (``plan.timings``), the
 quality check's time, decoder-layer evaluations over the search set and layer passes over the fit set, peak RSS
-(VmHWM of the row's process), the plan's digest (sha256 of its JSON and side-car tensors: the streamed row must
-equal the in-memory one).
+(VmHWM of the row's process; a VmRSS sampler gives its peak in the search, the fit and the quality check), the
+plan's digest (sha256 of its JSON and side-car tensors: the streamed row must equal the in-memory one).
 
 Row names: ``dense``; ``<pass>`` (that pass at ``--ratio``, default 0.25); ``<pass>[k=v,...]`` (with parameters);
 ``<pass>@streamed`` (planned on the lazy model under ``--max-memory``, default 4GiB; compared with ``<pass>``);
@@ -82,6 +82,32 @@ def peak_rss_mb() -> float | None:
     from compare_depth import peak_rss_mb as measured  # the one reading of VmHWM the benchmarks share
 
     return measured()
+
+
+class RssSampler:
+    """Resident memory (VmRSS) sampled every ``every`` seconds in a daemon thread, so a row can say in which phase
+    its peak fell (the search, the fit, the quality check): ``peak(start, end)`` over ``perf_counter`` times."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self._every = every
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with open("/proc/self/status", encoding="ascii") as fh:
+                    kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                return
+            self.samples.append((time.perf_counter(), kb / 1e3))
+            time.sleep(self._every)
+
+    def peak_gb(self, start: float, end: float) -> float | None:
+        inside = [mb for t, mb in self.samples if start <= t <= end]
+        return round(max(inside) / 1e3, 2) if inside else None
 
 
 def parse_row(row: str, default_ratio: float) -> dict[str, Any]:
@@ -162,15 +188,21 @@ def run_plan_row(args, row: str, spec: dict[str, Any]) -> dict[str, Any]:
     from optimum_slm.engine.budget import MemoryBudget
     from optimum_slm.quality import QualityCheck
 
+    rss = RssSampler()
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype="float32", lazy=spec["streamed"])
     load_s = time.perf_counter() - started
     budget = MemoryBudget.of(args.max_memory) if spec["streamed"] else None
+    plan_started = time.perf_counter()
     plan, calib, record = make_plan(args, spec, model, tokenizer, budget)
     started = time.perf_counter()
+    # the fit runs at the end of a pass's planning: its last fit_s seconds
+    record["peak_rss_gb_by_phase"] = {"search": rss.peak_gb(plan_started, started - record["fit_s"]),
+                                      "fit": rss.peak_gb(started - record["fit_s"], started)}
     probe = QualityCheck.prepare(model, tokenizer, calib.unseen(), calib.source, budget)
     apply_plan(model, plan)
     check = probe.run(model)
+    record["peak_rss_gb_by_phase"]["check"] = rss.peak_gb(started, time.perf_counter())
     record.update(check_s=round(time.perf_counter() - started, 1), load_s=round(load_s, 1),
                   check_ppl=check["ppl"], check_base_ppl=check["base_ppl"],
                   layers_after=len(model.model.layers), params_m=round(sum(p.numel() for p in model.parameters())

@@ -235,6 +235,39 @@ def test_resident_layers_cut_reads_and_change_nothing(sharded, tmp_path, monkeyp
     assert counts[2**30] * 3 < counts[1]  # each layer read once instead of once per trial stack
 
 
+@pytest.mark.parametrize("budget", [1, 2**34])
+def test_a_streamed_fit_pass_reads_each_layer_once(sharded, monkeypatch, budget):
+    """Streamed, the fit set goes layer-outer: every layer up to the highest point is read once per pass whatever
+    the number of fit batches (batch-outer it was read once per batch), with the in-memory engine's states; with no
+    room the running states go to a temp folder that is gone when the pass ends."""
+    from optimum_slm.engine import ForwardEngine
+    from optimum_slm.engine import spill
+    from optimum_slm.io.shards import TensorStore
+
+    fit = calib_ids(40, 16, seed=5)
+    full, _ = load_model(sharded)
+    want = [{p: h.clone() for p, h in b.inputs.items()}
+            for b in ForwardEngine(full, calib_ids(2, 8), fit_ids=fit, fit_batch_size=16).stream_fit([2, 4])]
+    engine = SequentialEngine(load_lazy_model(sharded), calib_ids(2, 8), fit_ids=fit, fit_batch_size=16,
+                              budget=MemoryBudget(budget))
+    reads, folders = [], []
+    original_read, original_folder = TensorStore.read, spill.ActivationFolder.__init__
+    monkeypatch.setattr(TensorStore, "read", lambda self, name: reads.append(name) or original_read(self, name))
+    monkeypatch.setattr(spill.ActivationFolder, "__init__",
+                        lambda self: original_folder(self) or folders.append(self._dir.name))
+    got = [{p: h.clone() for p, h in b.inputs.items()} for b in engine.stream_fit([2, 4])]
+    per_layer = len([n for n in reads if n.startswith("model.layers.0.")])
+    assert per_layer == len(list(engine.adapter.layers[0].parameters()))  # read once, not once per batch (3)
+    assert {n.split(".")[2] for n in reads} == {"0", "1", "2", "3"}  # nothing above the highest point
+    assert len(got) == len(want) == 3
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[p], b[p]) for p in a)
+    assert engine.fit_layer_tokens == fit.numel() * 5
+    assert (len(folders) == 1) == (budget == 1)
+    assert not any(os.path.exists(f) for f in folders)  # the pass's temp folder is gone with it
+    engine.close()
+
+
 def test_the_cache_keeps_the_top_layers(sharded):
     engine = SequentialEngine(load_lazy_model(sharded), calib_ids(2, 8), budget=MemoryBudget(2**30))
     engine.record_layer_inputs()

@@ -192,13 +192,8 @@ class ForwardEngine:
         ``release_fit_replay``.
         """
         reuse = reuse and reduce is None
-        replay = self._fit_replay
-        if reuse and replay is not None and set(points) <= replay[0]:
-            with progress_bar(desc=desc, unit="seq", total=self.fit_set("stream_fit").shape[0]) as bar:
-                for recorded in replay[1]:
-                    batch = recorded.batch()
-                    yield batch
-                    bar.update(batch.ids.shape[0])
+        if reuse and self._can_replay(points):
+            yield from self._replay_fit(desc)
             return
         # captured states come to the compute device (a device map leaves each layer's on its own)
         keep = (lambda h: reduce(h.to(self.device))) if reduce is not None else (lambda h: h.to(self.device))
@@ -208,7 +203,7 @@ class ForwardEngine:
         if reuse:
             self.release_fit_replay()
             width = self.adapter.config.hidden_size
-            store = self._fit_keeper(ids_all.numel() * width * 4 * len(set(points)))
+            store, self._fit_folder = self._fit_keeper(ids_all.numel() * width * 4 * len(set(points)))
             kept = []
         with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
             for start in range(0, ids_all.shape[0], self.fit_batch_size):
@@ -222,6 +217,18 @@ class ForwardEngine:
                 bar.update(ids.shape[0])
         if kept is not None:  # only a pass that ran to its end is replayed
             self._fit_replay = (frozenset(points), kept)
+
+    def _can_replay(self, points: Sequence[int]) -> bool:
+        """Whether a ``stream_fit(reuse=True)`` pass kept the base's states at every one of ``points``."""
+        return self._fit_replay is not None and set(points) <= self._fit_replay[0]
+
+    def _replay_fit(self, desc: str) -> Iterator["FitBatch"]:
+        """The fit batches a ``stream_fit(reuse=True)`` pass kept, read back in order (no base forward)."""
+        with progress_bar(desc=desc, unit="seq", total=self.fit_set("stream_fit").shape[0]) as bar:
+            for recorded in self._fit_replay[1]:
+                batch = recorded.batch()
+                yield batch
+                bar.update(batch.ids.shape[0])
 
     #: the states a ``stream_fit(reuse=True)`` pass kept: (points, batches), None when nothing is kept
     _fit_replay: tuple[frozenset, list["_RecordedFitBatch"]] | None = None
@@ -243,16 +250,17 @@ class ForwardEngine:
         free = available_memory()
         return None if free is None else free // 2
 
-    def _fit_keeper(self, total: int) -> Callable[[torch.Tensor], Any]:
-        """How replayed fit states are kept: as tensors on ``storage_device``, or written to a temp folder when
-        ``total`` bytes would exceed ``_fit_room`` (half the memory available now; a lazy model's budget)."""
+    def _fit_keeper(self, total: int) -> tuple[Callable[[torch.Tensor], Any], Any]:
+        """How ``total`` bytes of fit states are kept: ``(write, folder)``: as tensors on ``storage_device`` (folder
+        None), or written to a temp ``ActivationFolder`` when they would exceed ``_fit_room`` (half the memory
+        available now; a lazy model's budget). The caller owns the folder (``cleanup``)."""
         from .spill import ActivationFolder
 
         room = self._fit_room()
         if room is not None and total > room:
-            self._fit_folder = folder = ActivationFolder()
-            return folder.write
-        return lambda t: t.to(self.storage_device)
+            folder = ActivationFolder()
+            return folder.write, folder
+        return (lambda t: t.to(self.storage_device)), None
 
     def _capture_fit(self, batch: "FitBatch", wanted: set[int], top: int, keep: Callable) -> None:
         """Fill ``batch``: one base forward with hooks, cut after the highest point."""
@@ -385,18 +393,24 @@ class _StopForward(Exception):
     """Raised by a hook once a streamed fit batch has what it needs: the rest of the forward is skipped."""
 
 
+def read_kept(value: Any) -> torch.Tensor:
+    """A kept fit state: the tensor itself, or the ``ActivationFolder`` entry read back."""
+    return value if isinstance(value, torch.Tensor) else value.read()
+
+
 class _RecordedFitBatch:
     """A fit batch kept for replay: its ids, call kwargs and captured states (tensors, or files on disk)."""
 
     def __init__(self, batch: "FitBatch", store: Callable[[torch.Tensor], Any]):
         self.engine, self.ids, self.kwargs = batch.engine, batch.ids, batch.kwargs
+        #: point -> the kept state: a tensor, or an ``ActivationFolder`` entry read back by ``batch``
         self.inputs = {point: store(h) for point, h in batch.inputs.items()}
 
     def batch(self) -> "FitBatch":
         out = FitBatch(self.engine, self.ids)
         out.kwargs = self.kwargs
         device = self.engine.device
-        out.inputs = {p: (v if isinstance(v, torch.Tensor) else v.read()).to(device) for p, v in self.inputs.items()}
+        out.inputs = {p: read_kept(v).to(device) for p, v in self.inputs.items()}
         return out
 
 

@@ -7,7 +7,8 @@ decoder layers are read from the checkpoint only while they run.
   its input.
 * ``run_layers`` is layer-outer too (the same computations as the in-memory engine, in another order: results are
   bit-identical); each slot's module is read in once for all batches.
-* ``stream_fit`` runs the fit set batch by batch (memory does not grow with it); each layer is read once per batch.
+* ``stream_fit`` is layer-outer as well: each layer is read once per pass over the fit set (not once per batch);
+  the fit set's running states are kept in memory or, beyond the budget's room, in a temp folder.
 
 Memory follows the engine's ``MemoryBudget`` (``budget=``, from ``--max-memory``; without a limit, the memory
 available):
@@ -20,7 +21,7 @@ together, tensor by tensor).
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from ..progress import progress_bar
 from .budget import MemoryBudget
 from .lazy import materialized, read_in
 from .spill import ActivationFolder
-from .memory import FitBatch, ForwardEngine, Slot, call_kwargs, call_layer
+from .memory import FitBatch, ForwardEngine, Slot, _RecordedFitBatch, call_kwargs, call_layer, read_kept
 
 
 class _Probe(nn.Module):
@@ -169,18 +170,62 @@ class SequentialEngine(ForwardEngine):
             slot_inputs[-1] = [h.to(self.storage_device) for h in hidden]
         return [self.adapter.final_norm(h) for h in hidden] if final_norm else hidden
 
-    def _capture_fit(self, batch: FitBatch, wanted: set[int], top: int, keep: Callable) -> None:
-        """Fill ``batch`` layer by layer, each layer read in for this batch (memory stays one batch's)."""
-        n, layers = self.num_layers, self.adapter.layers
-        h, kwargs = probe_calls(self.adapter, batch.ids, self.device)
-        batch.kwargs = dict(enumerate(kwargs))
-        for i in range(min(top, n) + 1):
-            if i in wanted:
-                batch.inputs[i] = keep(h.detach())
-            if i == min(top, n):
-                break
-            with self.loaded(layers[i]):
-                h = call_layer(layers[i], kwargs[i], h)
+    @torch.inference_mode()
+    def stream_fit(self, points: Sequence[int], desc: str = "fitting",
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   reuse: bool = False) -> Iterator[FitBatch]:
+        """``ForwardEngine.stream_fit`` layer-outer: every fit batch goes through layer ``i`` before layer ``i + 1``
+        is read, so each layer is read once per pass instead of once per batch (a lazy layer costs a read from disk
+        where the in-memory model's is free). The running states of all batches, and the captured ones, are kept like
+        replayed fit states (``_fit_keeper``: memory, or a temp folder beyond the budget's room); the batches are then
+        yielded from them. The same computations as batch by batch, in another order: the states are bit-identical.
+        """
+        reuse = reuse and reduce is None
+        if reuse and self._can_replay(points):
+            yield from self._replay_fit(desc)
+            return
+        keep = (lambda h: reduce(h.to(self.device))) if reduce is not None else (lambda h: h.to(self.device))
+        ids_all = self.fit_set("stream_fit")
+        n, wanted, layers = self.num_layers, set(points), self.adapter.layers
+        stop = min(max(points), n)
+        if reuse:
+            self.release_fit_replay()
+        # room for the running states and, unreduced, the captured ones (a reduced capture is a few rows)
+        state_bytes = ids_all.numel() * self.adapter.config.hidden_size * 4
+        store, folder = self._fit_keeper(state_bytes * (1 + (len(wanted) if reduce is None else 0)))
+        recorded: list[_RecordedFitBatch] = []
+        running: list[Any] = []
+        try:
+            for start in range(0, ids_all.shape[0], self.fit_batch_size):
+                batch = FitBatch(self, ids_all[start : start + self.fit_batch_size])
+                h, kwargs = probe_calls(self.adapter, batch.ids, self.device)
+                batch.kwargs = dict(enumerate(kwargs))
+                recorded.append(_RecordedFitBatch(batch, store))
+                running.append(store(h))
+            with progress_bar(desc=f"{desc} (base states)", unit="layer", total=stop) as bar:
+                for i in range(stop + 1):
+                    with self.loaded(layers[i]) if i < stop else nullcontext():
+                        for b, rec in enumerate(recorded):
+                            h = read_kept(running[b]).to(self.device)
+                            if i in wanted:
+                                rec.inputs[i] = store(keep(h.detach()))
+                            if i < stop:
+                                h = call_layer(layers[i], rec.kwargs[i], h)
+                                running[b] = store(h)
+                    if i < stop:
+                        bar.update(1)
+            running.clear()
+            self.fit_layer_tokens += ids_all.numel() * min(stop + 1, n)
+            with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
+                for rec in recorded:
+                    batch = rec.batch()
+                    yield batch
+                    bar.update(batch.ids.shape[0])
+            if reuse:  # only a pass that ran to its end is replayed; the replay owns the folder from here
+                self._fit_replay, self._fit_folder, folder = (frozenset(points), recorded), folder, None
+        finally:
+            if folder is not None:
+                folder.cleanup()
 
     @contextmanager
     def loaded(self, module: nn.Module) -> Iterator[nn.Module]:

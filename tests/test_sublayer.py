@@ -220,3 +220,86 @@ def test_gguf_export_refuses_a_removed_branch_in_one_line(tiny_checkpoint, subla
     assert result.exit_code != 0
     line = result.stderr.strip()
     assert "without attention" in line and "\n" not in line
+
+
+# ------------------------------------------------------------------------------------------------ the search
+def _token_cosine(model, base, ids) -> float:
+    from optimum_slm.metrics import mean_token_cosine
+
+    with torch.no_grad():
+        return mean_token_cosine([model.model(ids).last_hidden_state], [base.model(ids).last_hidden_state])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sublayer_search_spends_the_parameter_budget_and_its_maps_fit(family):
+    from optimum_slm import compress
+
+    base = make_model(family, 8)
+    fit = calib_ids(16, 24, seed=1)
+    plan = compress(base, "slm-plus", calib_ids(4, 16), fit=fit, ratio=0.3, granularity="sublayer", cache=False)
+    trace = plan.trace
+    layers = base.model.layers
+    attn, mlp = branch_params(layers[0], "attn"), branch_params(layers[0], "mlp")
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    # round(0.3 x 8) = 2 layers' parameters; units fit in it, and no unit was left that would still fit
+    assert trace["param_budget"] == 2 * per_layer
+    assert trace["param_budget"] - min(attn, mlp) < trace["params_removed"] <= trace["param_budget"]
+    assert trace["params_removed"] == attn * len(trace["attn_removed"]) + mlp * len(trace["mlp_removed"])
+    assert len(trace["rounds"]) == len(trace["attn_removed"]) + len(trace["mlp_removed"])
+    assert plan.params["granularity"] == "sublayer" and "merge" not in plan.params and "search" not in plan.params
+    model = apply_plan(copy.deepcopy(base), plan)
+    dropped_norms = sum(p.numel() for i in trace["layers_dropped"] for n, p in layers[i].named_parameters()
+                        if "norm" in n)
+    assert param_count(base) - param_count(model) == trace["params_removed"] + dropped_norms
+    # every single removal carries a map fitted on the fit set: it brings the fit set closer to the base
+    assert all(op.get("tensors") for op in plan.ops if op["op"] != "drop")
+    bare = CompressionPlan.for_model(base, "t", [{k: v for k, v in op.items() if k != "tensors"} for op in plan.ops])
+    assert _token_cosine(model, base, fit) > _token_cosine(apply_plan(copy.deepcopy(base), bare), base, fit)
+    assert "sub-layers:" in plan.summary()
+
+
+def test_a_layer_that_loses_both_units_is_dropped_whole():
+    from optimum_slm import compress
+
+    base = make_model("llama", 6)
+    plan = compress(base, "slm-plus", calib_ids(4, 16), fit=calib_ids(8, 20, seed=1), num_layers=1,
+                    protect=[0, 1, 2, 3, 4], granularity="sublayer", cache=False)
+    assert plan.ops == [{"op": "drop", "layers": [5]}] and plan.trace["layers_dropped"] == [5]
+    assert plan.num_layers_after == 5
+
+
+def test_the_default_granularity_leaves_slm_plus_plans_as_they_were():
+    from optimum_slm import get_pass
+
+    assert "granularity" not in get_pass("slm-plus", ratio=0.2).public_params()
+    assert get_pass("slm-plus", ratio=0.2, granularity="layer").public_params() == \
+        get_pass("slm-plus", ratio=0.2).public_params()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"merge": "calibrated"}, "merge applies to slm-plus granularity=layer"),
+    ({"search": "global"}, "search applies to slm-plus granularity=layer"),
+    ({"max_window": 3}, "max_window applies to slm-plus granularity=layer"),
+    ({"granularity": "head"}, "parameter 'granularity' must be one of layer, sublayer"),
+])
+def test_bad_sublayer_parameters_are_refused_in_one_line(params, message):
+    from optimum_slm import PassError, get_pass
+
+    with pytest.raises(PassError) as err:
+        get_pass("slm-plus", ratio=0.2, **{"granularity": "sublayer", **params})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_slm_compress_granularity_sublayer_writes_a_checkpoint_load_model_reads(tiny_checkpoint, corpus, tmp_path):
+    out = tmp_path / "out"
+    result = run("compress", "--model", tiny_checkpoint, "--method", "slm-plus", "--ratio", "0.34", "--param",
+                 "granularity=sublayer", "--calib-data", corpus, "--calib-samples", "4", "--calib-seq-len", "16",
+                 "--fit-samples", "8", "--fit-seq-len", "16", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert "sub-layers:" in result.stdout and "note: some layers are without their attention or MLP" in result.stdout
+    plan = CompressionPlan.load(out / "slm_plan.json")
+    reloaded, _ = load_model(str(out))
+    base, _ = load_model(tiny_checkpoint)
+    probe = calib_ids(2, 10, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(probe).logits, apply_plan(base, plan)(probe).logits, atol=1e-5)

@@ -216,6 +216,12 @@ class ArchAdapter:
         if norm is not None:
             self.set_norm_gain(layer, branch, gain)
 
+    def map_fold_modules(self, branch: str) -> tuple[str, ...]:
+        """The sub-modules of a layer (relative names) whose tensors ``fold_output_map`` on ``branch`` writes: the
+        branch's output projection and, under a post-branch norm, that norm."""
+        b = self._branch(branch)
+        return tuple(name for name in (b.projection, b.post_norm) if name)
+
     def set_norm_gain(self, layer: nn.Module, branch: str, gain: torch.Tensor) -> None:
         """Give a branch's post-branch Gemma norm the per-channel multiplier ``gain`` (w ← gain − 1)."""
         norm = self.post_norm(layer, branch)

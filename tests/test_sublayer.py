@@ -303,3 +303,21 @@ def test_slm_compress_granularity_sublayer_writes_a_checkpoint_load_model_reads(
     probe = calib_ids(2, 10, seed=3)
     with torch.no_grad():
         assert torch.allclose(reloaded(probe).logits, apply_plan(base, plan)(probe).logits, atol=1e-5)
+
+
+def test_later_stages_on_removed_sublayers_run_or_are_refused_in_one_line():
+    from optimum_slm import SLMError, compress, get_pass
+
+    base = make_model("llama", 8)
+    ids, fit = calib_ids(4, 16), calib_ids(16, 24, seed=1)
+    first = get_pass("slm-plus", ratio=0.3, granularity="sublayer")
+    for second in (get_pass("shortgpt", num_layers=1), get_pass("slm-plus", ratio=0.25, granularity="sublayer")):
+        plan = compress(base, [first, second], ids, fit=fit, cache=False)
+        model = apply_plan(copy.deepcopy(base), plan)  # a second sub-layer stage never touches a removed unit again
+        with torch.no_grad():
+            assert torch.isfinite(model(calib_ids(2, 10, seed=3)).logits).all()
+    for second in (get_pass("flap", ratio=0.2), get_pass("slm-plus", num_layers=2)):
+        with pytest.raises(SLMError) as err:
+            compress(base, [first, second], ids, fit=fit, cache=False)
+        assert "cannot run on layers without their attention or MLP" in str(err.value)
+        assert "\n" not in str(err.value)

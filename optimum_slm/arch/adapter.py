@@ -334,6 +334,15 @@ class ArchAdapter:
         """Whether ``layer`` still has its attention (``attn``) or MLP (``mlp``)."""
         return not is_removed(getattr(layer, SUBLAYER_MODULES[branch]))
 
+    def removed_sublayers(self) -> dict[int, frozenset[str]]:
+        """The branches (``attn`` / ``mlp``) each layer has lost, by current layer index (layers that lost one)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            gone = frozenset(b for b in SUBLAYER_MODULES if not self.has_sublayer(layer, b))
+            if gone:
+                out[i] = gone
+        return out
+
     def rebuild_layer_widths(self) -> None:
         """Narrow a model built from a config with ``slm_layer_widths`` to those widths (weights are loaded after).
         A width of zero (``intermediate_size`` 0, ``num_key_value_heads`` 0) is a removed MLP / attention."""

@@ -88,6 +88,10 @@ class SLMPlusPass(SLMPass):
                 self.config["fit_order"] = FIT_ORDER_DEFAULT
         super().validate()
 
+    @property
+    def handles_removed_sublayers(self) -> bool:  # the sub-layer search skips units already removed
+        return self.config.get("granularity") == "sublayer"
+
     def public_params(self) -> dict:
         params = super().public_params()
         if params.get("granularity") == "layer":

@@ -55,15 +55,16 @@ Removed = Mapping[int, frozenset]
 
 
 def unit_parameters(engine: ForwardEngine) -> tuple[dict[Unit, int], int]:
-    """Each unit's parameter count and the parameters of one decoder layer (the mean over layers)."""
+    """Each unit's parameter count and the parameters of one whole decoder layer (the largest: a layer that lost a
+    unit to an earlier stage is not one)."""
     adapter = engine.adapter
-    units, total = {}, 0
+    units, largest = {}, 0
     for i, layer in enumerate(adapter.layers):
         # numel works on a lazy layer's meta tensors too: nothing is read
         for branch in UNITS:
             units[(i, branch)] = sum(p.numel() for p in getattr(layer, SUBLAYER_MODULES[branch]).parameters())
-        total += sum(p.numel() for p in layer.parameters())
-    return units, total // max(adapter.num_layers, 1)
+        largest = max(largest, sum(p.numel() for p in layer.parameters()))
+    return units, largest
 
 
 class SublayerEvaluator:
@@ -78,6 +79,8 @@ class SublayerEvaluator:
     def __init__(self, engine: ForwardEngine, similarity: str, search_ridge: float | None):
         self.engine = engine
         self.adapter = engine.adapter
+        #: the units the model lacks already (an earlier stage removed them): its own layers are those layers
+        self.pre: dict[int, frozenset] = self.adapter.removed_sublayers()
         self.layers = list(self.adapter.layers)
         self.num_layers = len(self.layers)
         self.similarity = get_similarity(similarity)
@@ -111,7 +114,7 @@ class SublayerEvaluator:
 
     def layer_module(self, index: int, gone: frozenset) -> nn.Module | None:
         """The module layer ``index`` is with the units ``gone`` removed; None when both are (the identity)."""
-        if not gone:
+        if gone == self.pre.get(index, frozenset()):
             return self.layers[index]
         if len(gone) == len(UNITS):
             return None
@@ -176,7 +179,7 @@ def greedy_sublayer_search(evaluator: SublayerEvaluator, budget: int, params: Ma
     Returns the removed units by layer and one record per round."""
     engine = evaluator.engine.record_layer_inputs()
     n = evaluator.num_layers
-    removed: dict[int, frozenset] = {}
+    removed: dict[int, frozenset] = dict(evaluator.pre)
     spent = 0
     rounds: list[dict[str, Any]] = []
     bounds: dict[Unit, float] = {}
@@ -234,7 +237,8 @@ def fit_bridges(evaluator: SublayerEvaluator, removed: Removed, order: str, ridg
     the search maps). Returns the bridged layers and their fitted tensors by layer, and the fit's cost record."""
     from ...merge.lstsq import MapSite, fit_output_maps
 
-    singles = sorted((i, next(iter(gone))) for i, gone in removed.items() if len(gone) == 1)
+    singles = sorted((i, next(iter(gone))) for i, gone in removed.items()
+                     if len(gone) == 1 and gone != evaluator.pre.get(i))
     if not singles:
         return {}, {}, {}
     modules = {i: evaluator.bridged_layer(i, b, search_map=False) for i, b in singles}
@@ -247,7 +251,7 @@ def fit_bridges(evaluator: SublayerEvaluator, removed: Removed, order: str, ridg
         for i in range(sites[0].input_at, sites[k].input_at):
             if i in modules:
                 slots.append(Slot(modules[i], i))
-            elif len(removed.get(i, ())) < len(UNITS):
+            elif len(removed.get(i, ())) < len(UNITS):  # the layer as the model has it
                 slots.append(Slot(evaluator.layers[i], i))
         return slots
 
@@ -271,7 +275,8 @@ def run_sublayer(compression_pass, engine: ForwardEngine) -> PassResult:
     protect = compression_pass.protected(n) if config["protect"] is not None else set()
     params, per_layer = unit_parameters(engine)
     budget = target * per_layer
-    if not any(size <= budget for (i, _), size in params.items() if i not in protect):
+    gone = engine.adapter.removed_sublayers()
+    if not any(size <= budget for (i, b), size in params.items() if i not in protect and b not in gone.get(i, ())):
         raise PassError(f"{name}: no unit fits in the budget of {budget:,} parameters")
     with progress_bar(desc=f"{name}: searching units", unit="% of budget", total=100) as bar:
         engine.record_layer_inputs()
@@ -285,22 +290,24 @@ def run_sublayer(compression_pass, engine: ForwardEngine) -> PassResult:
             trace["fit"] = fit
     tensors: dict[str, torch.Tensor] = {}
     ops = []
-    for i in sorted(removed):
-        if len(removed[i]) == 1:
-            branch = next(iter(removed[i]))
+    new = {i: gone - evaluator.pre.get(i, frozenset()) for i, gone in removed.items()}
+    new = {i: gone for i, gone in new.items() if gone}
+    dropped = sorted(i for i in new if len(removed[i]) == len(UNITS))
+    for i in sorted(new):
+        if i not in dropped:
+            branch = next(iter(new[i]))
             refs = {}
             for role, value in fitted[i].items():
                 tensors[f"drop_{branch}.{i}.{role}"] = value
                 refs[role] = f"drop_{branch}.{i}.{role}"
             ops.append(drop_branch_op(branch, i, refs))
-    dropped = sorted(i for i, gone in removed.items() if len(gone) == len(UNITS))
     if dropped:
         ops.append(drop_op(dropped))
-    removed_params = sum(params[(i, b)] for i, gone in removed.items() for b in gone)
+    removed_params = sum(params[(i, b)] for i, gone in new.items() for b in gone)
     trace.update({
         "rounds": rounds,
-        "attn_removed": sorted(i for i, gone in removed.items() if "attn" in gone),
-        "mlp_removed": sorted(i for i, gone in removed.items() if "mlp" in gone),
+        "attn_removed": sorted(i for i, gone in new.items() if "attn" in gone),
+        "mlp_removed": sorted(i for i, gone in new.items() if "mlp" in gone),
         "layers_dropped": dropped,
         "param_budget": budget,
         "params_removed": removed_params,

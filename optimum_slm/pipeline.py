@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .arch import ArchAdapter
 from .calibration import CalibrationConfig, CalibrationSet, load_calibration
 from .engine import engine_for, is_lazy_model
 from .engine.budget import MemoryBudget
@@ -322,6 +323,12 @@ def _run_stages(model: nn.Module, passes: Sequence[CompressionPass], calib: Cali
             streaming = ", ".join(sorted(name for name, cls in pass_classes().items() if cls.streams))
             raise SLMError(f"pass {p.name!r} does not declare that it runs on the sequential engine (streams = True), "
                            f"so it needs the model in memory; run it without --max-memory (streaming: {streaming})")
+        if not p.handles_removed_sublayers and ArchAdapter(work).removed_sublayers():
+            accepting = ", ".join(sorted(name for name, cls in pass_classes().items()
+                                         if cls.handles_removed_sublayers is True)) + ", slm-plus granularity=sublayer"
+            raise SLMError(f"{f'stage {k + 1}: ' if len(passes) > 1 else ''}pass {p.name!r} cannot run on layers "
+                           "without their attention or MLP (removed by slm-plus granularity=sublayer); put that stage "
+                           f"last, or use a pass that removes whole layers ({accepting})")
         memory = {"budget": budget} if is_lazy_model(work) else {}  # the in-memory engine holds the model already
         engine = engine_for(work)(work, ids if p.needs_calibration else None, batch_size=p.config.get("batch_size"),
                                   fit_ids=fit if p.needs_fit_set else None, **memory)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import PlanError, UnsupportedArchitectureError
 from ..io.shards import is_lazy, lazy_state
 from .families import BIAS, NORM, PROJECTION, family_for, text_config
+from .sublayers import STAND_INS, SUBLAYER_MODULES, is_removed
 
 
 class ArchAdapter:
@@ -97,6 +98,8 @@ class ArchAdapter:
             for b in self.family.branches:
                 if b.name not in scales:
                     continue
+                if b.fold == "rows" and not self.has_sublayer(layer, b.name):
+                    continue  # a removed branch adds zeros: any scale of it is exact as it is
                 target = layer.get_submodule(b.target)
                 s = scales[b.name].to(device=target.weight.device, dtype=torch.float32)
                 if b.fold == "rows":
@@ -213,6 +216,12 @@ class ArchAdapter:
         if norm is not None:
             self.set_norm_gain(layer, branch, gain)
 
+    def map_fold_modules(self, branch: str) -> tuple[str, ...]:
+        """The sub-modules of a layer (relative names) whose tensors ``fold_output_map`` on ``branch`` writes: the
+        branch's output projection and, under a post-branch norm, that norm."""
+        b = self._branch(branch)
+        return tuple(name for name in (b.projection, b.post_norm) if name)
+
     def set_norm_gain(self, layer: nn.Module, branch: str, gain: torch.Tensor) -> None:
         """Give a branch's post-branch Gemma norm the per-channel multiplier ``gain`` (w ← gain − 1)."""
         norm = self.post_norm(layer, branch)
@@ -311,8 +320,32 @@ class ArchAdapter:
             if any(w.get("attention_bias") for w in per_layer):
                 setattr(cfg, self.family.attention_bias_flag, True)
 
+    # ------------------------------------------------------------------ removed sub-layers (width zero)
+    def remove_sublayer(self, layer: nn.Module, branch: str) -> None:
+        """Take the attention (``attn``) or the MLP (``mlp``) out of ``layer`` (in place): a parameter-free stand-in
+        (``sublayers``) makes the layer add nothing for it, so it computes its other branch alone."""
+        name = SUBLAYER_MODULES[branch]
+        old = getattr(layer, name)
+        stand_in = STAND_INS[branch](getattr(old, "layer_idx", None)) if branch == "attn" else STAND_INS[branch]()
+        setattr(layer, name, stand_in)
+
+    @staticmethod
+    def has_sublayer(layer: nn.Module, branch: str) -> bool:
+        """Whether ``layer`` still has its attention (``attn``) or MLP (``mlp``)."""
+        return not is_removed(getattr(layer, SUBLAYER_MODULES[branch]))
+
+    def removed_sublayers(self) -> dict[int, frozenset[str]]:
+        """The branches (``attn`` / ``mlp``) each layer has lost, by current layer index (layers that lost one)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            gone = frozenset(b for b in SUBLAYER_MODULES if not self.has_sublayer(layer, b))
+            if gone:
+                out[i] = gone
+        return out
+
     def rebuild_layer_widths(self) -> None:
-        """Narrow a model built from a config with ``slm_layer_widths`` to those widths (weights are loaded after)."""
+        """Narrow a model built from a config with ``slm_layer_widths`` to those widths (weights are loaded after).
+        A width of zero (``intermediate_size`` 0, ``num_key_value_heads`` 0) is a removed MLP / attention."""
         per_layer = getattr(self.config, "slm_layer_widths", None) or []
         if len(per_layer) != self.num_layers:
             raise ValueError(f"slm_layer_widths lists {len(per_layer)} layers, the model has {self.num_layers}")
@@ -320,11 +353,15 @@ class ArchAdapter:
         rep = w["num_attention_heads"] // w["num_key_value_heads"]
         for layer, widths in zip(self.layers, per_layer):
             bias = None
-            if "intermediate_size" in widths:
+            if widths.get("intermediate_size") == 0:
+                self.remove_sublayer(layer, "mlp")
+            elif "intermediate_size" in widths:
                 if widths.get("mlp_bias"):
                     bias = torch.zeros(int(self.config.hidden_size))
                 self.narrow_mlp(layer, torch.arange(widths["intermediate_size"]), down_bias=bias)
-            if "num_key_value_heads" in widths:
+            if widths.get("num_key_value_heads") == 0:
+                self.remove_sublayer(layer, "attn")
+            elif "num_key_value_heads" in widths:
                 groups = list(range(widths["num_key_value_heads"]))
                 per_group = widths["num_attention_heads"] // widths["num_key_value_heads"]
                 heads = None if per_group == rep else [list(range(per_group)) for _ in groups]

@@ -164,10 +164,12 @@ def compress(ctx: click.Context, model: str, gguf_file: str | None, dtype: str |
     files = f"{PLAN_FILE} (plan only)" if request.output.plan_only else f"checkpoint, {PLAN_FILE}, {CARD_FILE}" + (
         f", {HEAL_FILE}" if plan.heal_record is not None else "")
     click.echo(f"wrote {target} ({files}, {folder_size(target)}) in {duration(time.perf_counter() - started)}")
-    from ..plan.width_ops import layer_widths
+    from ..plan.width_ops import REMOVED_KEY, branch_removed, layer_widths
 
-    if not request.output.plan_only and layer_widths(plan.shape_after)[0] is None:
-        click.echo(PER_LAYER_WIDTHS_NOTE)
+    uniform, per_layer = layer_widths(plan.shape_after)
+    if not request.output.plan_only and uniform is None:
+        removed = any(branch_removed(w, b) for w in per_layer for b in REMOVED_KEY)
+        click.echo(SUBLAYER_NOTE if removed else PER_LAYER_WIDTHS_NOTE)
 
 
 #: said after writing a checkpoint whose layers have different widths (who can serve it, and the alternative)
@@ -175,6 +177,13 @@ PER_LAYER_WIDTHS_NOTE = (
     "note: the layers have different widths: optimum_slm.load_model and llama.cpp (slm export --format gguf, as its "
     "deci architecture) load this checkpoint; vanilla transformers and vLLM cannot. For them, prune to uniform widths "
     "(flap's default structure=UL-UM; taylor-width without layer_start/layer_end)")
+
+
+#: said after writing a checkpoint with layers that lost their attention or MLP (drop_attn / drop_mlp ops)
+SUBLAYER_NOTE = (
+    "note: some layers are without their attention or MLP: optimum_slm.load_model and lm_eval --model slm load this "
+    "checkpoint; vanilla transformers, vLLM and the GGUF export cannot. For them, compress with whole layers "
+    "(slm-plus granularity=layer)")
 
 
 #: ``compress`` options that are calibration fields, by field

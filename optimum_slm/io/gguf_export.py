@@ -169,6 +169,14 @@ def read_layout(model_type: str, cfg: Any, shapes: dict[str, list[int]]) -> Layo
     if embed[1] != hidden:
         raise ExportError(f"model.embed_tokens.weight is {embed}, config.json's hidden_size is {hidden}")
     layout = Layout(n_layers, hidden, head_dim, embed[0])
+    for i, widths in enumerate(getattr(cfg, LAYER_WIDTHS_KEY, None) or []):
+        # a removed attention / MLP (drop_attn / drop_mlp ops) is a width of zero, which no exported
+        # architecture here writes
+        gone = [what for key, what in (("num_key_value_heads", "attention"), ("intermediate_size", "MLP"))
+                if isinstance(widths, dict) and widths.get(key) == 0]
+        if gone:
+            raise ExportError(f"layer {i} is without {gone[0]} (a removed sub-layer), which the GGUF export does not "
+                              "write; compress without sub-layer removal (e.g. slm-plus granularity=layer) for GGUF")
     present = {int(m.group(1)) for m in map(_LAYER_TENSOR.match, shapes) if m}
     if present != set(range(n_layers)):
         raise ExportError(f"the checkpoint's layers {sorted(present)[:8]}... do not match num_hidden_layers="

@@ -197,6 +197,23 @@ class _Hooked:
 
 
 @torch.inference_mode()
+def fit_search_map(engine: ForwardEngine, module: nn.Module, type_index: int, input_at: int, target_at: int,
+                   branches: Sequence[str], ridge: float, what: str) -> None:
+    """Fold maps on ``branches`` of ``module`` fitted on the search set's recorded base activations: ``module`` runs
+    in base slot ``type_index`` on the base's input of layer ``input_at`` and must reach the base's input of layer
+    ``target_at``; ridge towards the identity. What a search scores a candidate with, so it sees what a map can
+    recover (the final maps are fitted on the fit set afterwards)."""
+    for branch in branches:
+        fit = BranchFit(engine.adapter, module, branch, engine.device)
+        while fit.phase:
+            with fit.capture() as captured:
+                outs = engine.run_layers([Slot(module, type_index)], input_at, final_norm=False)
+            for i, (out, target) in enumerate(zip(outs, engine.inputs[target_at])):
+                fit.add(captured[: i + 1], out, target.to(engine.device))
+            fit.solve(ridge, what, "identity")
+
+
+@torch.inference_mode()
 def fit_output_maps(
     engine: ForwardEngine,
     sites: Sequence[MapSite],

@@ -132,6 +132,10 @@ class CompressionPass:
     streams: ClassVar[bool] = False
     #: recorded parameters the search itself settles (left out when a cached plan is checked against a request)
     search_outputs: ClassVar[tuple[str, ...]] = ()
+    #: whether ``run`` works on a model whose layers may lack their attention or MLP (``drop_attn`` / ``drop_mlp``
+    #: of an earlier stage, or a checkpoint written from such a plan). Off by default: a pass that reads a layer's
+    #: projections or merges its weights would meet a parameter-free stand-in, and is refused in one line instead
+    handles_removed_sublayers: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         known = {p.name: p for p in self.params}

@@ -2,7 +2,8 @@
 
 * ``schema``: ``CompressionPlan`` (base, stages of ops, side-car tensors), JSON load/save, summaries;
 * ``ops``: the op-kind registry (``drop``, ``merge``, ``scale_branches``; plugins add kinds) and the running ``PlanShape``;
-  ``width_ops`` (``narrow_mlp``, ``narrow_attn``) and ``stream_ops`` (``rescale``: Prune&Comp's compensation) add
+  ``width_ops`` (``narrow_mlp``, ``narrow_attn``), ``sublayer_ops`` (``drop_attn``, ``drop_mlp``: a layer without its
+  attention or MLP, a per-layer width of zero) and ``stream_ops`` (``rescale``: Prune&Comp's compensation) add
   built-in kinds;
 * ``execute``: ``apply_plan``, validated in full before any weight changes;
 * ``fingerprint``: base-model fingerprints (v3: every value of every tensor; v2 and v1 kept for old plans);

@@ -468,6 +468,10 @@ class CompressionPlan:
             f"fingerprint {self.base['fingerprint'][:12]})",
             f"layers: {self.num_layers} -> {self.num_layers_after} ({self.removed_layers} removed)",
         ]
+        marks = self.footprint()
+        attn, mlp = len(marks.get("attn_dropped", [])), len(marks.get("mlp_dropped", []))
+        if attn or mlp:
+            lines.append(f"sub-layers: {attn} attention and {mlp} MLP removed (layers kept without them)")
         for stage in self.stages:
             lines += [f"  {line}" for line in _condensed([kind_of(op).describe(op) for op in stage.ops],
                                                          [op.get("op") for op in stage.ops])]

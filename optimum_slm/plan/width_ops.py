@@ -11,7 +11,9 @@ stage merged included.
 
 A layer is narrowed at most once per module. When every alive layer ends with the same widths the config says so
 (``intermediate_size``, head counts) and vanilla ``from_pretrained`` loads the result; per-layer widths are recorded
-in the config as ``slm_layer_widths``, which ``optimum_slm.load_model`` reads to rebuild the model.
+in the config as ``slm_layer_widths``, which ``optimum_slm.load_model`` reads to rebuild the model. A width of zero
+(``intermediate_size`` 0, ``num_key_value_heads`` 0) is a removed MLP / attention (``sublayer_ops``): such a branch
+cannot be narrowed, and it makes the widths per-layer.
 """
 
 from __future__ import annotations
@@ -60,9 +62,22 @@ def _bias(op: Mapping[str, Any], shape: PlanShape, tensors: Tensors, flag: str, 
     return {flag.removesuffix("_flag"): 1}
 
 
+#: the width that is zero when a layer's attention / MLP was removed (``sublayer_ops``)
+REMOVED_KEY = {"attn": "num_key_value_heads", "mlp": "intermediate_size"}
+
+
+def branch_removed(widths: Mapping[str, int], branch: str) -> bool:
+    """Whether a layer's recorded widths say its ``branch`` (``attn`` / ``mlp``) was removed (a width of zero)."""
+    return widths.get(REMOVED_KEY[branch]) == 0
+
+
 def _narrowed(shape: PlanShape, layer: int, update: dict[str, int], what: str) -> PlanShape:
     widths = {k: dict(v) for k, v in shape.widths.items()}
     current = widths.setdefault(layer, {})
+    for branch, label in (("attn", "attention"), ("mlp", "MLP")):
+        if REMOVED_KEY[branch] in update and branch_removed(current, branch):
+            raise PlanError(f"{what}: layer {layer}'s {label} was removed by an earlier op; there is nothing to "
+                            "narrow")
     twice = sorted(set(update) & set(current) - {"mlp_bias", "attention_bias"})
     if twice:
         raise PlanError(f"{what}: layer {layer}'s {twice[0]} was already narrowed by an earlier op")
@@ -159,15 +174,18 @@ def layer_widths(shape: PlanShape) -> tuple[dict[str, int] | None, list[dict[str
     """(the widths every alive layer shares, or None when they differ; each alive layer's narrowed widths)."""
     per_layer = [dict(shape.widths.get(layer, {})) for layer in shape.layers]
     uniform = per_layer[0] if all(w == per_layer[0] for w in per_layer) else None
+    if uniform and any(branch_removed(uniform, b) for b in REMOVED_KEY):
+        uniform = None  # a removed branch is never a config-wide width (a head count of 0 builds no model)
     return uniform, per_layer
 
 
 def check_biases(shape: PlanShape) -> None:
     """A compensation bias switches the config's bias flag on for every layer, so it must be in every layer."""
     _, per_layer = layer_widths(shape)
-    for flag in ("mlp_bias", "attention_bias"):
-        marked = [bool(w.get(flag)) for w in per_layer]
-        if any(marked) and not all(marked):
+    for flag, branch in (("mlp_bias", "mlp"), ("attention_bias", "attn")):
+        # a layer whose branch was removed has no projection to hold the bias: it agrees with either setting
+        marked = [bool(w.get(flag)) or branch_removed(w, branch) for w in per_layer]
+        if any(w.get(flag) for w in per_layer) and not all(marked):
             layer = shape.layers[marked.index(False)]
             raise PlanError(f"layer {layer} has no {flag.replace('_', ' ')} while other layers do: bias compensation "
                             "must narrow every layer (the config switch is one for all layers)")

@@ -29,6 +29,7 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class AngularPass(CompressionPass):
     name = "angular"
     streams = True  # runs on a lazy model through the sequential engine
+    handles_removed_sublayers = True  # removes whole layers, running them only through the engine
     description = "Gromov et al. angular distance at the last token: remove the most redundant contiguous block."
     params = (RATIO, NUM_LAYERS, PROTECT, LAST_LAYER_NORM)
 

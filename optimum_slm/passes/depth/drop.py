@@ -10,6 +10,7 @@ from ..base import CompressionPass, PassParam, PassResult
 class DropPass(CompressionPass):
     name = "drop"
     streams = True  # runs on a lazy model through the sequential engine
+    handles_removed_sublayers = True  # removes whole layers, running them only through the engine
     description = "Remove the listed decoder layers (no calibration needed)."
     params = (PassParam("layers", "int_list", None, "base layer indices to remove, e.g. 3,4 or 10-13"),)
     needs_calibration = False

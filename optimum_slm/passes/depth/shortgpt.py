@@ -25,6 +25,7 @@ LAST_LAYER_NORM = PassParam(
 class ShortGPTPass(CompressionPass):
     name = "shortgpt"
     streams = True  # runs on a lazy model through the sequential engine
+    handles_removed_sublayers = True  # removes whole layers, running them only through the engine
     description = "ShortGPT Block Influence: remove the layers with the lowest Σ(1 − cos(input, output)), one shot."
     params = (RATIO, NUM_LAYERS, PROTECT, LAST_LAYER_NORM)
 

@@ -156,6 +156,7 @@ def sleb_naive(
 class SLEBPass(CompressionPass):
     name = "sleb"
     streams = True  # runs on a lazy model through the sequential engine
+    handles_removed_sublayers = True  # removes whole layers, running them only through the engine
     description = "SLEB: greedy removal of the block whose absence costs the least calibration loss, round by round."
     params = (
         RATIO,

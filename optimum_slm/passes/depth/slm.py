@@ -95,20 +95,12 @@ class WindowEvaluator:
             self._search_map(module, anchor, low, high)
         return module
 
-    @torch.inference_mode()
     def _search_map(self, module: nn.Module, anchor: int, low: int, high: int) -> None:
         """Fold a map fitted on the search set's recorded base activations (window input → window output)."""
-        from ...merge.lstsq import BranchFit
+        from ...merge.lstsq import fit_search_map
 
-        engine = self.engine
-        for branch in self.rule.map_branches:
-            fit = BranchFit(self.adapter, module, branch, engine.device)
-            while fit.phase:
-                with fit.capture() as captured:
-                    outs = engine.run_layers([Slot(module, anchor)], low, final_norm=False)
-                for i, (out, target) in enumerate(zip(outs, engine.inputs[high + 1])):
-                    fit.add(captured[: i + 1], out, target.to(engine.device))
-                fit.solve(self.search_ridge, f"search map {low}-{high}", "identity")
+        fit_search_map(self.engine, module, anchor, low, high + 1, self.rule.map_branches, self.search_ridge,
+                       f"search map {low}-{high}")
 
     def slot(self, window: Window) -> Slot:
         low, high = window

@@ -14,6 +14,10 @@ the merge):
   35% and costs 2.8× the fit time), with a ridge towards the identity (``ridge`` 0.1). Both were chosen on the
   validation splits ``wiki-leads-valid`` + ``lambada-books-valid`` (the lowest sum of log perplexities).
 
+``granularity=sublayer`` (default ``layer``) searches attention and MLP sub-layers instead of windows of layers,
+each removal bridged by a fitted map on the layer's other branch, under a parameter budget (see
+``passes/depth/sublayer.py``); its checkpoints have per-layer widths (``optimum_slm.load_model`` reloads them).
+
 The merged layers fold their maps into ``o_proj`` / ``down_proj``: the checkpoint is a vanilla one. Families with a
 norm between a branch and the residual add (Gemma-2/3) get the map before that norm and a refitted norm gain (both
 fold exactly; see ``merge/lstsq.py``). A family with no exact fold for a map gets ``merge=calibrated`` (the previous
@@ -24,16 +28,21 @@ from __future__ import annotations
 
 import warnings
 
+from ...errors import PassError
 from ...merge import get_merge_rule
 from ...similarity import SIMILARITIES
 from ..base import NUM_LAYERS, RATIO, PassParam
 from .slm import SEARCHES, SLMPass
+from .sublayer import run_sublayer
 
 #: the defaults the fitted-merge ablation chose (``benchmarks/fitted_ablation.py``)
 MERGE = "lstsq-attn"
 SEARCH_RIDGE_DEFAULT = 0.1
 RIDGE_DEFAULT = 0.1
 FIT_ORDER_DEFAULT = "independent"
+GRANULARITIES = ("layer", "sublayer")
+#: parameters of the window search that mean nothing to the sub-layer search (refused there when given)
+WINDOW_ONLY = ("merge", "search", "max_window")
 
 
 class SLMPlusPass(SLMPass):
@@ -56,10 +65,19 @@ class SLMPlusPass(SLMPass):
                   "with a fitted merge)"),
         PassParam("search_ridge", "float", None, "ridge of the search-set maps candidates are scored with "
                   f"(default {SEARCH_RIDGE_DEFAULT} with a fitted merge)"),
+        PassParam("granularity", "str", "layer", "layer: windows of whole layers; sublayer: attention and MLP "
+                  "sub-layers removed one at a time, each bridged by a fitted map, until their parameters reach "
+                  "those of round(ratio x L) layers", choices=GRANULARITIES),
     )
 
     def validate(self) -> None:
         self.config.setdefault("threshold", None)
+        if self.config.get("granularity") == "sublayer":
+            given = [k for k in WINDOW_ONLY if k in self.given_params]
+            if given:
+                raise PassError(f"{given[0]} applies to slm-plus granularity=layer (windows of layers); "
+                                "granularity=sublayer removes attention and MLP sub-layers, each bridged by a fitted "
+                                "map")
         if get_merge_rule(self.config["merge"]).fit_map:
             # the fitted-merge defaults apply only to rules that fit a map (slm refuses them elsewhere)
             if self.config["ridge"] is None:
@@ -70,7 +88,22 @@ class SLMPlusPass(SLMPass):
                 self.config["fit_order"] = FIT_ORDER_DEFAULT
         super().validate()
 
+    @property
+    def handles_removed_sublayers(self) -> bool:  # the sub-layer search skips units already removed
+        return self.config.get("granularity") == "sublayer"
+
+    def public_params(self) -> dict:
+        params = super().public_params()
+        if params.get("granularity") == "layer":
+            params.pop("granularity")  # the default: plans (and their cache keys) read as they did before it existed
+        else:
+            for key in WINDOW_ONLY:
+                params.pop(key, None)
+        return params
+
     def run(self, engine):
+        if self.config["granularity"] == "sublayer":
+            return run_sublayer(self, engine)
         if ("merge" not in self.given_params and get_merge_rule(self.config["merge"]).fit_map
                 and not engine.adapter.supports_output_map()):
             # the default must work on every supported family: fall back to the best merge that needs no fold

@@ -237,6 +237,8 @@ def test_sublayer_search_spends_the_parameter_budget_and_its_maps_fit(family):
     base = make_model(family, 8)
     fit = calib_ids(16, 24, seed=1)
     plan = compress(base, "slm-plus", calib_ids(4, 16), fit=fit, ratio=0.3, granularity="sublayer", cache=False)
+    assert "unit_rank" not in compress(base, "slm-plus", calib_ids(4, 16), fit=fit, num_layers=1,
+                                       cache=False).params  # a window plan records no sub-layer parameter
     trace = plan.trace
     layers = base.model.layers
     attn, mlp = branch_params(layers[0], "attn"), branch_params(layers[0], "mlp")
@@ -247,6 +249,7 @@ def test_sublayer_search_spends_the_parameter_budget_and_its_maps_fit(family):
     assert trace["params_removed"] == attn * len(trace["attn_removed"]) + mlp * len(trace["mlp_removed"])
     assert len(trace["rounds"]) == len(trace["attn_removed"]) + len(trace["mlp_removed"])
     assert plan.params["granularity"] == "sublayer" and "merge" not in plan.params and "search" not in plan.params
+    assert plan.params["unit_rank"] == "per-param"
     model = apply_plan(copy.deepcopy(base), plan)
     dropped_norms = sum(p.numel() for i in trace["layers_dropped"] for n, p in layers[i].named_parameters()
                         if "norm" in n)
@@ -281,6 +284,8 @@ def test_the_default_granularity_leaves_slm_plus_plans_as_they_were():
     ({"search": "global"}, "search applies to slm-plus granularity=layer"),
     ({"max_window": 3}, "max_window applies to slm-plus granularity=layer"),
     ({"granularity": "head"}, "parameter 'granularity' must be one of layer, sublayer"),
+    ({"granularity": "layer", "unit_rank": "change"}, "unit_rank applies to slm-plus granularity=sublayer"),
+    ({"unit_rank": "size"}, "parameter 'unit_rank' must be one of change, per-param"),
 ])
 def test_bad_sublayer_parameters_are_refused_in_one_line(params, message):
     from optimum_slm import PassError, get_pass

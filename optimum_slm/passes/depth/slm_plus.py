@@ -33,7 +33,7 @@ from ...merge import get_merge_rule
 from ...similarity import SIMILARITIES
 from ..base import NUM_LAYERS, RATIO, PassParam
 from .slm import SEARCHES, SLMPass
-from .sublayer import run_sublayer
+from .sublayer import RANKS, run_sublayer
 
 #: the defaults the fitted-merge ablation chose (``benchmarks/fitted_ablation.py``)
 MERGE = "lstsq-attn"
@@ -41,6 +41,8 @@ SEARCH_RIDGE_DEFAULT = 0.1
 RIDGE_DEFAULT = 0.1
 FIT_ORDER_DEFAULT = "independent"
 GRANULARITIES = ("layer", "sublayer")
+#: the sub-layer search's rank of units (chosen on the validation splits: benchmarks/sublayer_smollm2.py)
+UNIT_RANK_DEFAULT = "per-param"
 #: parameters of the window search that mean nothing to the sub-layer search (refused there when given)
 WINDOW_ONLY = ("merge", "search", "max_window")
 
@@ -68,11 +70,18 @@ class SLMPlusPass(SLMPass):
         PassParam("granularity", "str", "layer", "layer: windows of whole layers; sublayer: attention and MLP "
                   "sub-layers removed one at a time, each bridged by a fitted map, until their parameters reach "
                   "those of round(ratio x L) layers", choices=GRANULARITIES),
+        PassParam("unit_rank", "str", None, "granularity=sublayer: which unit a round removes: change (the least "
+                  "change of the final state) or per-param (the least change per parameter removed; default)",
+                  choices=RANKS),
     )
 
     def validate(self) -> None:
         self.config.setdefault("threshold", None)
+        if self.config.get("granularity") != "sublayer" and self.config.get("unit_rank") is not None:
+            raise PassError("unit_rank applies to slm-plus granularity=sublayer")
         if self.config.get("granularity") == "sublayer":
+            if self.config.get("unit_rank") is None:
+                self.config["unit_rank"] = UNIT_RANK_DEFAULT
             given = [k for k in WINDOW_ONLY if k in self.given_params]
             if given:
                 raise PassError(f"{given[0]} applies to slm-plus granularity=layer (windows of layers); "

@@ -3,15 +3,19 @@
 Attention sub-layers are far more removable than whole layers (FinerCut, arXiv 2405.18218: 42% of a 70 B model's
 attention sub-layers at 99% of its zero-shot score), so the search removes units, not layers:
 
-* a unit is one residual branch of one decoder layer, its attention or its MLP. Every round scores each unit that
-  is still there (and fits in the budget left) removed on top of the units already removed, and removes the one
-  whose removal changes the final hidden state least (the slm-plus similarity, per-token cosine by default);
+* a unit is one residual branch of one decoder layer, its attention or its MLP. Every round scores units that are
+  still there (and fit in the budget left) removed on top of the units already removed, and removes the best-ranked
+  one: ``unit_rank=per-param`` (default), the least change of the final hidden state per parameter removed (the
+  knapsack's greedy rule: the budget counts parameters and an MLP holds about three times an attention's), or
+  ``change``, the least change (FinerCut's rule). The change is the similarity's log drop (the slm-plus similarity,
+  per-token cosine by default);
 * each candidate is scored with its bridge: the layer keeps its other branch, whose output gets a d×d map fitted on
   the search set's recorded base activations (layer input → the base's next-layer input, ridge ``search_ridge``
   towards the identity), so the search sees what a map can recover — as slm-plus's window search does;
 * candidates resume from the compressed model's recorded activations at their layer (only the layers above run),
-  and a candidate's score from an earlier round bounds it (removing more never brings the model closer to the base,
-  in practice): a round stops once no remaining bound beats the best score found (slm's lazy greedy);
+  and a unit's change measured in an earlier round predicts its change now (the changes of removals far apart add
+  up, in practice): units are scored in order of that prediction and a round stops once no remaining prediction
+  beats the best measured (a lazy greedy; the first round scores every unit, later ones a few);
 * after the search the maps are fitted on the fit set (``fit_order``, ``ridge``, the identity prior of slm-plus) and
   folded into the kept branch's output projection (attention removed: ``down_proj``; MLP removed: ``o_proj``;
   Gemma-2/3: before the post-branch norm, with its refitted gain). A layer that loses both units computes the
@@ -32,6 +36,7 @@ the FLOPs stays); compare at equal parameters and at equal measured decode speed
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Mapping
 
 import torch
@@ -169,47 +174,76 @@ class SublayerEvaluator:
         return value
 
 
-def greedy_sublayer_search(evaluator: SublayerEvaluator, budget: int, params: Mapping[Unit, int],
-                           protect: set[int], progress=None, lazy: bool = True
-                           ) -> tuple[dict[int, frozenset], list[dict[str, Any]]]:
-    """Remove one unit per round, the best-scoring one, while the removed units' parameters fit in ``budget``.
+#: how a round ranks the units it scored: ``change`` removes the unit whose removal changes the final state least
+#: (FinerCut's choice); ``per-param`` the least change per parameter removed (the greedy rule of a knapsack: the
+#: budget counts parameters, and an MLP holds about three times an attention's)
+RANKS = ("change", "per-param")
 
-    ``lazy``: a unit's score from an earlier round bounds its score now, so units are scored in order of that bound
-    and a round stops once no remaining bound beats the best score found; units never scored are always scored.
+
+def _damage(before: float, after: float) -> float:
+    """What one removal cost: −log of the similarity's ratio (≥ 0 when the similarity drops; logs keep it additive
+    over removals of a similarity that multiplies, like slm's window costs)."""
+    return math.log(max(before, 1e-12)) - math.log(max(after, 1e-12))
+
+
+def greedy_sublayer_search(evaluator: SublayerEvaluator, budget: int, params: Mapping[Unit, int],
+                           protect: set[int], rank: str = "change", progress=None, lazy: bool = True
+                           ) -> tuple[dict[int, frozenset], list[dict[str, Any]]]:
+    """Remove one unit per round, the best-ranked one, while the removed units' parameters fit in ``budget``.
+
+    A unit's value is minus its damage (the similarity's log drop from the model as committed; ``rank``
+    ``per-param``: divided by its parameters). ``lazy``: a unit's damage measured in an earlier round predicts its
+    damage now (damages of distant removals add up, in practice), so units are scored in order of that prediction and
+    a round stops once no remaining prediction beats the best value measured; units never scored, and those of the
+    layer the last round changed, are always scored. ``lazy=False`` scores every unit every round.
     Returns the removed units by layer and one record per round."""
+    if rank not in RANKS:
+        raise PassError(f"unit rank must be one of {', '.join(RANKS)}, got {rank!r}")
     engine = evaluator.engine.record_layer_inputs()
     n = evaluator.num_layers
     removed: dict[int, frozenset] = dict(evaluator.pre)
     spent = 0
     rounds: list[dict[str, Any]] = []
-    bounds: dict[Unit, float] = {}
+    damages: dict[Unit, float] = {}
     # the input of every layer of the current compressed model, so a candidate resumes at its own layer: first the
     # base's recorded inputs, then after each round the winner's activations from its scoring run
     starts: dict[int, Batches] = {i: engine.inputs[i] for i in range(n)}
+    # the similarity of the model as it is (1 for the base; lower when an earlier stage removed units)
+    first = min(removed, default=n)
+    current = evaluator.score(removed, first, starts[first] if first < n else engine.inputs[n])
     inf = float("inf")
+
+    def value(unit: Unit, damage: float) -> float:
+        return -damage / (params[unit] if rank == "per-param" else 1)
+
     while True:
         options = [(i, b) for i in range(n) for b in UNITS
                    if i not in protect and b not in removed.get(i, ()) and spent + params[(i, b)] <= budget]
         if not options:
             break
-        order = sorted(options, key=lambda u: (-(bounds.get(u, inf) if lazy else inf), u))
-        best_s, best, best_inputs, best_module, scored = -inf, None, [], None, 0
+        predicted = {u: value(u, damages[u]) if lazy and u in damages else inf for u in options}
+        order = sorted(options, key=lambda u: (-predicted[u], u))
+        best_v, best_s, best, best_inputs, best_module, scored = -inf, -inf, None, [], None, 0
         for unit in order:
-            if lazy and unit in bounds and bounds[unit] <= best_s:
+            if best is not None and predicted[unit] <= best_v:
                 break
             layer, branch = unit
             candidate = {**removed, layer: removed.get(layer, frozenset()) | {branch}}
             recorded: list[Batches] = []
             evaluator.last_built = None
             s = evaluator.score(candidate, layer, starts[layer], record=recorded)
-            bounds[unit] = s
+            damages[unit] = _damage(current, s)
+            v = value(unit, damages[unit])
             scored += 1
             # ties go to the higher layer, then the MLP: the same choice whatever order the units were scored in
-            if best is None or (s, unit) > (best_s, best):
-                best_s, best, best_inputs, best_module = s, unit, recorded, evaluator.last_built
+            if best is None or (v, unit) > (best_v, best):
+                best_v, best_s, best, best_inputs, best_module = v, s, unit, recorded, evaluator.last_built
         layer, branch = best
         removed = {**removed, layer: removed.get(layer, frozenset()) | {branch}}
         spent += params[best]
+        current = best_s
+        for other in UNITS:  # the layer's other unit now removes a whole layer: its old damage predicts nothing
+            damages.pop((layer, other), None)
         evaluator.commit(removed)
         evaluator.adopt(best_module)
         evaluator.last_built = best_module = None
@@ -281,7 +315,8 @@ def run_sublayer(compression_pass, engine: ForwardEngine) -> PassResult:
     with progress_bar(desc=f"{name}: searching units", unit="% of budget", total=100) as bar:
         engine.record_layer_inputs()
         evaluator = SublayerEvaluator(engine, config["similarity"], config["search_ridge"])
-        removed, rounds = greedy_sublayer_search(evaluator, budget, params, protect, progress=bar)
+        removed, rounds = greedy_sublayer_search(evaluator, budget, params, protect, config["unit_rank"],
+                                                 progress=bar)
         timings: dict[str, float] = {}
         trace: dict[str, Any] = {}
         modules, fitted, fit = fit_bridges(evaluator, removed, config["fit_order"], config["ridge"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, calib_ids, make_model, run
+from conftest import calib_ids, make_model, run
 from optimum_slm import CompressionPlan, PlanError, apply_plan, load_model
 from optimum_slm.arch import ArchAdapter, param_count
 from optimum_slm.plan import drop_op

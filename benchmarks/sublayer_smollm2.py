@@ -162,14 +162,10 @@ def run_one(args, row: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- the driver
 def load_rows(path: str) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    entry = json.loads(line)
-                    rows[entry["row"]] = entry
-    return rows
+    sys.path.insert(0, HERE)
+    from real_model import load_rows as read  # the one reader of a resumable benchmark's jsonl
+
+    return read(path)
 
 
 def measure(args, row: str, jsonl: str) -> dict[str, Any] | None:

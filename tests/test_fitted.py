@@ -190,6 +190,54 @@ def test_ridge_shrinks_towards_its_prior():
     assert (system.solve(ridge=0.5, prior="identity") - eye).norm() < (plain - eye).norm()
 
 
+def test_outlier_clip_is_the_hand_computed_weighted_least_squares():
+    # 300 ordinary rows follow map M; three "sink" rows, 1000x the norm, follow another map S
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(303, 6, dtype=torch.float64, generator=gen)
+    a[300:] *= 1000
+    m, s = torch.randn(6, 6, dtype=torch.float64, generator=gen), torch.randn(6, 6, dtype=torch.float64, generator=gen)
+    b = torch.cat([a[:300] @ m, a[300:] @ s])
+    plain, clipped = LeastSquares(6), LeastSquares(6)
+    plain.add(a, b)
+    clipped.add(a, b, outlier_clip=4.0)
+    # by hand: energy e = |a|² + |b|², cap = 4² x median(e), weight min(1, cap / e), weighted normal equations
+    e = a.pow(2).sum(1) + b.pow(2).sum(1)
+    w = torch.clamp(16 * e.median() / e, max=1.0)
+    assert (w[:300] == 1).sum() >= 290 and (w[300:] < 1e-3).all()
+    expected = torch.linalg.solve(a.T @ (w[:, None] * a), a.T @ (w[:, None] * b))
+    torch.testing.assert_close(clipped.solve(), expected.float())
+    # unweighted, the three sink rows decide the map (its error on the ordinary rows is as large as their
+    # targets); clipped, they count as much as 16 ordinary rows each and the map stays near M
+    def error(t):
+        return float((a[:300] @ (t.double() - m)).norm() / (a[:300] @ m).norm())
+
+    assert error(plain.solve()) > 1.0 and error(clipped.solve()) < 0.3
+
+
+def test_outlier_clip_reaches_the_plan_and_is_refused_out_of_range():
+    from optimum_slm import get_pass
+
+    model = make_model("llama", 8, seed=4)
+    kw = dict(search="greedy", num_layers=3, cache=False, fit=calib_ids(64, 24, seed=6), merge="lstsq")
+    plain = compress(model, "slm", calib_ids(4, 16), **kw)
+    # a clip of 1 weights every row above the median energy down: the search maps and the final maps change
+    clipped = compress(model, "slm", calib_ids(4, 16), outlier_clip=1.0, search_ridge=0.1, **kw)
+    searched = compress(model, "slm", calib_ids(4, 16), search_ridge=0.1, **kw)
+    assert clipped.stages[0].params["outlier_clip"] == 1.0 and "outlier_clip" not in plain.stages[0].params
+    assert clipped.stages[0].trace["tried"] != searched.stages[0].trace["tried"]  # the search saw other maps
+    for name, tensor in searched.tensors.items():
+        if name in clipped.tensors:
+            assert not torch.allclose(tensor, clipped.tensors[name])
+    assert set(searched.tensors) & set(clipped.tensors) or searched.stages[0].ops != clipped.stages[0].ops
+    for bad in (0.5, float("inf")):
+        with pytest.raises(PassError, match="outlier_clip"):
+            get_pass("slm-plus", outlier_clip=bad)
+        with pytest.raises(PassError, match="outlier_clip"):
+            get_pass("replaceme", outlier_clip=bad)
+    with pytest.raises(PassError, match="fitted map"):
+        get_pass("slm-plus", merge="calibrated", outlier_clip=4)
+
+
 def test_search_time_maps_change_what_the_search_sees_not_the_final_fit():
     from optimum_slm.passes.depth.slm import WindowEvaluator
 

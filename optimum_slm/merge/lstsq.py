@@ -24,6 +24,14 @@ The map and the gain fold exactly (the checkpoint computes what the fit computed
 per-token magnitude other than the gain's, which the norm fixes. The plan stores the gain beside the map (roles
 ``gain`` / ``attn_gain``).
 
+Outlier-aware fits (``outlier_clip``, off by default; ReplaceMe's official fit weighs every token alike): a few
+tokens carry residual states hundreds of times the median's (attention sinks: on SmolLM2-135M the first position of
+every sequence reaches a norm of ~23,700 from layer 10 up, against a median of ~200). A window that spans the layers
+where such a state forms must add it, so those few rows hold nearly all of AᵀA and AᵀB (99.4% of the energy for a
+window over layers 8–14 there) and the map bends to them. With ``outlier_clip`` = k, a row whose energy
+‖a‖² + ‖b‖² exceeds k² × the batch's median row energy is weighted down to that level (rows scaled by √w, w =
+min(1, k²·median/energy)): a Huber-like cap, so such tokens still count, as much as a row k times the median's norm.
+
 Two fit orders for several windows: ``independent`` (every map on the base's own activations, one pass; the
 official code fits all blocks from one forward of the base) and ``bottom-up`` (each map on the activations of the
 model with the windows below it already merged and fitted, so a map also corrects the error those left).
@@ -59,9 +67,14 @@ class LeastSquares:
         self.atb = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.rows = 0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, a: torch.Tensor, b: torch.Tensor, outlier_clip: float | None = None) -> None:
+        """Rows ``a`` → ``b``; with ``outlier_clip`` k, rows above k² × the median row energy are weighted down
+        to it (see the module docstring)."""
         a = a.reshape(-1, self.dim).to(self.ata.device, torch.float64)
         b = b.reshape(-1, self.dim).to(self.ata.device, torch.float64)
+        w = row_weights(a, b, outlier_clip)
+        if w is not None:
+            a, b = a * w.sqrt()[:, None], b * w.sqrt()[:, None]
         self.ata += a.T @ a
         self.atb += a.T @ b
         self.rows += a.shape[0]
@@ -91,6 +104,15 @@ class LeastSquares:
         return t.float().cpu()
 
 
+def row_weights(a: torch.Tensor, b: torch.Tensor, outlier_clip: float | None) -> torch.Tensor | None:
+    """Per-row weights min(1, k²·median(e)/e) of rows with energy e = ‖a‖² + ‖b‖² (None: no clip, all rows 1)."""
+    if not outlier_clip:
+        return None
+    energy = a.pow(2).sum(-1) + b.pow(2).sum(-1)
+    cap = outlier_clip ** 2 * energy.median()
+    return torch.where(energy > cap, cap / energy.clamp_min(1e-300), torch.ones_like(energy))
+
+
 @dataclass
 class MapSite:
     """A kept layer that receives a fitted map: ``module`` runs in base slot ``type_index`` on the hidden state
@@ -115,9 +137,11 @@ class BranchFit:
     ``phase`` names the next pass, or None when done.
     """
 
-    def __init__(self, adapter, module: nn.Module, branch: str, device: torch.device | str = "cpu"):
+    def __init__(self, adapter, module: nn.Module, branch: str, device: torch.device | str = "cpu",
+                 outlier_clip: float | None = None):
         adapter.check_output_map(module, branch)
         self.adapter, self.module, self.branch = adapter, module, branch
+        self.outlier_clip = outlier_clip
         self.norm = adapter.post_norm(module, branch)
         self.hidden = adapter.config.hidden_size
         self.system = LeastSquares(self.hidden, device)
@@ -144,7 +168,7 @@ class BranchFit:
         # what the branch should add: the target minus everything else the layer's output holds
         want = target.double() - (out.double() - part.double())
         if self.norm is None:
-            self.system.add(part, want)
+            self.system.add(part, want, self.outlier_clip)
             return
         unit = self.adapter.norm_unit(self.norm, z).double().reshape(-1, self.hidden)
         want = want.reshape(-1, self.hidden).to(unit.device)
@@ -157,10 +181,12 @@ class BranchFit:
             # discards each token's magnitude, so fitting it would only bend the map
             rms_in = unit.pow(2).mean(-1, keepdim=True).sqrt()
             b = b * rms_in * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + 1e-30)
-            self.system.add(unit, b)
+            self.system.add(unit, b, self.outlier_clip)
         else:
-            self._gain_sums[0] += (unit * want).sum(0).to(self._gain_sums.device)
-            self._gain_sums[1] += unit.pow(2).sum(0).to(self._gain_sums.device)
+            w = row_weights(unit, want, self.outlier_clip)
+            w = torch.ones(unit.shape[0], dtype=unit.dtype, device=unit.device) if w is None else w
+            self._gain_sums[0] += (w[:, None] * unit * want).sum(0).to(self._gain_sums.device)
+            self._gain_sums[1] += (w[:, None] * unit.pow(2)).sum(0).to(self._gain_sums.device)
 
     def solve(self, ridge: float, what: str, prior: str) -> None:
         """Solve the current phase, fold its result into the module and move to the next phase."""
@@ -198,13 +224,13 @@ class _Hooked:
 
 @torch.inference_mode()
 def fit_search_map(engine: ForwardEngine, module: nn.Module, type_index: int, input_at: int, target_at: int,
-                   branches: Sequence[str], ridge: float, what: str) -> None:
+                   branches: Sequence[str], ridge: float, what: str, outlier_clip: float | None = None) -> None:
     """Fold maps on ``branches`` of ``module`` fitted on the search set's recorded base activations: ``module`` runs
     in base slot ``type_index`` on the base's input of layer ``input_at`` and must reach the base's input of layer
-    ``target_at``; ridge towards the identity. What a search scores a candidate with, so it sees what a map can
-    recover (the final maps are fitted on the fit set afterwards)."""
+    ``target_at``; ridge towards the identity; ``outlier_clip`` as in the module docstring. What a search scores a
+    candidate with, so it sees what a map can recover (the final maps are fitted on the fit set afterwards)."""
     for branch in branches:
-        fit = BranchFit(engine.adapter, module, branch, engine.device)
+        fit = BranchFit(engine.adapter, module, branch, engine.device, outlier_clip)
         while fit.phase:
             with fit.capture() as captured:
                 outs = engine.run_layers([Slot(module, type_index)], input_at, final_norm=False)
@@ -223,6 +249,7 @@ def fit_output_maps(
     final_norm_target: bool = False,
     what: str = "lstsq",
     prior: str = "identity",
+    outlier_clip: float | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
     """Fit (and fold into each site's module) one map per site and branch, streaming the engine's fit set.
 
@@ -230,7 +257,8 @@ def fit_output_maps(
     module (the compressed model, whose lower sites already hold their maps) — used by the ``bottom-up`` order.
     ``prior``: what a ridge shrinks the map towards (see ``LeastSquares.solve``). ``final_norm_target``: a target at
     the stack's output (base layer ``num_layers``) is the post-norm state (the official ReplaceMe reads
-    ``hidden_states[-1]``, which HF returns after the final norm). Returns the fitted tensors by site name and role
+    ``hidden_states[-1]``, which HF returns after the final norm). ``outlier_clip``: weight down rows of outlier
+    energy (the module docstring; None: every row alike). Returns the fitted tensors by site name and role
     (``map`` / ``attn_map``, with ``gain`` / ``attn_gain`` under post-branch norms), and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
     ``fit_seconds`` (wall time: a timing, kept out of plan files).
     """
@@ -249,7 +277,8 @@ def fit_output_maps(
     points = sorted({s.target_at for s in sites} | ({sites[0].input_at} if order == "bottom-up"
                                                     else {s.input_at for s in sites}))
     try:
-        _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps)
+        _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps,
+                    outlier_clip)
     finally:
         engine.release_fit_replay()
     return maps, fit_cost(engine, fit, started, layer_tokens)
@@ -266,13 +295,14 @@ def fit_cost(engine: ForwardEngine, fit: torch.Tensor, started: float, layer_tok
     }
 
 
-def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps) -> None:
+def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps,
+                outlier_clip) -> None:
     """The passes of ``fit_output_maps``: per group of sites and branch, one pass over the fit set per phase."""
     first = sites[0].input_at
     for group in groups:
         for branch in [b for b in BRANCH_ORDER if any(b in s.branches for s in group)]:
             members = [s for s in group if branch in s.branches]
-            fits = [BranchFit(engine.adapter, s.module, branch, engine.device) for s in members]
+            fits = [BranchFit(engine.adapter, s.module, branch, engine.device, outlier_clip) for s in members]
             label = ", ".join(s.name for s in members) + ("" if branch == "mlp" else f" ({branch})")
             # one pass over the fit set per phase: the map, then (post-branch norms only) the norm gain
             while any(f.phase for f in fits):

@@ -97,6 +97,15 @@ FIT_ORDER = PassParam("fit_order", "str", None, "maps of several windows: bottom
                       choices=("bottom-up", "independent"))
 RIDGE = PassParam("ridge", "float", None, "least-squares ridge, x the mean diagonal of MᵀM (default 0: plain); "
                   "the *-lstsq rules shrink towards the identity, replaceme towards zero (official)")
+OUTLIER_CLIP = PassParam("outlier_clip", "float", None, "outlier-aware fit: a fit token whose row energy exceeds "
+                         "outlier_clip² x the batch median (attention sinks) is weighted down to it (default off: "
+                         "every token alike)")
+
+
+def check_outlier_clip(value: float | None) -> None:
+    if value is not None and not 1.0 <= value < float("inf"):
+        raise PassError(f"outlier_clip must be a finite number >= 1 (the clip in multiples of the median row norm), "
+                        f"got {value}")
 
 
 @dataclass

@@ -28,7 +28,8 @@ import torch
 from ...errors import PassError
 from ...merge.lstsq import MapSite, fit_output_maps
 from ...plan import merge_op
-from ..base import FIT_ORDER, NUM_LAYERS, RATIO, RIDGE, CompressionPass, PassParam, PassResult
+from ..base import (FIT_ORDER, NUM_LAYERS, OUTLIER_CLIP, RATIO, RIDGE, CompressionPass, PassParam, PassResult,
+                    check_outlier_clip)
 from .angular import angular_distance
 from .common import round_scores
 
@@ -66,6 +67,7 @@ class ReplaceMePass(CompressionPass):
         PassParam("num_blocks", "int", 1, "blocks to remove (official num_A); the removed count is split evenly"),
         FIT_ORDER,
         RIDGE,
+        OUTLIER_CLIP,
     )
 
     @property
@@ -74,6 +76,7 @@ class ReplaceMePass(CompressionPass):
 
     def validate(self) -> None:
         super().validate()
+        check_outlier_clip(self.config["outlier_clip"])
         if self.config["num_blocks"] < 1:
             raise PassError(f"num_blocks must be >= 1, got {self.config['num_blocks']}")
 
@@ -125,7 +128,7 @@ class ReplaceMePass(CompressionPass):
 
         maps, cost = fit_output_maps(engine, sites, stack_below, self.config["fit_order"] or "independent",
                                      self.config["ridge"] or 0.0, final_norm_target=True, what=self.name,
-                                     prior="zero")
+                                     prior="zero", outlier_clip=self.config["outlier_clip"])
         tensors, ops = {}, []
         for (s, e), site in zip(blocks, sites):
             refs = {}

@@ -47,7 +47,8 @@ from ...merge import MERGE_RULES, get_merge_rule
 from ...plan import merge_op
 from ...progress import advance_to, progress_bar
 from ...similarity import SIMILARITIES, get_similarity
-from ..base import FIT_ORDER, NUM_LAYERS, RATIO, RIDGE, CompressionPass, PassParam, PassResult
+from ..base import (FIT_ORDER, NUM_LAYERS, OUTLIER_CLIP, RATIO, RIDGE, CompressionPass, PassParam, PassResult,
+                    check_outlier_clip)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,11 @@ class WindowEvaluator:
     one extra layer beyond the committed ones is alive at a time.
     """
 
-    def __init__(self, engine: ForwardEngine, merge: str, similarity: str, search_ridge: float | None = None):
+    def __init__(self, engine: ForwardEngine, merge: str, similarity: str, search_ridge: float | None = None,
+                 outlier_clip: float | None = None):
         self.engine = engine
+        #: the outlier-aware fit's clip of every map, search-set and final (None: every token alike)
+        self.outlier_clip = outlier_clip
         #: when set (and the rule fits a map), every scored candidate gets a map fitted on the search set with this
         #: ridge, so the search sees what a map can recover; the final maps are fitted on the fit set afterwards
         self.search_ridge = search_ridge if get_merge_rule(merge).fit_map else None
@@ -100,7 +104,7 @@ class WindowEvaluator:
         from ...merge.lstsq import fit_search_map
 
         fit_search_map(self.engine, module, anchor, low, high + 1, self.rule.map_branches, self.search_ridge,
-                       f"search map {low}-{high}")
+                       f"search map {low}-{high}", self.outlier_clip)
 
     def slot(self, window: Window) -> Slot:
         low, high = window
@@ -162,7 +166,8 @@ class WindowEvaluator:
             stop = next(i for i, s in enumerate(full) if s.module is sites[k].module)
             return full[:stop]
 
-        maps, cost = fit_output_maps(self.engine, sites, stack_below, order, ridge, what=self.rule.name)
+        maps, cost = fit_output_maps(self.engine, sites, stack_below, order, ridge, what=self.rule.name,
+                                     outlier_clip=self.outlier_clip)
         for (lo, hi), site in zip(ordered, sites):
             self._fitted.setdefault((lo, hi), {}).update(maps[site.name])
         return {"order": order, "ridge": ridge, **cost}
@@ -409,6 +414,7 @@ class SLMPass(CompressionPass):
         FIT_ORDER,
         RIDGE,
         SEARCH_RIDGE,
+        OUTLIER_CLIP,
     )
 
     @property
@@ -421,7 +427,8 @@ class SLMPass(CompressionPass):
         search_ridge = self.config.get("search_ridge")
         if search_ridge is not None and not 0 < search_ridge < float("inf"):
             raise PassError(f"search_ridge must be a finite number > 0, got {search_ridge}")
-        for name in ("fit_order", "ridge", "search_ridge"):
+        check_outlier_clip(self.config.get("outlier_clip"))
+        for name in ("fit_order", "ridge", "search_ridge", "outlier_clip"):
             if self.config.get(name) is not None and not rule.fit_map:
                 raise PassError(f"{name} applies to merge rules with a fitted map (e.g. calibrated-lstsq), not "
                                 f"{rule.name!r}")
@@ -464,7 +471,7 @@ class SLMPass(CompressionPass):
         with progress_bar(desc=f"{self.name}: searching windows", unit=unit, total=total) as bar:
             engine.record_layer_inputs()
             evaluator = WindowEvaluator(engine, self.config["merge"], self.config["similarity"],
-                                        self.config.get("search_ridge"))
+                                        self.config.get("search_ridge"), self.config.get("outlier_clip"))
             if search == "official":
 
                 def run(t: float):

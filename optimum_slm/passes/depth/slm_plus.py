@@ -31,7 +31,7 @@ import warnings
 from ...errors import PassError
 from ...merge import get_merge_rule
 from ...similarity import SIMILARITIES
-from ..base import NUM_LAYERS, RATIO, PassParam
+from ..base import NUM_LAYERS, OUTLIER_CLIP, RATIO, PassParam
 from .slm import SEARCHES, SLMPass
 from .sublayer import RANKS, run_sublayer
 
@@ -67,6 +67,7 @@ class SLMPlusPass(SLMPass):
                   "with a fitted merge)"),
         PassParam("search_ridge", "float", None, "ridge of the search-set maps candidates are scored with "
                   f"(default {SEARCH_RIDGE_DEFAULT} with a fitted merge)"),
+        OUTLIER_CLIP,
         PassParam("granularity", "str", "layer", "layer: windows of whole layers; sublayer: attention and MLP "
                   "sub-layers removed one at a time, each bridged by a fitted map, until their parameters reach "
                   "those of round(ratio x L) layers", choices=GRANULARITIES),

@@ -81,7 +81,8 @@ class SublayerEvaluator:
     disk only while they run, it is a full copy instead).
     """
 
-    def __init__(self, engine: ForwardEngine, similarity: str, search_ridge: float | None):
+    def __init__(self, engine: ForwardEngine, similarity: str, search_ridge: float | None,
+                 outlier_clip: float | None = None):
         self.engine = engine
         self.adapter = engine.adapter
         #: the units the model lacks already (an earlier stage removed them): its own layers are those layers
@@ -90,6 +91,7 @@ class SublayerEvaluator:
         self.num_layers = len(self.layers)
         self.similarity = get_similarity(similarity)
         self.search_ridge = search_ridge
+        self.outlier_clip = outlier_clip
         self.memo: dict[frozenset, float] = {}
         self.evaluations = 0
         self.committed: dict[int, frozenset] = {}
@@ -114,7 +116,7 @@ class SublayerEvaluator:
             from ...merge.lstsq import fit_search_map
 
             fit_search_map(self.engine, module, index, index, index + 1, (kept,), self.search_ridge,
-                           f"search map: layer {index} without its {branch}")
+                           f"search map: layer {index} without its {branch}", self.outlier_clip)
         return module
 
     def layer_module(self, index: int, gone: frozenset) -> nn.Module | None:
@@ -289,7 +291,8 @@ def fit_bridges(evaluator: SublayerEvaluator, removed: Removed, order: str, ridg
                 slots.append(Slot(evaluator.layers[i], i))
         return slots
 
-    maps, cost = fit_output_maps(evaluator.engine, sites, stack_below, order, ridge, what="slm-plus sublayer maps")
+    maps, cost = fit_output_maps(evaluator.engine, sites, stack_below, order, ridge, what="slm-plus sublayer maps",
+                                 outlier_clip=evaluator.outlier_clip)
     tensors = {i: maps[site.name] for (i, _), site in zip(singles, sites)}
     return modules, tensors, {"order": order, "ridge": ridge, **cost}
 
@@ -314,7 +317,7 @@ def run_sublayer(compression_pass, engine: ForwardEngine) -> PassResult:
         raise PassError(f"{name}: no unit fits in the budget of {budget:,} parameters")
     with progress_bar(desc=f"{name}: searching units", unit="% of budget", total=100) as bar:
         engine.record_layer_inputs()
-        evaluator = SublayerEvaluator(engine, config["similarity"], config["search_ridge"])
+        evaluator = SublayerEvaluator(engine, config["similarity"], config["search_ridge"], config.get("outlier_clip"))
         removed, rounds = greedy_sublayer_search(evaluator, budget, params, protect, config["unit_rank"],
                                                  progress=bar)
         timings: dict[str, float] = {}

@@ -238,6 +238,36 @@ def test_outlier_clip_reaches_the_plan_and_is_refused_out_of_range():
         get_pass("slm-plus", merge="calibrated", outlier_clip=4)
 
 
+def test_a_fit_decided_by_a_few_sink_tokens_warns_and_the_clip_reports_it():
+    import warnings
+
+    from optimum_slm.engine import ForwardEngine
+    from optimum_slm.merge.lstsq import MapSite, fit_output_maps
+
+    model = make_model("llama", 6, seed=1)
+
+    def sink(_m, _inp, out):  # layer 3 writes a huge state at every sequence's first position, as sinks form
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden[:, 0] += 1000.0
+        return out
+
+    model.model.layers[3].register_forward_hook(sink)
+
+    def fit(clip):
+        engine = ForwardEngine(model, calib_ids(4, 16), fit_ids=calib_ids(64, 24, seed=6))
+        site = MapSite("1-4", engine.copy_layer(1), 1, 1, 5)  # the window spans layer 3, where the sink forms
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, cost = fit_output_maps(engine, [site], lambda k: [], "independent", 0.1, outlier_clip=clip)
+        return cost, [str(w.message) for w in caught if "least-squares energy" in str(w.message)]
+
+    cost, warned = fit(None)
+    assert cost["outlier_share"] > 0.9  # 1 token in 24 holds the map's energy
+    assert len(warned) == 1 and "map 1-4" in warned[0] and "outlier_clip=4" in warned[0]
+    clipped, warned = fit(4.0)
+    assert clipped["outlier_share"] == cost["outlier_share"] and not warned  # measured alike; asked for, no warning
+
+
 def test_search_time_maps_change_what_the_search_sees_not_the_final_fit():
     from optimum_slm.passes.depth.slm import WindowEvaluator
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,6 +55,10 @@ from .rules import BRANCH_ROLES, GAIN_ROLES
 logger = logging.getLogger(__name__)
 
 FIT_ORDERS = ("bottom-up", "independent")
+#: the clip at which a fit measures how much of its energy sits in outlier rows (its trace's ``outlier_share``)
+OUTLIER_PROBE = 4.0
+#: above this share of a map's least-squares energy in outlier rows, an unclipped fit warns
+OUTLIER_WARN_SHARE = 0.5
 #: the order in which a layer's branch maps are fitted
 BRANCH_ORDER = ("attn", "mlp")
 
@@ -66,18 +71,30 @@ class LeastSquares:
         self.ata = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.atb = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.rows = 0
+        #: rows above OUTLIER_PROBE² x their batch's median energy: their count, their energy; all rows' energy
+        self.outlier_rows, self.outlier_energy, self.energy = 0, 0.0, 0.0
 
     def add(self, a: torch.Tensor, b: torch.Tensor, outlier_clip: float | None = None) -> None:
         """Rows ``a`` → ``b``; with ``outlier_clip`` k, rows above k² × the median row energy are weighted down
         to it (see the module docstring)."""
         a = a.reshape(-1, self.dim).to(self.ata.device, torch.float64)
         b = b.reshape(-1, self.dim).to(self.ata.device, torch.float64)
+        energy = a.pow(2).sum(-1) + b.pow(2).sum(-1)
+        high = energy > OUTLIER_PROBE ** 2 * energy.median()
+        self.outlier_rows += int(high.sum())
+        self.outlier_energy += float(energy[high].sum())
+        self.energy += float(energy.sum())
         w = row_weights(a, b, outlier_clip)
         if w is not None:
             a, b = a * w.sqrt()[:, None], b * w.sqrt()[:, None]
         self.ata += a.T @ a
         self.atb += a.T @ b
         self.rows += a.shape[0]
+
+    @property
+    def outlier_share(self) -> float:
+        """The share of the (unweighted) energy of the rows added so far that sits in outlier rows."""
+        return self.outlier_energy / self.energy if self.energy > 0 else 0.0
 
     def solve(self, ridge: float = 0.0, what: str = "map", prior: str = "zero") -> torch.Tensor:
         """argmin ‖A·T − B‖² + α‖T − P‖² as float32, α = ``ridge`` × the mean diagonal of AᵀA:
@@ -259,7 +276,9 @@ def fit_output_maps(
     the stack's output (base layer ``num_layers``) is the post-norm state (the official ReplaceMe reads
     ``hidden_states[-1]``, which HF returns after the final norm). ``outlier_clip``: weight down rows of outlier
     energy (the module docstring; None: every row alike). Returns the fitted tensors by site name and role
-    (``map`` / ``attn_map``, with ``gain`` / ``attn_gain`` under post-branch norms), and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set) and
+    (``map`` / ``attn_map``, with ``gain`` / ``attn_gain`` under post-branch norms), and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set),
+    ``outlier_share`` (the largest share of a map's least-squares energy in rows above ``OUTLIER_PROBE``² x the
+    median; above ``OUTLIER_WARN_SHARE`` an unclipped fit warns) and
     ``fit_seconds`` (wall time: a timing, kept out of plan files).
     """
     if order not in FIT_ORDERS:
@@ -276,12 +295,20 @@ def fit_output_maps(
     # pass keeps them and the later ones (one per branch map and norm gain) replay them without the base forward
     points = sorted({s.target_at for s in sites} | ({sites[0].input_at} if order == "bottom-up"
                                                     else {s.input_at for s in sites}))
+    systems: dict[str, LeastSquares] = {}
     try:
         _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps,
-                    outlier_clip)
+                    outlier_clip, systems)
     finally:
         engine.release_fit_replay()
-    return maps, fit_cost(engine, fit, started, layer_tokens)
+    cost = fit_cost(engine, fit, started, layer_tokens)
+    label, system = max(systems.items(), key=lambda kv: kv[1].outlier_share)
+    cost["outlier_share"] = round(system.outlier_share, 4)
+    if not outlier_clip and system.outlier_share > OUTLIER_WARN_SHARE:
+        warnings.warn(f"{what}: {system.outlier_share:.0%} of the least-squares energy of map {label} sits in "
+                      f"{system.outlier_rows / max(1, system.rows):.2%} of the fit tokens (attention sinks?), which "
+                      f"decide the map; outlier_clip={OUTLIER_PROBE:g} weights them down", stacklevel=3)
+    return maps, cost
 
 
 def fit_cost(engine: ForwardEngine, fit: torch.Tensor, started: float, layer_tokens: int) -> dict[str, float]:
@@ -296,8 +323,9 @@ def fit_cost(engine: ForwardEngine, fit: torch.Tensor, started: float, layer_tok
 
 
 def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps,
-                outlier_clip) -> None:
-    """The passes of ``fit_output_maps``: per group of sites and branch, one pass over the fit set per phase."""
+                outlier_clip, shares) -> None:
+    """The passes of ``fit_output_maps``: per group of sites and branch, one pass over the fit set per phase;
+    ``shares`` receives each map's least-squares system by label (for its outlier share)."""
     first = sites[0].input_at
     for group in groups:
         for branch in [b for b in BRANCH_ORDER if any(b in s.branches for s in group)]:
@@ -325,3 +353,4 @@ def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_
                     f.solve(ridge, f"{what} {site.name}", prior)
             for site, f in zip(members, fits):
                 maps[site.name].update(f.tensors)
+                shares[site.name + ("" if branch == "mlp" else f" ({branch})")] = f.system

@@ -110,6 +110,16 @@ def test_unknown_name_fails_at_once_offline(tmp_path, corpus, monkeypatch):
     assert_one_line(result, 2, "downloads are off (allow them with --allow-download)")
 
 
+def test_analyze_takes_the_same_loading_flags_as_compress(tmp_path, corpus, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    result = run("analyze", "--model", "no-org/no-such-model-xyz", "--calib-data", corpus, "--output",
+                 str(tmp_path / "a"))
+    assert_one_line(result, 2, "downloads are off (allow them with --allow-download)")
+    assert not os.path.exists(tmp_path / "a")
+    for flag in ("--allow-download", "--allow-pickle"):
+        assert flag in run("analyze", "--help").stdout
+
+
 def test_unwritable_output(tiny_checkpoint, corpus):
     result = run("compress", "--model", tiny_checkpoint, "--calib-data", corpus, *CALIB, "--num-layers", "1",
                  "--output", "/proc/optimum-slm-test/out")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import SLMError
+from .common import model_options
 
 
 def _handle_errors(fn: Callable) -> Callable:
@@ -57,7 +58,7 @@ def _short_name(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ analyze
 @click.command("analyze")
-@click.option("--model", "model_path", required=True, help="Checkpoint folder, hub id (offline cache), GGUF or alias.")
+@model_options(what="Model to analyse")
 @click.option("--calib-data", default="wiki-leads", show_default=True,
               help="Calibration source: .txt/.jsonl/.json file, folder, corpus alias or datasets name.")
 @click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
@@ -69,14 +70,10 @@ def _short_name(path: str) -> str:
 @click.option("--seed", default=1234, show_default=True, type=int, help="Calibration sampling seed.")
 @click.option("--batch-size", default=16, show_default=True, type=int,
               help="CKA minibatch size (the official script's 16).")
-@click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder.")
-@click.option("--dtype", default=None, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Load dtype (default: the checkpoint's).")
-@click.option("--device", default=None, help="cpu, cuda or auto (default: auto).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @_handle_errors
-def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples, calib_seq_len, seed, batch_size,
-                    gguf_file, dtype, device, quiet) -> None:
+def analyze_command(model, gguf_file, dtype, device, allow_download, allow_pickle, calib_data, output_dir, plan_path,
+                    calib_samples, calib_seq_len, seed, batch_size, quiet) -> None:
     """Layer-output CKA heatmap and adjacent-layer / block-influence profile (PNG + JSON)."""
     from ..analysis import analyze_layers, plan_overlay
     from ..reports.plots import _pyplot, write_analysis
@@ -90,7 +87,9 @@ def analyze_command(model_path, calib_data, output_dir, plan_path, calib_samples
     if batch_size < 1:
         raise SLMError(f"--batch-size must be positive, got {batch_size}")
     plan = CompressionPlan.load(plan_path) if plan_path else None
-    model, tokenizer = load_model(model_path, gguf_file=gguf_file, dtype=dtype, device=device)
+    model_path = model
+    model, tokenizer = load_model(model_path, gguf_file=gguf_file, dtype=dtype, device=device,
+                                  allow_download=allow_download, allow_pickle=allow_pickle)
     plan_overlay(plan, ArchAdapter(model).num_layers)  # a plan for another base fails before the analysis runs
     ids = load_calibration(tokenizer, calib_data, calib_samples, calib_seq_len, seed)
     if not quiet:

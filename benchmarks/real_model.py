@@ -410,18 +410,21 @@ def write_table(args, rows: dict[str, dict[str, Any]], argv) -> None:
     tasks = {n[len('tasks:'):]: r for n, r in rows.items() if n.startswith("tasks:")}
     if tasks:
         ref = tasks.get("slm-plus")
+        dense_avg = tasks.get("dense", {}).get("avg")
         labels = sorted(next(iter(tasks.values()))["tasks"])
         out += ["", f"Seven tasks ({next(iter(tasks.values()))['limit']} documents each; the paper's metric per "
-                "task), AVE, the paired difference to `slm-plus` (± its standard error), LAMBADA last-word accuracy:",
-                "", "| model | " + " | ".join(labels) + " | AVE | vs slm-plus | LAMBADA acc |",
-                "|---|" + "---:|" * (len(labels) + 3)]
+                "task), AVE, AVE as a share of the dense model's, the paired difference to `slm-plus` (± its standard "
+                "error), LAMBADA last-word accuracy:",
+                "", "| model | " + " | ".join(labels) + " | AVE | % of dense | vs slm-plus | LAMBADA acc |",
+                "|---|" + "---:|" * (len(labels) + 4)]
         for name, r in tasks.items():
             diff = "–"
             if ref is not None and name != "slm-plus":
                 d, se = paired(r["correct"], ref["correct"])
                 diff = f"{d:+.1f} ± {se:.1f}"
+            kept = _f(100 * r["avg"] / dense_avg, 1) if dense_avg else "–"
             out.append(f"| {name} | " + " | ".join(_f(100 * r["tasks"][t], 1) for t in labels)
-                       + f" | {_f(r['avg'], 2)} | {diff} | {_f(100 * r['lambada_acc'], 1)} |")
+                       + f" | {_f(r['avg'], 2)} | {kept} | {diff} | {_f(100 * r['lambada_acc'], 1)} |")
     note = os.path.splitext(args.output)[0] + "_note.md"
     if os.path.exists(note):
         with open(note, encoding="utf-8") as fh:

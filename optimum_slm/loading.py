@@ -101,11 +101,12 @@ def convert_gguf(directory: str, gguf_file: str, sha256: str | None = None) -> s
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file fails in gguf's reader with many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"cannot read GGUF file {path} (truncated, or not a GGUF model?): {first}") from None
-    cfg = gguf_model.config
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
+    # the loaded model is already dequantized to float32: saved as it is, without the GGUF's quantization record
+    # (a second model built from its config and loaded with its weights would hold the weights twice at the peak)
+    plain = gguf_model
+    plain.hf_quantizer = None  # transformers keeps the GGUF "quantizer" on the model and refuses to save it
+    if hasattr(plain.config, "quantization_config"):
+        delattr(plain.config, "quantization_config")
     plain.tie_weights()
     tmp = make_marked_dir(CONVERT_PREFIX, os.path.dirname(target))
     try:

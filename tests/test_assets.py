@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -150,6 +151,8 @@ def test_a_real_gguf_in_12_parts_is_converted_once_and_reused(fake_parts, tmp_pa
     killed_assembly()
     path = resolve_model_path(ALIAS)
     assert cache_entries(tmp_path) == [f"fake-{parts.sha256[:16]}"] and os.path.dirname(path) == cache_dir("converted")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+        assert "quantization_config" not in json.load(fh)  # a plain float32 checkpoint, no GGUF record
     want = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
     model, _ = load_model(ALIAS)
     got = model.state_dict()

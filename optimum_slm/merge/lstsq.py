@@ -59,6 +59,9 @@ FIT_ORDERS = ("bottom-up", "independent")
 OUTLIER_PROBE = 4.0
 #: above this share of a map's least-squares energy in outlier rows, an unclipped fit warns
 OUTLIER_WARN_SHARE = 0.5
+#: the clip the warning suggests: the best of 2, 4, 8, 16, 32, 64 on the validation texts for replaceme at 35% on
+#: SmolLM2-135M (benchmarks/results/fitted_smollm2.md; the curve is bumpy: 8 and 64 were worse than 4 and 16)
+OUTLIER_CLIP_SUGGESTED = 32.0
 #: the order in which a layer's branch maps are fitted
 BRANCH_ORDER = ("attn", "mlp")
 
@@ -307,7 +310,8 @@ def fit_output_maps(
     if not outlier_clip and system.outlier_share > OUTLIER_WARN_SHARE:
         warnings.warn(f"{what}: {system.outlier_share:.0%} of the least-squares energy of map {label} sits in "
                       f"{system.outlier_rows / max(1, system.rows):.2%} of the fit tokens (attention sinks?), which "
-                      f"decide the map; outlier_clip={OUTLIER_PROBE:g} weights them down", stacklevel=3)
+                      f"decide the map; outlier_clip={OUTLIER_CLIP_SUGGESTED:g} weights them down (check it on validation texts)",
+                      stacklevel=3)
     return maps, cost
 
 

@@ -26,7 +26,7 @@ per-token magnitude other than the gain's, which the norm fixes. The plan stores
 
 Outlier-aware fits (``outlier_clip``, off by default; ReplaceMe's official fit weighs every token alike): a few
 tokens carry residual states hundreds of times the median's (attention sinks: on SmolLM2-135M the first position of
-every sequence reaches a norm of ~23,700 from layer 10 up, against a median of ~200). A window that spans the layers
+every sequence leaves layer 11 with a norm of ~23,800, against a median of ~200, and entered it with 146). A window that spans the layers
 where such a state forms must add it, so those few rows hold nearly all of AᵀA and AᵀB (99.4% of the energy for a
 window over layers 8–14 there) and the map bends to them. With ``outlier_clip`` = k, a row whose energy
 ‖a‖² + ‖b‖² exceeds k² × the batch's median row energy is weighted down to that level (rows scaled by √w, w =

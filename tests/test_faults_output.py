@@ -134,12 +134,17 @@ def test_only_what_a_killed_run_made_is_removed(tiny_checkpoint, corpus, tmp_pat
     reused = f"{os.getppid()}-1"  # a live pid, but another process: its start time differs
     _marked(tmp_path / f".out.tmp-{reused}-abf", reused)
     (tmp_path / f".out.tmp-{DEAD}-abd").mkdir()  # killed before it wrote its marker
+    (tmp_path / f".out.tmp-{DEAD}-abc0").mkdir()  # killed between creating its marker and writing the line
+    (tmp_path / f".out.tmp-{DEAD}-abc0" / TEMP_MARKER).write_text("")
+    (tmp_path / f".out.tmp-{DEAD}-abc1").mkdir()  # an empty marker beside something else: not provably ours
+    (tmp_path / f".out.tmp-{DEAD}-abc1" / TEMP_MARKER).write_text("")
+    (tmp_path / f".out.tmp-{DEAD}-abc1" / "f.txt").write_text("kept")
     _marked(tmp_path / f".out.tmp-{run_token()}-abe", run_token())  # a live run's (this one)
     (tmp_path / ".out.lock").write_text(f"{reused}\n")  # the lock of a killed run (no flock held on it)
     result = run(*compress_args(tiny_checkpoint, corpus), "--output", str(tmp_path / "out"), "--overwrite")
     assert result.exit_code == 0, result.output
     left = sorted(f for f in os.listdir(tmp_path) if f.startswith((".out", "out")))
-    assert left == sorted([".out.tmp-12-34", f".out.tmp-{run_token()}-abe", "out", *mine]), left
+    assert left == sorted([".out.tmp-12-34", f".out.tmp-{run_token()}-abe", f".out.tmp-{DEAD}-abc1", "out", *mine]), left
     for name, text in mine.items():
         assert (tmp_path / name / "f.txt").read_text() == text
     assert "left by a run that was killed" in caplog.text

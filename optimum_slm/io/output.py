@@ -154,7 +154,8 @@ def remove_marked_dir(path: str) -> None:
 
 def remove_dead_marked(parent: str, prefixes: tuple[str, ...], what: str) -> None:
     """Remove the folders in ``parent`` named ``<prefix><token>-...`` that this project made (they carry the marker;
-    an empty one may have been killed before writing it) and whose run is gone. Nothing else is touched."""
+    an empty one, or one holding only an empty marker, may have been killed before writing it) and whose run is
+    gone. Nothing else is touched."""
     try:
         entries = os.listdir(parent)
     except OSError:
@@ -170,12 +171,16 @@ def remove_dead_marked(parent: str, prefixes: tuple[str, ...], what: str) -> Non
                 token, _, host = fh.read().strip().partition(" ")
         except OSError:
             token, host = None, ""
-        if token is None:  # no marker: only an empty folder named like ours, of a dead run, is removed
+        if token is None or _parse_token(token) is None:
+            # no marker, or one a kill cut short between creating and writing it: only a folder named like ours, of
+            # a dead run, holding nothing else, is removed
             named = entry[len(prefix):].split("-")  # <pid>-<start>-<random>
             if len(named) != 3 or not (named[0].isdigit() and named[1].isdigit()) or owner_alive(
                     f"{named[0]}-{named[1]}"):
                 continue
             try:
+                if token is not None and os.listdir(path) == [TEMP_MARKER]:
+                    os.unlink(marker)
                 os.rmdir(path)  # fails unless empty: never deletes anything the run did not make
             except OSError:
                 pass

@@ -72,6 +72,10 @@ def test_bad_corpora(tiny_checkpoint, tmp_path, name, write, message):
     (["--num-layers", "1", "--merge", "calibrated", "--param", "search_ridge=0.1"],
      "search_ridge applies to merge rules with a fitted map"),
     (["--method", "replaceme", "--num-layers", "1", "--param", "num_blocks=0"], "num_blocks must be >= 1"),
+    (["--num-layers", "1", "--param", "outlier_clip=0.5"], "outlier_clip must be a finite number >= 1"),
+    (["--method", "replaceme", "--num-layers", "1", "--param", "outlier_clip=nan"], "expected a finite number"),
+    (["--num-layers", "1", "--merge", "calibrated", "--param", "outlier_clip=32"],
+     "outlier_clip applies to merge rules with a fitted map"),
 ])
 def test_bad_parameters(tiny_checkpoint, corpus, tmp_path, args, message):
     result = run("compress", "--model", tiny_checkpoint, "--calib-data", corpus, *CALIB, *args,

@@ -26,11 +26,12 @@ per-token magnitude other than the gain's, which the norm fixes. The plan stores
 
 Outlier-aware fits (``outlier_clip``, off by default; ReplaceMe's official fit weighs every token alike): a few
 tokens carry residual states hundreds of times the median's (attention sinks: on SmolLM2-135M the first position of
-every sequence leaves layer 11 with a norm of ~23,800, against a median of ~200, and entered it with 146). A window that spans the layers
-where such a state forms must add it, so those few rows hold nearly all of AᵀA and AᵀB (99.4% of the energy for a
-window over layers 8–14 there) and the map bends to them. With ``outlier_clip`` = k, a row whose energy
-‖a‖² + ‖b‖² exceeds k² × the batch's median row energy is weighted down to that level (rows scaled by √w, w =
-min(1, k²·median/energy)): a Huber-like cap, so such tokens still count, as much as a row k times the median's norm.
+every sequence enters layer 11 with a norm of 146 and leaves it with ~23,800, against a median of ~200). A window
+that spans the layers where such a state forms must add it, so those few rows hold nearly all of AᵀA and AᵀB (99.4%
+of the energy for a window over layers 8–14 there) and the map bends to them. With ``outlier_clip`` = k, a row
+whose energy ‖a‖² + ‖b‖² exceeds k² × the batch's median row energy is weighted down to that level (rows scaled by
+√w, w = min(1, k²·median/energy)): a Huber-like cap, so such tokens still count, as much as a row k times the
+median's norm. Too strong a clip breaks the model (the map no longer builds the sink): see OUTLIER_CLIP_SUGGESTED.
 
 Two fit orders for several windows: ``independent`` (every map on the base's own activations, one pass; the
 official code fits all blocks from one forward of the base) and ``bottom-up`` (each map on the activations of the
@@ -82,12 +83,12 @@ class LeastSquares:
         to it (see the module docstring)."""
         a = a.reshape(-1, self.dim).to(self.ata.device, torch.float64)
         b = b.reshape(-1, self.dim).to(self.ata.device, torch.float64)
-        energy = a.pow(2).sum(-1) + b.pow(2).sum(-1)
+        energy = row_energy(a, b)
         high = energy > OUTLIER_PROBE ** 2 * energy.median()
         self.outlier_rows += int(high.sum())
         self.outlier_energy += float(energy[high].sum())
         self.energy += float(energy.sum())
-        w = row_weights(a, b, outlier_clip)
+        w = row_weights(energy, outlier_clip)
         if w is not None:
             a, b = a * w.sqrt()[:, None], b * w.sqrt()[:, None]
         self.ata += a.T @ a
@@ -124,11 +125,15 @@ class LeastSquares:
         return t.float().cpu()
 
 
-def row_weights(a: torch.Tensor, b: torch.Tensor, outlier_clip: float | None) -> torch.Tensor | None:
-    """Per-row weights min(1, k²·median(e)/e) of rows with energy e = ‖a‖² + ‖b‖² (None: no clip, all rows 1)."""
+def row_energy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a‖² + ‖b‖² per row: what one row of a least-squares problem adds to its sums."""
+    return a.pow(2).sum(-1) + b.pow(2).sum(-1)
+
+
+def row_weights(energy: torch.Tensor, outlier_clip: float | None) -> torch.Tensor | None:
+    """Per-row weights min(1, k²·median(e)/e) of rows with energies e (None: no clip, every row 1)."""
     if not outlier_clip:
         return None
-    energy = a.pow(2).sum(-1) + b.pow(2).sum(-1)
     cap = outlier_clip ** 2 * energy.median()
     return torch.where(energy > cap, cap / energy.clamp_min(1e-300), torch.ones_like(energy))
 
@@ -203,7 +208,7 @@ class BranchFit:
             b = b * rms_in * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + 1e-30)
             self.system.add(unit, b, self.outlier_clip)
         else:
-            w = row_weights(unit, want, self.outlier_clip)
+            w = row_weights(row_energy(unit, want), self.outlier_clip)
             w = torch.ones(unit.shape[0], dtype=unit.dtype, device=unit.device) if w is None else w
             self._gain_sums[0] += (w[:, None] * unit * want).sum(0).to(self._gain_sums.device)
             self._gain_sums[1] += (w[:, None] * unit.pow(2)).sum(0).to(self._gain_sums.device)
@@ -279,10 +284,10 @@ def fit_output_maps(
     the stack's output (base layer ``num_layers``) is the post-norm state (the official ReplaceMe reads
     ``hidden_states[-1]``, which HF returns after the final norm). ``outlier_clip``: weight down rows of outlier
     energy (the module docstring; None: every row alike). Returns the fitted tensors by site name and role
-    (``map`` / ``attn_map``, with ``gain`` / ``attn_gain`` under post-branch norms), and a cost record: ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set),
-    ``outlier_share`` (the largest share of a map's least-squares energy in rows above ``OUTLIER_PROBE``² x the
-    median; above ``OUTLIER_WARN_SHARE`` an unclipped fit warns) and
-    ``fit_seconds`` (wall time: a timing, kept out of plan files).
+    (``map`` / ``attn_map``, with ``gain`` / ``attn_gain`` under post-branch norms), and a cost record:
+    ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set), ``outlier_share`` (the
+    largest share of a map's least-squares energy in rows above ``OUTLIER_PROBE``² x the median; above
+    ``OUTLIER_WARN_SHARE`` an unclipped fit warns) and ``fit_seconds`` (wall time: a timing, kept out of plan files).
     """
     if order not in FIT_ORDERS:
         raise PassError(f"fit order must be one of {', '.join(FIT_ORDERS)}, got {order!r}")
@@ -310,8 +315,8 @@ def fit_output_maps(
     if not outlier_clip and system.outlier_share > OUTLIER_WARN_SHARE:
         warnings.warn(f"{what}: {system.outlier_share:.0%} of the least-squares energy of map {label} sits in "
                       f"{system.outlier_rows / max(1, system.rows):.2%} of the fit tokens (attention sinks?), which "
-                      f"decide the map; outlier_clip={OUTLIER_CLIP_SUGGESTED:g} weights them down (check it on validation texts)",
-                      stacklevel=3)
+                      f"decide the map; outlier_clip={OUTLIER_CLIP_SUGGESTED:g} weights them down (check it on "
+                      "validation texts)", stacklevel=3)
     return maps, cost
 
 
@@ -327,9 +332,9 @@ def fit_cost(engine: ForwardEngine, fit: torch.Tensor, started: float, layer_tok
 
 
 def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps,
-                outlier_clip, shares) -> None:
+                outlier_clip, systems) -> None:
     """The passes of ``fit_output_maps``: per group of sites and branch, one pass over the fit set per phase;
-    ``shares`` receives each map's least-squares system by label (for its outlier share)."""
+    ``systems`` receives each map's least-squares system by label (for its outlier share)."""
     first = sites[0].input_at
     for group in groups:
         for branch in [b for b in BRANCH_ORDER if any(b in s.branches for s in group)]:
@@ -357,4 +362,4 @@ def _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_
                     f.solve(ridge, f"{what} {site.name}", prior)
             for site, f in zip(members, fits):
                 maps[site.name].update(f.tensors)
-                shares[site.name + ("" if branch == "mlp" else f" ({branch})")] = f.system
+                systems[site.name + ("" if branch == "mlp" else f" ({branch})")] = f.system

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -50,6 +49,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OPTIMUM_SLM_QUIET", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+# the one reader of a resumable benchmark's jsonl, and the table's number format (real_model imports only the
+# standard library at its top)
+from real_model import _f, load_rows  # noqa: E402
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "sublayer_smollm2.md")
 MODEL = "smollm2-135m"
 #: (row key, corpus alias): the held-out test corpora, then the validation splits
@@ -161,13 +164,6 @@ def run_one(args, row: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the driver
-def load_rows(path: str) -> dict[str, dict[str, Any]]:
-    sys.path.insert(0, HERE)
-    from real_model import load_rows as read  # the one reader of a resumable benchmark's jsonl
-
-    return read(path)
-
-
 def measure(args, row: str, jsonl: str) -> dict[str, Any] | None:
     """Run ``row`` in its own process and append its record; None when it failed."""
     print(f"== {row}", flush=True)
@@ -225,14 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the table
-def _f(value, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
 def _removed(r: dict[str, Any], base_layers: int | None) -> str:
     if "attn_removed" in r:
         return (f"{len(r['attn_removed'])} attn, {len(r['mlp_removed'])} MLP"

@@ -102,12 +102,6 @@ OUTLIER_CLIP = PassParam("outlier_clip", "float", None, "outlier-aware fit: a fi
                          "every token alike)")
 
 
-def check_outlier_clip(value: float | None) -> None:
-    if value is not None and not 1.0 <= value < float("inf"):
-        raise PassError(f"outlier_clip must be a finite number >= 1 (the clip in multiples of the median row norm), "
-                        f"got {value}")
-
-
 @dataclass
 class PassResult:
     """What a pass found: ops (in the engine's layer numbering), a trace, fitted tensors referenced by the ops."""
@@ -169,6 +163,10 @@ class CompressionPass:
         ridge = self.config.get("ridge")
         if ridge is not None and not 0 <= ridge < float("inf"):
             raise PassError(f"ridge must be a finite number >= 0, got {ridge}")
+        clip = self.config.get("outlier_clip")
+        if clip is not None and not 1.0 <= clip < float("inf"):
+            raise PassError(f"outlier_clip must be a finite number >= 1 (the clip in multiples of the median row "
+                            f"norm), got {clip}")
         ratio = self.config.get("ratio")
         if ratio is not None and not 0 < ratio < 1:
             raise PassError(f"ratio must be in (0, 1), got {ratio}")

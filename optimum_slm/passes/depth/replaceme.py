@@ -28,8 +28,7 @@ import torch
 from ...errors import PassError
 from ...merge.lstsq import MapSite, fit_output_maps
 from ...plan import merge_op
-from ..base import (FIT_ORDER, NUM_LAYERS, OUTLIER_CLIP, RATIO, RIDGE, CompressionPass, PassParam, PassResult,
-                    check_outlier_clip)
+from ..base import FIT_ORDER, NUM_LAYERS, OUTLIER_CLIP, RATIO, RIDGE, CompressionPass, PassParam, PassResult
 from .angular import angular_distance
 from .common import round_scores
 
@@ -76,7 +75,6 @@ class ReplaceMePass(CompressionPass):
 
     def validate(self) -> None:
         super().validate()
-        check_outlier_clip(self.config["outlier_clip"])
         if self.config["num_blocks"] < 1:
             raise PassError(f"num_blocks must be >= 1, got {self.config['num_blocks']}")
 

@@ -47,8 +47,7 @@ from ...merge import MERGE_RULES, get_merge_rule
 from ...plan import merge_op
 from ...progress import advance_to, progress_bar
 from ...similarity import SIMILARITIES, get_similarity
-from ..base import (FIT_ORDER, NUM_LAYERS, OUTLIER_CLIP, RATIO, RIDGE, CompressionPass, PassParam, PassResult,
-                    check_outlier_clip)
+from ..base import FIT_ORDER, NUM_LAYERS, OUTLIER_CLIP, RATIO, RIDGE, CompressionPass, PassParam, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +426,6 @@ class SLMPass(CompressionPass):
         search_ridge = self.config.get("search_ridge")
         if search_ridge is not None and not 0 < search_ridge < float("inf"):
             raise PassError(f"search_ridge must be a finite number > 0, got {search_ridge}")
-        check_outlier_clip(self.config.get("outlier_clip"))
         for name in ("fit_order", "ridge", "search_ridge", "outlier_clip"):
             if self.config.get(name) is not None and not rule.fit_map:
                 raise PassError(f"{name} applies to merge rules with a fitted map (e.g. calibrated-lstsq), not "

@@ -41,7 +41,7 @@ SEARCH_RIDGE_DEFAULT = 0.1
 RIDGE_DEFAULT = 0.1
 FIT_ORDER_DEFAULT = "independent"
 GRANULARITIES = ("layer", "sublayer")
-#: the sub-layer search's rank of units (chosen on the validation splits: benchmarks/sublayer_smollm2.py)
+#: the sub-layer search's rank of units (chosen on the validation splits: benchmarks/frontier_smollm2.py)
 UNIT_RANK_DEFAULT = "per-param"
 #: parameters of the window search that mean nothing to the sub-layer search (refused there when given)
 WINDOW_ONLY = ("merge", "search", "max_window")

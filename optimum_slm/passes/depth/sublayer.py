@@ -30,7 +30,7 @@ layer's parameters in the supported families, so the search removes more units t
 The plan holds ``drop_attn`` / ``drop_mlp`` ops (plan/sublayer_ops.py) with their maps in the side-car, and ``drop``
 for whole layers. Removing an attention saves less compute per parameter than removing a layer (the MLP's share of
 the FLOPs stays); compare at equal parameters and at equal measured decode speed
-(``benchmarks/sublayer_smollm2.py``).
+(``benchmarks/frontier_smollm2.py``).
 """
 
 from __future__ import annotations

@@ -49,10 +49,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "real_qwen15.md")
 #: (row key, corpus alias) of the held-out perplexities
 HELDOUT = (("wiki", "wiki-leads-test"), ("books", "lambada-books"), ("code", "python-code-test"))
-DEPTH_PASSES = ("slm-plus", "replaceme", "sleb", "shortgpt", "angular", "shortened-ppl", "slm")
+#: the depth passes whose default-ratio rows the table ranks
+DEPTH_PASSES = ("slm-plus", "replaceme", "sleb", "shortgpt", "angular", "shortened-ppl", "slm", "linearpatch",
+                "prune-comp")
 DEFAULT_ROWS = ("dense", "slm-plus", "slm-plus@streamed", "replaceme", "shortgpt", "angular", "shortened-ppl", "sleb",
-                "slm", "slm-plus[merge=calibrated]", "flap@0.2", "recipe:slm-plus+flap", "tasks:dense",
-                "tasks:slm-plus", "tasks:replaceme", "heal:slm-plus")
+                "slm", "linearpatch", "prune-comp", "slm-plus[merge=calibrated]", "flap@0.2",
+                "recipe:slm-plus+flap", "tasks:dense", "tasks:slm-plus", "tasks:replaceme", "heal:slm-plus")
 #: depth + width recipes: name -> stages
 RECIPES = {"slm-plus+flap": [{"method": "slm-plus", "ratio": 0.15}, {"method": "flap", "ratio": 0.1}]}
 
@@ -407,6 +409,11 @@ def write_table(args, rows: dict[str, dict[str, Any]], argv) -> None:
                    f"{_f(r.get('plan_s'), 0)} | {_f(r.get('search_s'), 0)} | {_f(r.get('fit_s'), 0)} | "
                    f"{_f(r.get('check_s'), 0)} | {_f(r.get('layer_evals'), 0)} | {_f(r.get('fit_layer_passes'), 0)} | "
                    f"{_f(rss / 1024 if rss else None, 1)} | {r.get('digest', '–')} |")
+    depth = {n: r["ppl"] for n, r in rows.items() if n in DEPTH_PASSES and r.get("ppl")}
+    if depth:
+        out += ["", "Lowest perplexity of the depth passes at the default ratio (rows named by the pass alone): "
+                + "; ".join(f"{c} `{min(depth, key=lambda n: depth[n].get(k, math.inf))}`" for k, c in HELDOUT)
+                + "."]
     tasks = {n[len('tasks:'):]: r for n, r in rows.items() if n.startswith("tasks:")}
     if tasks:
         ref = tasks.get("slm-plus")

@@ -24,6 +24,7 @@ from .passes.width.minitron import MinitronWidthPass
 from .passes.width.taylor import TaylorWidthPass
 from .plan.ops import BUILTIN_KINDS
 from .plan.stream_ops import RescaleOp
+from .plan.refine_ops import SetWeightsOp
 from .plan.sublayer_ops import DropAttention, DropMLP
 from .plan.width_ops import NarrowAttention, NarrowMLP
 from .similarity import SIMILARITIES
@@ -43,7 +44,8 @@ def register_passes(register) -> None:
 
 @hookimpl
 def register_op_kinds(register) -> None:
-    for kind in (*BUILTIN_KINDS, RescaleOp(), NarrowMLP(), NarrowAttention(), DropAttention(), DropMLP()):
+    for kind in (*BUILTIN_KINDS, RescaleOp(), NarrowMLP(), NarrowAttention(), DropAttention(), DropMLP(),
+                 SetWeightsOp()):
         register(kind)
 
 

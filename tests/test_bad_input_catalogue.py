@@ -76,6 +76,11 @@ def test_bad_corpora(tiny_checkpoint, tmp_path, name, write, message):
     (["--method", "replaceme", "--num-layers", "1", "--param", "outlier_clip=nan"], "expected a finite number"),
     (["--num-layers", "1", "--merge", "calibrated", "--param", "outlier_clip=32"],
      "outlier_clip applies to merge rules with a fitted map"),
+    (["--num-layers", "1", "--param", "refine_epochs=0"], "refine_epochs must be >= 1"),
+    (["--num-layers", "1", "--param", "refine_epochs=2", "--param", "refine_lr=-1"],
+     "refine_lr must be a finite number > 0"),
+    (["--num-layers", "1", "--merge", "calibrated", "--param", "refine_epochs=2"],
+     "refine_epochs needs a merge rule that fits"),
 ])
 def test_bad_parameters(tiny_checkpoint, corpus, tmp_path, args, message):
     result = run("compress", "--model", tiny_checkpoint, "--calib-data", corpus, *CALIB, *args,

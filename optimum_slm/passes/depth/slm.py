@@ -171,6 +171,26 @@ class WindowEvaluator:
             self._fitted.setdefault((lo, hi), {}).update(maps[site.name])
         return {"order": order, "ridge": ridge, **cost}
 
+    def refine(self, windows, ops: list[dict[str, Any]], tensors: dict[str, torch.Tensor], epochs: int,
+               lr: float) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Refine every committed window's merged layer (``merge/refine.py``, on the base's states) and follow its
+        merge op with a ``set_weights`` op; returns the ops and a record per window."""
+        from ...merge.refine import refine_layer
+        from ...plan.refine_ops import set_weights_op
+
+        out, records = [], {}
+        for window, op in zip(windows, ops):
+            lo, hi = window
+            slot = self.slot(window)
+            records[f"{lo}-{hi}"] = refine_layer(self.engine, slot.module, slot.type_index, lo, hi + 1, epochs, lr,
+                                                 what=f"refine {lo}-{hi}")
+            refs = {}
+            for name, value in slot.module.named_parameters():
+                refs[name] = f"refine.{lo}-{hi}.{name}"
+                tensors[refs[name]] = value.detach().to("cpu", torch.float32).clone()
+            out += [op, set_weights_op(lo, refs)]
+        return out, records
+
     # ------------------------------------------------------------------ scoring
     def score_set(self, windows, start: int | None = None, start_hidden: Batches | None = None,
                   record: list | None = None) -> float:
@@ -495,6 +515,11 @@ class SLMPass(CompressionPass):
                 timings["fit_seconds"] = trace["fit"].pop("fit_seconds")
             tensors: dict[str, torch.Tensor] = {}
             ops = [evaluator.op(w, tensors) for w in windows]
+            if windows and self.config.get("refine_epochs"):
+                ops, trace["refine"] = evaluator.refine(windows, ops, tensors, self.config["refine_epochs"],
+                                                        self.config["refine_lr"])
+                timings["fit_seconds"] = timings.get("fit_seconds", 0.0) + sum(
+                    r.pop("seconds") for r in trace["refine"].values())
         if not windows:
             best = max((t["sim"] for t in tried if t.get("sim") is not None), default=None)
             raise PassError(f"{self.name}: threshold {params.get('threshold')} merges no window (highest similarity seen "

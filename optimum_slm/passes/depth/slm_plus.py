@@ -43,6 +43,8 @@ FIT_ORDER_DEFAULT = "independent"
 GRANULARITIES = ("layer", "sublayer")
 #: the sub-layer search's rank of units (chosen on the validation splits: benchmarks/frontier_smollm2.py)
 UNIT_RANK_DEFAULT = "per-param"
+#: refine_epochs' learning rate (chosen on the validation splits: benchmarks/frontier_smollm2.py)
+REFINE_LR_DEFAULT = 5e-4
 #: parameters of the window search that mean nothing to the sub-layer search (refused there when given)
 WINDOW_ONLY = ("merge", "search", "max_window")
 
@@ -71,6 +73,9 @@ class SLMPlusPass(SLMPass):
         PassParam("granularity", "str", "layer", "layer: windows of whole layers; sublayer: attention and MLP "
                   "sub-layers removed one at a time, each bridged by a fitted map, until their parameters reach "
                   "those of round(ratio x L) layers", choices=GRANULARITIES),
+        PassParam("refine_epochs", "int", None, "train each merged layer for this many epochs over the fit set to "
+                  "reproduce its window's output (block reconstruction, after the fitted maps; default off)"),
+        PassParam("refine_lr", "float", None, f"refine_epochs: Adam's learning rate (default {REFINE_LR_DEFAULT:g})"),
         PassParam("unit_rank", "str", None, "granularity=sublayer: which unit a round removes: change (the least "
                   "change of the final state) or per-param (the least change per parameter removed; default)",
                   choices=RANKS),
@@ -88,6 +93,7 @@ class SLMPlusPass(SLMPass):
                 raise PassError(f"{given[0]} applies to slm-plus granularity=layer (windows of layers); "
                                 "granularity=sublayer removes attention and MLP sub-layers, each bridged by a fitted "
                                 "map")
+        self._validate_refine()
         if get_merge_rule(self.config["merge"]).fit_map:
             # the fitted-merge defaults apply only to rules that fit a map (slm refuses them elsewhere)
             if self.config["ridge"] is None:
@@ -97,6 +103,24 @@ class SLMPlusPass(SLMPass):
             if self.config["fit_order"] is None:
                 self.config["fit_order"] = FIT_ORDER_DEFAULT
         super().validate()
+
+    def _validate_refine(self) -> None:
+        epochs, lr = self.config.get("refine_epochs"), self.config.get("refine_lr")
+        if epochs is None:
+            if lr is not None:
+                raise PassError("refine_lr applies with refine_epochs=N (refinement is off by default)")
+            return
+        if epochs < 1:
+            raise PassError(f"refine_epochs must be >= 1, got {epochs}")
+        if lr is None:
+            self.config["refine_lr"] = lr = REFINE_LR_DEFAULT
+        if not (0 < lr < float("inf")):
+            raise PassError(f"refine_lr must be a finite number > 0, got {lr}")
+        if self.config.get("granularity") == "sublayer":
+            raise PassError("refine_epochs applies to slm-plus granularity=layer (merged windows)")
+        if not get_merge_rule(self.config["merge"]).fit_map:
+            raise PassError(f"refine_epochs needs a merge rule that fits on the fit set (lstsq, lstsq-attn, ...), "
+                            f"got merge={self.config['merge']}")
 
     @property
     def handles_removed_sublayers(self) -> bool:  # the sub-layer search skips units already removed
@@ -119,5 +143,8 @@ class SLMPlusPass(SLMPass):
             # the default must work on every supported family: fall back to the best merge that needs no fold
             warnings.warn(f"slm-plus: {engine.adapter.family.name} has no exact fold for a fitted map; using "
                           "merge=calibrated", stacklevel=2)
+            if self.config.get("refine_epochs"):
+                raise PassError(f"slm-plus: refine_epochs needs a fitted merge, which {engine.adapter.family.name} "
+                                "cannot fold")
             self.config.update(merge="calibrated", ridge=None, search_ridge=None, fit_order=None)
         return super().run(engine)

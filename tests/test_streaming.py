@@ -58,6 +58,7 @@ def test_lazy_model_holds_no_layer_weights(sharded):
     ("slm-plus", {"ratio": 0.34, "fit_order": "bottom-up"}),
     ("slm-plus", {"ratio": 0.34, "granularity": "sublayer"}),
     ("slm-plus", {"ratio": 0.5, "granularity": "sublayer", "fit_order": "bottom-up"}),
+    ("slm-plus", {"ratio": 0.34, "refine_epochs": 2}),
     ("laco", {"num_layers": 2, "merge_layers": 3}),
     ("shortened-ppl", {"num_layers": 1, "keep_first": 1, "keep_last": 1}),
     ("shortened-taylor", {"num_layers": 1, "keep_first": 1, "keep_last": 1, "batch_size": 2}),

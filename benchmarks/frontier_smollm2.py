@@ -9,10 +9,11 @@ Row names: ``dense``; ``<pass>@R`` (that pass at ratio R with its defaults); ``<
 parameters); ``sublayer@R`` (short for ``slm-plus[granularity=sublayer]@R``: attention and MLP sub-layers whose
 parameters fit in those of round(R x 30) layers, so it compares with ``slm-plus@R`` at nearly equal parameters); a
 suffix ``~S`` draws the calibration with seed S instead of 1234 (search and fit sets both move). The default list
-(``--rows`` replaces it): for each ratio ``slm-plus``, ``slm-plus[fit_order=bottom-up]``,
+(``--rows`` replaces it): for each ratio ``slm-plus``, ``slm-plus[refine_epochs=10]``,
+``slm-plus[fit_order=bottom-up]``,
 ``slm-plus[outlier_clip=32]``, ``sublayer``, ``replaceme``, ``replaceme[outlier_clip=32]``, ``linearpatch``,
 ``prune-comp`` and ``sleb`` (the best drop baseline of ``depth_smollm2.md``). Then, unless ``--no-seeds``, the
-three rows of each ratio with the lowest validation score (the sum of the log perplexities on the three validation
+three rows (distinct plans) of each ratio with the lowest validation score (the sum of the log perplexities on the three validation
 splits: test perplexities never choose) are planned again with seed 4321, which gives the spread of a calibration
 draw. Removing an attention saves less compute than removing a layer, so unless ``--no-match-speed`` the driver
 also adds ``sublayer`` rows at R + 0.05, R + 0.10, ... (at most ``--max-steps``) until one decodes at least as fast
@@ -77,7 +78,7 @@ TIMED_RUNS = 3
 #: the calibration seed of every front door, and the second draw of the seed rows
 SEED, SECOND_SEED = 1234, 4321
 #: the rows of each ratio, in table order (see the module docstring)
-PER_RATIO = ("slm-plus", "slm-plus[fit_order=bottom-up]", "slm-plus[outlier_clip=32]", "sublayer", "replaceme",
+PER_RATIO = ("slm-plus", "slm-plus[refine_epochs=10]", "slm-plus[fit_order=bottom-up]", "slm-plus[outlier_clip=32]", "sublayer", "replaceme",
              "replaceme[outlier_clip=32]", "linearpatch", "prune-comp", "sleb")
 #: passes of the SLM family (the issue's criterion compares the best of them with the best of the rest)
 SLM_FAMILY = ("slm", "slm-plus")
@@ -245,10 +246,16 @@ def valid_score(r: dict[str, Any]) -> float | None:
 
 
 def top_rows(rows: dict[str, dict[str, Any]], ratio: float, n: int = 3) -> list[str]:
-    """The ``n`` first-seed rows at ``ratio`` with the lowest validation score."""
+    """The ``n`` first-seed rows at ``ratio`` with the lowest validation score, one per distinct plan (a variant
+    whose plan equals its default's, e.g. an option that changes nothing at this ratio, is the same row)."""
     scored = [(valid_score(r), name) for name, r in rows.items()
               if name != "dense" and "~" not in name and split_row(name)[1] == ratio]
-    return [name for score, name in sorted((s, n) for s, n in scored if s is not None)[:n]]
+    chosen: list[str] = []
+    for score, name in sorted((s, m) for s, m in scored if s is not None):
+        if all(rows[name].get("ops") != rows[c].get("ops") or rows[name].get("ppl") != rows[c].get("ppl")
+               for c in chosen):
+            chosen.append(name)
+    return chosen[:n]
 
 
 def main(argv: list[str] | None = None) -> int:

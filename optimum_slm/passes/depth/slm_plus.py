@@ -43,8 +43,8 @@ FIT_ORDER_DEFAULT = "independent"
 GRANULARITIES = ("layer", "sublayer")
 #: the sub-layer search's rank of units (chosen on the validation splits: benchmarks/frontier_smollm2.py)
 UNIT_RANK_DEFAULT = "per-param"
-#: refine_epochs' learning rate (chosen on the validation splits: benchmarks/frontier_smollm2.py)
-REFINE_LR_DEFAULT = 2e-3
+#: refine_epochs' learning rate: the lowest validation score of the sweep in benchmarks/results/refine_smollm2.md
+REFINE_LR_DEFAULT = 4e-3
 #: parameters of the window search that mean nothing to the sub-layer search (refused there when given)
 WINDOW_ONLY = ("merge", "search", "max_window")
 

@@ -1,6 +1,6 @@
 """The learning rate of ``slm-plus refine_epochs=N`` on SmolLM2-135M, chosen on the validation splits.
 
-    OMP_NUM_THREADS=2 python benchmarks/refine_smollm2.py [--plan P] [--lrs 5e-4,1e-3,2e-3,4e-3] [--epochs 10]
+    OMP_NUM_THREADS=2 python benchmarks/refine_smollm2.py [--plan P] [--lrs 1e-3,2e-3,4e-3] [--epochs 10]
     python benchmarks/refine_smollm2.py --table-only
 
 The windows are not searched again: ``--plan`` (default: the ``slm-plus@0.2`` plan ``frontier_smollm2.py`` saved)
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--plan", default=DEFAULT_PLAN)
-    p.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--output", default=DEFAULT_OUTPUT)
     p.add_argument("--redo", action="store_true")

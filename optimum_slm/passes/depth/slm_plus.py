@@ -141,10 +141,10 @@ class SLMPlusPass(SLMPass):
         if ("merge" not in self.given_params and get_merge_rule(self.config["merge"]).fit_map
                 and not engine.adapter.supports_output_map()):
             # the default must work on every supported family: fall back to the best merge that needs no fold
-            warnings.warn(f"slm-plus: {engine.adapter.family.name} has no exact fold for a fitted map; using "
-                          "merge=calibrated", stacklevel=2)
             if self.config.get("refine_epochs"):
                 raise PassError(f"slm-plus: refine_epochs needs a fitted merge, which {engine.adapter.family.name} "
                                 "cannot fold")
+            warnings.warn(f"slm-plus: {engine.adapter.family.name} has no exact fold for a fitted map; using "
+                          "merge=calibrated", stacklevel=2)
             self.config.update(merge="calibrated", ridge=None, search_ridge=None, fit_order=None)
         return super().run(engine)

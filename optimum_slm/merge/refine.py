@@ -68,14 +68,16 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
     ``after``, ``holdout_rows``, ``seconds``.
     """
     started = time.perf_counter()
-    xs, ys, kwargs = [], [], []
+    xs, ys, first_kwargs = [], [], None
     for batch in engine.stream_fit([input_at, target_at], desc=f"{what}: recording"):
         xs.append(batch.inputs[input_at].detach().to(engine.storage_device))
         ys.append(batch.inputs[target_at].detach().to(engine.storage_device))
-        kwargs.append(batch.kwargs[type_index])
+        if first_kwargs is None:
+            first_kwargs = batch.kwargs[type_index]
     x, y = _plain(torch.cat(xs)), _plain(torch.cat(ys))
     del xs, ys
-    call_kwargs = _plain(kwargs[0])  # every fit batch has the same length: the kwargs of a batch of any row count
+    # every fit batch has the same length: one row of the first batch's kwargs serves a batch of any row count
+    one_row = {key: _one_row(value) for key, value in _plain(first_kwargs).items()}
     rows = x.shape[0]
     hold = max(1, min(BATCH_ROWS, rows // 2), rows // 8) if rows > 1 else 0
     train = torch.arange(rows - hold)
@@ -85,7 +87,8 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
     device = engine.device
 
     def run(idx: torch.Tensor) -> torch.Tensor:
-        return call_layer(module, _sized(call_kwargs, len(idx)), x[idx].to(device))
+        return call_layer(module, {key: _expand(value, len(idx)) for key, value in one_row.items()},
+                          x[idx].to(device))
 
     def held_error() -> float:
         if hold == 0:
@@ -127,20 +130,32 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
             "after": round(best, 6), "holdout_rows": hold, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _row(value: Any, rows: int) -> Any:
-    """One call-kwarg value for a batch of ``rows`` sequences: a tensor whose first dimension is a batch of
-    identical rows (position embeddings of packed sequences) is cut to one row and expanded."""
+def _one_row(value: Any) -> Any:
+    """One call-kwarg value cut to its first row: a tensor whose first dimension is a batch of identical rows
+    (position embeddings of packed sequences) keeps one; checked once, before training."""
     if isinstance(value, tuple):
-        return tuple(_row(v, rows) for v in value)
+        return tuple(_one_row(v) for v in value)
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
         first = value[:1]
         if not torch.equal(value, first.expand_as(value)):
             raise PassError("refine: the fit batches' call kwargs differ from row to row (padding?); refinement "
                             "needs packed fit sequences of one length")
-        return first.expand(rows, *value.shape[1:])
+        return _PerRow(first)
     return value
 
 
-def _sized(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
-    """The call kwargs of a fit batch for a batch of ``rows`` sequences."""
-    return {key: _row(value, rows) for key, value in kwargs.items()}
+class _PerRow:
+    """A one-row tensor that stood for a batch of identical rows (``_expand`` gives it the batch's row count back;
+    tensors that had one row, shared by broadcasting, stay as they were)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _expand(value: Any, rows: int) -> Any:
+    """A ``_one_row`` value for a batch of ``rows`` sequences (a view: nothing is copied)."""
+    if isinstance(value, tuple):
+        return tuple(_expand(v, rows) for v in value)
+    if isinstance(value, _PerRow):
+        return value.tensor.expand(rows, *value.tensor.shape[1:])
+    return value

@@ -188,7 +188,7 @@ class ForwardEngine:
 
         ``reuse``: a fit that streams the same points several times (one pass per branch map, per norm gain) has the
         first full pass keep the captured states (in memory, or on disk where they would take more than half of what
-        memory is left; ``_fit_keeper``) and the later passes replay them without running the base again, until
+        memory is left; ``fit_keeper``) and the later passes replay them without running the base again, until
         ``release_fit_replay``.
         """
         reuse = reuse and reduce is None
@@ -203,7 +203,7 @@ class ForwardEngine:
         if reuse:
             self.release_fit_replay()
             width = self.adapter.config.hidden_size
-            store, self._fit_folder = self._fit_keeper(ids_all.numel() * width * 4 * len(set(points)))
+            store, self._fit_folder = self.fit_keeper(ids_all.numel() * width * 4 * len(set(points)))
             kept = []
         with progress_bar(desc=desc, unit="seq", total=ids_all.shape[0]) as bar:
             for start in range(0, ids_all.shape[0], self.fit_batch_size):
@@ -250,7 +250,7 @@ class ForwardEngine:
         free = available_memory()
         return None if free is None else free // 2
 
-    def _fit_keeper(self, total: int) -> tuple[Callable[[torch.Tensor], Any], Any]:
+    def fit_keeper(self, total: int) -> tuple[Callable[[torch.Tensor], Any], Any]:
         """How ``total`` bytes of fit states are kept: ``(write, folder)``: as tensors on ``storage_device`` (folder
         None), or written to a temp ``ActivationFolder`` when they would exceed ``_fit_room`` (half the memory
         available now; a lazy model's budget). The caller owns the folder (``cleanup``)."""
@@ -396,6 +396,11 @@ class _StopForward(Exception):
 def read_kept(value: Any) -> torch.Tensor:
     """A kept fit state: the tensor itself, or the ``ActivationFolder`` entry read back."""
     return value if isinstance(value, torch.Tensor) else value.read()
+
+
+def read_kept_row(value: Any, row: int) -> torch.Tensor:
+    """Row ``row`` (one sequence) of a kept fit state, without reading the rest of a spilled one."""
+    return value[row] if isinstance(value, torch.Tensor) else value.read_row(row)
 
 
 class _RecordedFitBatch:

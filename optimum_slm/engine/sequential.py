@@ -177,7 +177,7 @@ class SequentialEngine(ForwardEngine):
         """``ForwardEngine.stream_fit`` layer-outer: every fit batch goes through layer ``i`` before layer ``i + 1``
         is read, so each layer is read once per pass instead of once per batch (a lazy layer costs a read from disk
         where the in-memory model's is free). The running states of all batches, and the captured ones, are kept like
-        replayed fit states (``_fit_keeper``: memory, or a temp folder beyond the budget's room); the batches are then
+        replayed fit states (``fit_keeper``: memory, or a temp folder beyond the budget's room); the batches are then
         yielded from them. The same computations as batch by batch, in another order: the states are bit-identical.
         """
         reuse = reuse and reduce is None
@@ -192,7 +192,7 @@ class SequentialEngine(ForwardEngine):
             self.release_fit_replay()
         # room for the running states and, unreduced, the captured ones (a reduced capture is a few rows)
         state_bytes = ids_all.numel() * self.adapter.config.hidden_size * 4
-        store, folder = self._fit_keeper(state_bytes * (1 + (len(wanted) if reduce is None else 0)))
+        store, folder = self.fit_keeper(state_bytes * (1 + (len(wanted) if reduce is None else 0)))
         recorded: list[_RecordedFitBatch] = []
         running: list[Any] = []
         try:

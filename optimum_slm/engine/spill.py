@@ -13,6 +13,7 @@ them), and nothing else.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import weakref
@@ -93,6 +94,12 @@ class _Stored:
 
     def read(self) -> torch.Tensor:
         return read_raw(self.path, 0, self.shape, self.dtype, "spilled activations")
+
+    def read_row(self, row: int) -> torch.Tensor:
+        """``tensor[row]`` alone, read from its offset (a training step reads a few rows of many files)."""
+        shape = self.shape[1:]
+        size = math.prod(shape) * self.dtype.itemsize
+        return read_raw(self.path, row * size, shape, self.dtype, "spilled activations")
 
 
 class DiskBatches(Sequence):

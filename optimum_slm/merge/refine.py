@@ -7,8 +7,10 @@ reconstruction, as GPTQ/BRECQ-style post-training methods do for quantisation an
 It starts from the fitted merge, so it can only improve the held-out error it is selected on.
 
 Data: the fit set, streamed once through the base up to the window's top; the window's input and output states are
-kept in memory (2 x fit tokens x hidden x 4 bytes: 0.3 GB for SmolLM2's 256 x 256 tokens, 0.8 GB at hidden 1536)
-and every ``epoch`` goes over them in shuffled batches of ``batch_rows`` sequences. The last eighth of the sequences
+kept (2 x fit tokens x hidden x 4 bytes: 0.3 GB for SmolLM2's 256 x 256 tokens, 0.8 GB at hidden 1536) in memory,
+or in temp files where they would take more than the engine gives fit states (half the memory available; a lazy
+model's ``--max-memory`` budget), and every ``epoch`` goes over them in shuffled batches of ``BATCH_ROWS``
+sequences, read back row by row. The last eighth of the sequences
 (at least one batch) is held out: after each epoch the held-out error is measured and the weights of the best epoch
 (the fitted merge itself counts as epoch 0) are kept. The loss is the per-token relative squared error
 ‖f(x) − y‖² / ‖y‖², averaged over tokens, so a few attention-sink tokens with huge states do not decide it (the
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.memory import call_layer
+from ..engine.memory import call_layer, read_kept_row
 from ..errors import PassError
 from ..progress import progress_bar
 
@@ -68,17 +70,28 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
     ``after``, ``holdout_rows``, ``seconds``.
     """
     started = time.perf_counter()
-    xs, ys, first_kwargs = [], [], None
+    # the window's input and output states: in memory, or (a lazy model's budget, or too little memory) in temp files
+    # read back row by row (``fit_keeper``)
+    tokens = engine.fit_set(what).numel()
+    store, folder = engine.fit_keeper(2 * tokens * engine.adapter.config.hidden_size * 4)
+    try:
+        return _refine(engine, module, type_index, input_at, target_at, epochs, lr, what, store, started)
+    finally:
+        if folder is not None:
+            folder.cleanup()
+
+
+def _refine(engine, module: nn.Module, type_index: int, input_at: int, target_at: int, epochs: int, lr: float,
+            what: str, store, started: float) -> dict[str, Any]:
+    x, y, first_kwargs = _KeptRows(), _KeptRows(), None
     for batch in engine.stream_fit([input_at, target_at], desc=f"{what}: recording"):
-        xs.append(batch.inputs[input_at].detach().to(engine.storage_device))
-        ys.append(batch.inputs[target_at].detach().to(engine.storage_device))
+        x.add(store(batch.inputs[input_at].detach()))
+        y.add(store(batch.inputs[target_at].detach()))
         if first_kwargs is None:
             first_kwargs = batch.kwargs[type_index]
-    x, y = _plain(torch.cat(xs)), _plain(torch.cat(ys))
-    del xs, ys
     # every fit batch has the same length: one row of the first batch's kwargs serves a batch of any row count
     one_row = {key: _one_row(value) for key, value in _plain(first_kwargs).items()}
-    rows = x.shape[0]
+    rows = len(x)
     hold = max(1, min(BATCH_ROWS, rows // 2), rows // 8) if rows > 1 else 0
     train = torch.arange(rows - hold)
     held = torch.arange(rows - hold, rows)
@@ -88,13 +101,13 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
 
     def run(idx: torch.Tensor) -> torch.Tensor:
         return call_layer(module, {key: _expand(value, len(idx)) for key, value in one_row.items()},
-                          x[idx].to(device))
+                          x.gather(idx).to(device))
 
     def held_error() -> float:
         if hold == 0:
             return float("nan")
         with torch.no_grad():
-            total = sum(float(relative_error(run(held[i:i + BATCH_ROWS]), y[held[i:i + BATCH_ROWS]].to(device)))
+            total = sum(float(relative_error(run(held[i:i + BATCH_ROWS]), y.gather(held[i:i + BATCH_ROWS]).to(device)))
                         * len(held[i:i + BATCH_ROWS]) for i in range(0, hold, BATCH_ROWS))
         return total / hold
 
@@ -113,7 +126,7 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
                     for i in range(0, len(order), BATCH_ROWS):
                         idx = order[i:i + BATCH_ROWS]
                         optimizer.zero_grad(set_to_none=True)
-                        loss = relative_error(run(idx), y[idx].to(device))
+                        loss = relative_error(run(idx), y.gather(idx).to(device))
                         loss.backward()
                         optimizer.step()
                         bar.update(1)
@@ -128,6 +141,23 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
         module.load_state_dict(best_state)
     return {"epochs": epochs, "lr": lr, "best_epoch": best_epoch, "before": round(before, 6),
             "after": round(best, 6), "holdout_rows": hold, "seconds": round(time.perf_counter() - started, 2)}
+
+
+class _KeptRows:
+    """Sequences of fit states kept batch by batch (tensors, or ``ActivationFolder`` entries on disk); ``gather``
+    stacks any rows of them into one tensor outside inference mode (autograd saves it for the backward)."""
+
+    def __init__(self) -> None:
+        self._where: list[tuple[Any, int]] = []  # row -> (kept batch, row within it)
+
+    def add(self, kept: Any) -> None:
+        self._where += [(kept, r) for r in range(kept.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([read_kept_row(*self._where[int(i)]) for i in idx])
 
 
 def _one_row(value: Any) -> Any:

@@ -55,6 +55,10 @@ def test_refinement_lowers_the_window_error_the_fitted_merge_leaves(family):
     record = refined.stages[0].trace["refine"][f"{low}-{high}"]
     assert record["after"] < record["before"] and record["best_epoch"] >= 1
     assert refined.stages[0].params["refine_epochs"] == 8 and "refine_epochs" not in fitted.stages[0].params
+    # the summary a user reads after `slm compress` reports what refinement bought
+    assert (f"refine {low}-{high}: held-out relative error {record['before']:.4g} -> {record['after']:.4g} "
+            f"(best epoch {record['best_epoch']} of 8") in refined.summary()
+    assert "refine" not in fitted.summary()
 
 
 def test_refinement_is_deterministic_and_round_trips(tmp_path):

@@ -480,6 +480,11 @@ class CompressionPlan:
             if isinstance(fit, dict) and isinstance(fit.get("fit_tokens"), int):
                 lines.append(f"fit: least-squares maps on {fit['fit_tokens']:,} tokens ({fit.get('order')}, ridge "
                              f"{fit.get('ridge')}), {fit.get('fit_layer_passes')} layer passes over the fit set")
+            refined = stage.trace.get("refine")
+            for window, r in (refined.items() if isinstance(refined, dict) else ()):
+                if isinstance(r, dict) and {"before", "after", "best_epoch", "epochs"} <= r.keys():
+                    lines.append(f"refine {window}: held-out relative error {r['before']:.4g} -> {r['after']:.4g} "
+                                 f"(best epoch {r['best_epoch']} of {r['epochs']}, lr {r.get('lr')})")
             if isinstance(cost, (int, float)) and cost:
                 lines.append(f"cost: {cost:,.1f} layer evaluations over the search set ({stage.method})")
         return "\n".join(lines)

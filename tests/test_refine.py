@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from conftest import calib_ids, make_model
+from transformers import AutoModelForCausalLM
 
 from optimum_slm import apply_plan, compress, get_pass
 from optimum_slm.errors import PassError, PlanError
@@ -59,6 +61,60 @@ def test_refinement_lowers_the_window_error_the_fitted_merge_leaves(family):
     assert (f"refine {low}-{high}: held-out relative error {record['before']:.4g} -> {record['after']:.4g} "
             f"(best epoch {record['best_epoch']} of 8") in refined.summary()
     assert "refine" not in fitted.summary()
+
+
+def test_refinement_keeps_its_states_on_disk_under_a_budget(tmp_path, monkeypatch):
+    """A lazy model's budget also bounds refinement: the window's input and output states (2 x fit tokens x hidden)
+    go to temp files, are read back row by row, give the in-memory plan's weights, and are removed afterwards."""
+    from optimum_slm.engine import load_lazy_model, spill
+    from optimum_slm.engine.budget import MemoryBudget
+
+    make_model("llama", 8, seed=4).save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    written: list[str] = []
+    original = spill.ActivationFolder.write
+
+    def spy(folder, tensor):
+        stored = original(folder, tensor)
+        written.append(stored.path)
+        return stored
+
+    monkeypatch.setattr(spill.ActivationFolder, "write", spy)
+    search, fit = calib_ids(4, 16), calib_ids(128, 32, seed=6)
+    # the in-memory reference is the same checkpoint loaded whole, with the same (sdpa) attention as the lazy model:
+    # the test models are built with eager attention, which differs in the last bits
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    a = compress(full, "slm-plus", search, fit=fit, refine_epochs=4, refine_lr=1e-3, **FIT)
+    assert not written  # in memory: nothing needs the disk
+
+    def streamed(**extra):
+        written.clear()
+        plan = compress(load_lazy_model(str(tmp_path / "m")), "slm-plus", search, fit=fit, budget=MemoryBudget(1),
+                        **FIT, **extra)
+        return plan, list(written)
+
+    _, without = streamed()
+    b, with_refine = streamed(refine_epochs=4, refine_lr=1e-3)
+    assert len(with_refine) > len(without)  # refinement wrote its window states too
+    # one window refined (a set_weights op), one kept as fitted: both paths stream
+    assert {r["best_epoch"] > 0 for r in a.stages[0].trace["refine"].values()} == {True, False}
+    assert a.ops == b.ops and a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert not [p for p in with_refine if os.path.exists(p)]  # every temp file is gone with its folder
+
+
+def test_a_refinement_that_does_not_beat_the_fitted_merge_keeps_the_merge_alone():
+    """A rate so large that every epoch diverges: the fitted merge (epoch 0) stays best, and the plan is the fitted
+    plan (same ops, same side-car tensors) instead of a copy of the merged layer's weights that changes nothing."""
+    model = make_model("llama", 8, seed=4)
+    fit = calib_ids(64, 32, seed=6)
+    fitted = compress(model, "slm-plus", calib_ids(4, 16), fit=fit, **FIT)
+    kept = compress(model, "slm-plus", calib_ids(4, 16), fit=fit, refine_epochs=2, refine_lr=50.0, **FIT)
+    records = kept.stages[0].trace["refine"]
+    assert records and all(r["best_epoch"] == 0 and r["after"] == r["before"] for r in records.values())
+    assert kept.stages[0].ops == fitted.stages[0].ops
+    assert kept.tensors.keys() == fitted.tensors.keys()
+    assert all(torch.equal(kept.tensors[k], fitted.tensors[k]) for k in kept.tensors)
+    assert "kept the fitted merge" in kept.summary()
 
 
 def test_refinement_is_deterministic_and_round_trips(tmp_path):

@@ -93,39 +93,6 @@ def test_sequential_plans_equal_in_memory_plans(sharded, tmp_path, method, param
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_refinement_keeps_its_states_on_disk_under_a_budget(sharded, tmp_path, monkeypatch):
-    """A lazy model's budget also bounds refinement: the window's input and output states (2 x fit tokens x hidden)
-    go to temp files, are read back row by row, give the in-memory plan's weights, and are removed afterwards."""
-    from optimum_slm.engine import spill
-
-    written: list[str] = []
-    original = spill.ActivationFolder.write
-
-    def spy(folder, tensor):
-        stored = original(folder, tensor)
-        written.append(stored.path)
-        return stored
-
-    monkeypatch.setattr(spill.ActivationFolder, "write", spy)
-    cal = CalibrationConfig(write_corpus(tmp_path / "c.txt"), 4, 16, fit_samples=8, fit_seq_len=16)
-    full, tok = load_model(sharded)
-    a = compress(full, "slm-plus", cal, tokenizer=tok, cache=False, ratio=0.34, refine_epochs=2)
-    assert not written  # in memory: nothing needs the disk
-
-    def streamed(**extra):
-        written.clear()
-        plan = compress(load_lazy_model(sharded), "slm-plus", cal, tokenizer=tok, cache=False,
-                        budget=MemoryBudget(1), ratio=0.34, **extra)
-        return plan, list(written)
-
-    _, without = streamed()
-    b, with_refine = streamed(refine_epochs=2)
-    assert len(with_refine) > len(without)  # refinement wrote its window states too
-    assert a.tensors.keys() == b.tensors.keys() and any(k.startswith("refine.") for k in a.tensors)
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    assert not [p for p in with_refine if os.path.exists(p)]  # every temp file is gone with its folder
-
-
 def test_layer_types_survive_the_probe(tmp_path, tiny_tokenizer):
     """Gemma-3 mixes sliding and full attention: each layer must get its own mask and rotary table."""
     path = tmp_path / "gemma"

@@ -174,7 +174,9 @@ class WindowEvaluator:
     def refine(self, windows, ops: list[dict[str, Any]], tensors: dict[str, torch.Tensor], epochs: int,
                lr: float) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
         """Refine every committed window's merged layer (``merge/refine.py``, on the base's states) and follow its
-        merge op with a ``set_weights`` op; returns the ops and a record per window."""
+        merge op with a ``set_weights`` op; returns the ops and a record per window. A window whose best held-out
+        epoch is the fitted merge itself (epoch 0) keeps its merge alone: a ``set_weights`` op would store the
+        weights the merge already rebuilds."""
         from ...merge.refine import refine_layer
         from ...plan.refine_ops import set_weights_op
 
@@ -184,6 +186,9 @@ class WindowEvaluator:
             slot = self.slot(window)
             records[f"{lo}-{hi}"] = refine_layer(self.engine, slot.module, slot.type_index, lo, hi + 1, epochs, lr,
                                                  what=f"refine {lo}-{hi}")
+            if records[f"{lo}-{hi}"]["best_epoch"] == 0:
+                out.append(op)
+                continue
             refs = {}
             for name, value in slot.module.named_parameters():
                 refs[name] = f"refine.{lo}-{hi}.{name}"

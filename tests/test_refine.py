@@ -102,6 +102,23 @@ def test_refinement_keeps_its_states_on_disk_under_a_budget(tmp_path, monkeypatc
     assert not [p for p in with_refine if os.path.exists(p)]  # every temp file is gone with its folder
 
 
+def test_refinement_replays_the_base_states_the_fit_streamed():
+    """The map fit already ran the base over the fit set and kept each window's input and output: refinement trains
+    on those (no second base forward over the fit set), so the base's first layer runs as often with as without."""
+    model = make_model("llama", 8, seed=4)
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+
+    def rows_through_layer_0(**extra) -> int:
+        calls.clear()
+        compress(model, "slm-plus", calib_ids(4, 16), fit=calib_ids(64, 32, seed=6), **FIT, **extra)
+        return sum(calls)
+
+    without = rows_through_layer_0()
+    assert without >= 64  # the fit's pass over the fit set is among them
+    assert rows_through_layer_0(refine_epochs=2, refine_lr=1e-3) == without
+
+
 def test_a_refinement_that_does_not_beat_the_fitted_merge_keeps_the_merge_alone():
     """A rate so large that every epoch diverges: the fitted merge (epoch 0) stays best, and the plan is the fitted
     plan (same ops, same side-car tensors) instead of a copy of the merged layer's weights that changes nothing."""

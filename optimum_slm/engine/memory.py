@@ -192,7 +192,7 @@ class ForwardEngine:
         ``release_fit_replay``.
         """
         reuse = reuse and reduce is None
-        if reuse and self._can_replay(points):
+        if reuse and self.can_replay(points):
             yield from self._replay_fit(desc)
             return
         # captured states come to the compute device (a device map leaves each layer's on its own)
@@ -218,7 +218,7 @@ class ForwardEngine:
         if kept is not None:  # only a pass that ran to its end is replayed
             self._fit_replay = (frozenset(points), kept)
 
-    def _can_replay(self, points: Sequence[int]) -> bool:
+    def can_replay(self, points: Sequence[int]) -> bool:
         """Whether a ``stream_fit(reuse=True)`` pass kept the base's states at every one of ``points``."""
         return self._fit_replay is not None and set(points) <= self._fit_replay[0]
 

@@ -181,7 +181,7 @@ class SequentialEngine(ForwardEngine):
         yielded from them. The same computations as batch by batch, in another order: the states are bit-identical.
         """
         reuse = reuse and reduce is None
-        if reuse and self._can_replay(points):
+        if reuse and self.can_replay(points):
             yield from self._replay_fit(desc)
             return
         keep = (lambda h: reduce(h.to(self.device))) if reduce is not None else (lambda h: h.to(self.device))

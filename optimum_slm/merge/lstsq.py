@@ -275,6 +275,7 @@ def fit_output_maps(
     what: str = "lstsq",
     prior: str = "identity",
     outlier_clip: float | None = None,
+    keep_replay: bool = False,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
     """Fit (and fold into each site's module) one map per site and branch, streaming the engine's fit set.
 
@@ -288,6 +289,9 @@ def fit_output_maps(
     ``fit_tokens``, ``fit_layer_passes`` (decoder-layer runs in passes over the fit set), ``outlier_share`` (the
     largest share of a map's least-squares energy in rows above ``OUTLIER_PROBE``² x the median; above
     ``OUTLIER_WARN_SHARE`` an unclipped fit warns) and ``fit_seconds`` (wall time: a timing, kept out of plan files).
+    ``keep_replay``: leave the base states the fit kept (each site's input and target) for the caller to replay
+    (``engine.stream_fit(points, reuse=True)``, e.g. refinement on the same windows) and free
+    (``engine.release_fit_replay``); on an error they are freed here.
     """
     if order not in FIT_ORDERS:
         raise PassError(f"fit order must be one of {', '.join(FIT_ORDERS)}, got {order!r}")
@@ -307,7 +311,10 @@ def fit_output_maps(
     try:
         _fit_groups(engine, sites, groups, points, stack_below, order, ridge, final_norm_target, what, prior, maps,
                     outlier_clip, systems)
-    finally:
+    except BaseException:
+        engine.release_fit_replay()
+        raise
+    if not keep_replay:
         engine.release_fit_replay()
     cost = fit_cost(engine, fit, started, layer_tokens)
     label, system = max(systems.items(), key=lambda kv: kv[1].outlier_share)

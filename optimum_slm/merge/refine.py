@@ -6,7 +6,8 @@ the base's hidden state entering the window, it reproduces the base's hidden sta
 reconstruction, as GPTQ/BRECQ-style post-training methods do for quantisation and LLM-Streamline for a pruned block.
 It starts from the fitted merge, so it can only improve the held-out error it is selected on.
 
-Data: the fit set, streamed once through the base up to the window's top; the window's input and output states are
+Data: the fit set, streamed once through the base up to the window's top (or replayed from the states the map fit
+kept, when it kept the window's points); the window's input and output states are
 kept (2 x fit tokens x hidden x 4 bytes: 0.3 GB for SmolLM2's 256 x 256 tokens, 0.8 GB at hidden 1536) in memory,
 or in temp files where they would take more than the engine gives fit states (half the memory available; a lazy
 model's ``--max-memory`` budget), and every ``epoch`` goes over them in shuffled batches of ``BATCH_ROWS``
@@ -84,7 +85,9 @@ def refine_layer(engine, module: nn.Module, type_index: int, input_at: int, targ
 def _refine(engine, module: nn.Module, type_index: int, input_at: int, target_at: int, epochs: int, lr: float,
             what: str, store, started: float) -> dict[str, Any]:
     x, y, first_kwargs = _KeptRows(), _KeptRows(), None
-    for batch in engine.stream_fit([input_at, target_at], desc=f"{what}: recording"):
+    points = [input_at, target_at]
+    # the fit's kept base states when it left them (``fit_output_maps(keep_replay=True)``): no base forward
+    for batch in engine.stream_fit(points, desc=f"{what}: recording", reuse=engine.can_replay(points)):
         x.add(store(batch.inputs[input_at].detach()))
         y.add(store(batch.inputs[target_at].detach()))
         if first_kwargs is None:

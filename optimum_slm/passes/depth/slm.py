@@ -145,9 +145,10 @@ class WindowEvaluator:
             refs[role] = name
         return merge_op(window[0], window[1], self.rule.name, tensors=refs)
 
-    def fit_maps(self, windows, order: str, ridge: float) -> dict[str, Any]:
+    def fit_maps(self, windows, order: str, ridge: float, keep_replay: bool = False) -> dict[str, Any]:
         """Fit the rule's least-squares map of every window on the fit set and fold it into the merged layers;
-        returns the fit's cost record."""
+        returns the fit's cost record. ``keep_replay``: leave the base states the fit streamed for ``refine`` to
+        replay (the caller frees them: ``engine.release_fit_replay``)."""
         from ...merge.lstsq import MapSite, fit_output_maps
 
         ordered = sorted(windows)
@@ -166,7 +167,7 @@ class WindowEvaluator:
             return full[:stop]
 
         maps, cost = fit_output_maps(self.engine, sites, stack_below, order, ridge, what=self.rule.name,
-                                     outlier_clip=self.outlier_clip)
+                                     outlier_clip=self.outlier_clip, keep_replay=keep_replay)
         for (lo, hi), site in zip(ordered, sites):
             self._fitted.setdefault((lo, hi), {}).update(maps[site.name])
         return {"order": order, "ridge": ridge, **cost}
@@ -514,17 +515,23 @@ class SLMPass(CompressionPass):
                 windows, tried = fn(evaluator, target, n, protect, max_window, progress=bar)
             bar.set_postfix(committed=len(windows), removed=removed_by(windows))
             timings: dict[str, float] = {}
-            if windows and evaluator.rule.fit_map:
-                trace["fit"] = evaluator.fit_maps(windows, self.config["fit_order"] or "bottom-up",
-                                                  self.config["ridge"] or 0.0)
-                timings["fit_seconds"] = trace["fit"].pop("fit_seconds")
-            tensors: dict[str, torch.Tensor] = {}
-            ops = [evaluator.op(w, tensors) for w in windows]
-            if windows and self.config.get("refine_epochs"):
-                ops, trace["refine"] = evaluator.refine(windows, ops, tensors, self.config["refine_epochs"],
-                                                        self.config["refine_lr"])
-                timings["fit_seconds"] = timings.get("fit_seconds", 0.0) + sum(
-                    r.pop("seconds") for r in trace["refine"].values())
+            refine = bool(windows and self.config.get("refine_epochs"))
+            try:
+                if windows and evaluator.rule.fit_map:
+                    # refinement trains on the base states the fit streamed (each window's input and output): the
+                    # fit keeps them for it instead of refinement running the base over the fit set again
+                    trace["fit"] = evaluator.fit_maps(windows, self.config["fit_order"] or "bottom-up",
+                                                      self.config["ridge"] or 0.0, keep_replay=refine)
+                    timings["fit_seconds"] = trace["fit"].pop("fit_seconds")
+                tensors: dict[str, torch.Tensor] = {}
+                ops = [evaluator.op(w, tensors) for w in windows]
+                if refine:
+                    ops, trace["refine"] = evaluator.refine(windows, ops, tensors, self.config["refine_epochs"],
+                                                            self.config["refine_lr"])
+                    timings["fit_seconds"] = timings.get("fit_seconds", 0.0) + sum(
+                        r.pop("seconds") for r in trace["refine"].values())
+            finally:
+                evaluator.engine.release_fit_replay()
         if not windows:
             best = max((t["sim"] for t in tried if t.get("sim") is not None), default=None)
             raise PassError(f"{self.name}: threshold {params.get('threshold')} merges no window (highest similarity seen "

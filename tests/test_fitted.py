@@ -11,7 +11,7 @@ from conftest import calib_ids, make_model, write_corpus
 from optimum_slm import apply_plan, compress
 from optimum_slm.calibration import CalibrationConfig, load_calibration
 from optimum_slm.engine import ForwardEngine
-from optimum_slm.errors import CalibrationError, PassError, PlanError, UnsupportedArchitectureError
+from optimum_slm.errors import CalibrationError, PassError, PlanError
 from optimum_slm.merge.lstsq import LeastSquares
 from optimum_slm.plan import CompressionPlan
 

@@ -53,8 +53,9 @@ HELDOUT = (("wiki", "wiki-leads-test"), ("books", "lambada-books"), ("code", "py
 DEPTH_PASSES = ("slm-plus", "replaceme", "sleb", "shortgpt", "angular", "shortened-ppl", "slm", "linearpatch",
                 "prune-comp")
 DEFAULT_ROWS = ("dense", "slm-plus", "slm-plus@streamed", "replaceme", "shortgpt", "angular", "shortened-ppl", "sleb",
-                "slm", "linearpatch", "prune-comp", "slm-plus[merge=calibrated]", "flap@0.2",
-                "recipe:slm-plus+flap", "tasks:dense", "tasks:slm-plus", "tasks:replaceme", "heal:slm-plus")
+                "slm", "linearpatch", "prune-comp", "slm-plus[merge=calibrated]", "slm-plus[refine_epochs=10]",
+                "flap@0.2", "recipe:slm-plus+flap", "tasks:dense", "tasks:slm-plus", "tasks:replaceme",
+                "heal:slm-plus")
 #: depth + width recipes: name -> stages
 RECIPES = {"slm-plus+flap": [{"method": "slm-plus", "ratio": 0.15}, {"method": "flap", "ratio": 0.1}]}
 

@@ -119,6 +119,23 @@ def test_refinement_replays_the_base_states_the_fit_streamed():
     assert rows_through_layer_0(refine_epochs=2, refine_lr=1e-3) == without
 
 
+def test_a_rate_too_high_for_the_layer_is_lowered_until_refinement_improves():
+    """At 16x the rate this layer trains at, every epoch ends far above the fitted merge's error: the rate comes down
+    (x 1/4, from the best weights) twice, to 1e-3, and the epochs left improve on the fitted merge."""
+    model = make_model("qwen2", 8, seed=4)
+    plan = compress(model, "slm-plus", calib_ids(4, 16), fit=calib_ids(128, 32, seed=6), refine_epochs=4,
+                    refine_lr=0.016, **FIT)
+    (window, record), = plan.stages[0].trace["refine"].items()
+    assert record["rate_backoffs"] == 2 and record["final_lr"] == pytest.approx(1e-3)
+    assert record["after"] < record["before"] and record["best_epoch"] == 4
+    assert any(op["op"] == "set_weights" for op in plan.stages[0].ops)
+    assert f"refine {window}: " in plan.summary() and "lowered 2x to 0.001" in plan.summary()
+    # a rate that trains well is never lowered
+    calm = compress(model, "slm-plus", calib_ids(4, 16), fit=calib_ids(128, 32, seed=6), refine_epochs=4,
+                    refine_lr=1e-3, **FIT)
+    assert all("rate_backoffs" not in r for r in calm.stages[0].trace["refine"].values())
+
+
 def test_a_refinement_that_does_not_beat_the_fitted_merge_keeps_the_merge_alone():
     """A rate so large that every epoch diverges: the fitted merge (epoch 0) stays best, and the plan is the fitted
     plan (same ops, same side-car tensors) instead of a copy of the merged layer's weights that changes nothing."""
@@ -128,6 +145,7 @@ def test_a_refinement_that_does_not_beat_the_fitted_merge_keeps_the_merge_alone(
     kept = compress(model, "slm-plus", calib_ids(4, 16), fit=fit, refine_epochs=2, refine_lr=50.0, **FIT)
     records = kept.stages[0].trace["refine"]
     assert records and all(r["best_epoch"] == 0 and r["after"] == r["before"] for r in records.values())
+    assert all(r["rate_backoffs"] == 2 for r in records.values())  # both epochs diverged, each lowered the rate
     assert kept.stages[0].ops == fitted.stages[0].ops
     assert kept.tensors.keys() == fitted.tensors.keys()
     assert all(torch.equal(kept.tensors[k], fitted.tensors[k]) for k in kept.tensors)

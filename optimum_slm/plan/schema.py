@@ -485,6 +485,8 @@ class CompressionPlan:
                 if isinstance(r, dict) and {"before", "after", "best_epoch", "epochs"} <= r.keys():
                     lines.append(f"refine {window}: held-out relative error {r['before']:.4g} -> {r['after']:.4g} "
                                  f"(best epoch {r['best_epoch']} of {r['epochs']}, lr {r.get('lr')}"
+                                 + (f", lowered {r['rate_backoffs']}x to {r.get('final_lr'):.2g}"
+                                    if r.get("rate_backoffs") else "")
                                  + ("; kept the fitted merge)" if r["best_epoch"] == 0 else ")"))
             if isinstance(cost, (int, float)) and cost:
                 lines.append(f"cost: {cost:,.1f} layer evaluations over the search set ({stage.method})")

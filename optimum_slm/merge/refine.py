@@ -7,17 +7,16 @@ reconstruction, as GPTQ/BRECQ-style post-training methods do for quantisation an
 It starts from the fitted merge, so it can only improve the held-out error it is selected on.
 
 Data: the fit set, streamed once through the base up to the window's top (or replayed from the states the map fit
-kept, when it kept the window's points); the window's input and output states are
-kept (2 x fit tokens x hidden x 4 bytes: 0.3 GB for SmolLM2's 256 x 256 tokens, 0.8 GB at hidden 1536) in memory,
-or in temp files where they would take more than the engine gives fit states (half the memory available; a lazy
-model's ``--max-memory`` budget), and every ``epoch`` goes over them in shuffled batches of ``BATCH_ROWS``
-sequences, read back row by row. The last eighth of the sequences
-(at least one batch) is held out: after each epoch the held-out error is measured and the weights of the best epoch
-(the fitted merge itself counts as epoch 0) are kept; an epoch that ends far above the fitted merge's error
-(``DIVERGED``) lowers the rate (``RATE_BACKOFF``) and goes on from the best weights. The loss is the per-token relative squared error
-‖f(x) − y‖² / ‖y‖², averaged over tokens, so a few attention-sink tokens with huge states do not decide it (the
-reason ``outlier_clip`` exists for the maps). Adam at a constant rate (lowered only that way), a fixed shuffling seed: the same fit set
-gives the same weights.
+kept, when it kept the window's points). The window's input and output states (2 x fit tokens x hidden x 4 bytes:
+0.3 GB for SmolLM2's 256 x 256 tokens, 0.8 GB at hidden 1536) are kept in memory, or in temp files where they would
+take more than the engine gives fit states (half the memory available; a lazy model's ``--max-memory`` budget), and
+every epoch goes over them in shuffled batches of ``BATCH_ROWS`` sequences, read back row by row. The last eighth of
+the sequences (at least one batch) is held out: after each epoch the held-out error is measured and the weights of
+the best epoch (the fitted merge itself counts as epoch 0) are kept; an epoch that ends far above the fitted merge's
+error (``DIVERGED``) lowers the rate (``RATE_BACKOFF``) and goes on from the best weights. The loss is the per-token
+relative squared error ‖f(x) − y‖² / ‖y‖², averaged over tokens, so a few attention-sink tokens with huge states do
+not decide it (the reason ``outlier_clip`` exists for the maps). Adam at a constant rate (lowered only that way), a
+fixed shuffling seed: the same fit set gives the same weights.
 
 Each window is refined on the base's own states (the ``independent`` fit order). The result is a ``set_weights`` op
 (``plan/refine_ops.py``) after the window's merge: the plan holds the merged layer's weights (a decoder layer's
@@ -119,8 +118,8 @@ def _refine(engine, module: nn.Module, type_index: int, input_at: int, target_at
         if hold == 0:
             return float("nan")
         with torch.no_grad():
-            total = sum(float(relative_error(run(held[i:i + BATCH_ROWS]), y.gather(held[i:i + BATCH_ROWS]).to(device)))
-                        * len(held[i:i + BATCH_ROWS]) for i in range(0, hold, BATCH_ROWS))
+            chunks = [held[i:i + BATCH_ROWS] for i in range(0, hold, BATCH_ROWS)]
+            total = sum(float(relative_error(run(c), y.gather(c).to(device))) * len(c) for c in chunks)
         return total / hold
 
     generator = torch.Generator().manual_seed(SEED)

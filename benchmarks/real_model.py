@@ -281,14 +281,18 @@ def run_heal_row(args, of: str) -> dict[str, Any]:
     from optimum_slm.healing import HealConfig, heal_model
 
     model, tokenizer = load_row_model(args, of)
-    config = HealConfig(data="wiki-leads", max_steps=heal_steps(args), batch_size=1, grad_accum=4, eval_steps=25,
-                        warmup_steps=10)
+    # 32 validation sequences (8,192 tokens, ~1.5 min a pass at 1.5 B on 2 cores), as benchmarks/heal.py: the
+    # default 5% of wiki-leads (2,000 sequences) would cost more per evaluation than the whole training budget
+    config = HealConfig(data="wiki-leads", max_steps=heal_steps(args), max_minutes=args.heal_minutes, batch_size=1,
+                        grad_accum=4, eval_steps=25, warmup_steps=10, val_size=32)
     model, record = heal_model(model, tokenizer, config)
     started = time.perf_counter()
     ppl = heldout_ppl(model, tokenizer)
-    return {"ppl": ppl, "heal": {k: record[k] for k in record if k in ("steps", "tokens", "seconds", "stopped",
-                                                                      "val_loss_before", "val_loss_best")},
-            "eval_s": round(time.perf_counter() - started, 1)}
+    return {"ppl": ppl, "heal": {k: record[k] for k in record if k in ("steps", "tokens_trained", "seconds", "stopped",
+                                                                      "val_loss_before", "val_loss_best",
+                                                                      "best_step", "planned_steps")},
+            "eval_s": round(time.perf_counter() - started, 1), "layers_after": len(model.model.layers),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
 
 
 #: seconds per optimizer step of 1 x 4 x 256 tokens (LoRA r=8, fp32, 2 cores), estimated from the forward cost
@@ -415,6 +419,13 @@ def write_table(args, rows: dict[str, dict[str, Any]], argv) -> None:
         out += ["", "Lowest perplexity of the depth passes at the default ratio (rows named by the pass alone): "
                 + "; ".join(f"{c} `{min(depth, key=lambda n: depth[n].get(k, math.inf))}`" for k, c in HELDOUT)
                 + "."]
+    for name, r in rows.items():
+        if name.startswith("heal:") and r.get("heal"):
+            h = r["heal"]
+            out += ["", f"`{name}`: LoRA (r 8, lr 1e-4, 4 x 256-token sequences a step, `wiki-leads`), {h['steps']} "
+                    f"steps ({h['tokens_trained']:,} tokens) in {h['seconds'] / 60:.1f} min, {h['stopped']}; "
+                    f"validation loss {h['val_loss_before']:.4f} -> {h['val_loss_best']:.4f} (kept step "
+                    f"{h['best_step']})."]
     tasks = {n[len('tasks:'):]: r for n, r in rows.items() if n.startswith("tasks:")}
     if tasks:
         ref = tasks.get("slm-plus")

@@ -119,6 +119,25 @@ def test_early_stop_keeps_the_input_when_training_only_hurts(tiny_tokenizer, cor
     assert all(torch.equal(original[k], v) for k, v in healed.state_dict().items())
 
 
+def test_a_time_budget_stops_after_the_step_that_reaches_it_and_evaluates_it(tiny_tokenizer, corpus):
+    """``max_minutes`` ends the run at the first step past the budget (here any step), evaluates that step although
+    it is not an ``eval_steps`` multiple, and keeps the best evaluation: the weights returned are the recorded best."""
+    model = make_model("llama", 2)
+    config = HealConfig(data=corpus, method="tail", tail_layers=1, cutoff_len=32, batch_size=2, grad_accum=1,
+                        lr=3e-2, warmup_steps=0, eval_steps=100, max_steps=50, max_minutes=1e-9)
+    data = load_heal_data(tiny_tokenizer, config)
+    healed, record = heal_model(model, tiny_tokenizer, config, data)
+    assert record["steps"] == 1 and record["stopped"] == "reached --max-minutes (1e-09) at step 1"
+    assert [h["step"] for h in record["val_history"]] == [0, 1]
+    again = validation_loss(healed, data.val, 2, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    assert again == pytest.approx(record["val_loss_best"], rel=1e-4)
+    # a budget the run never reaches changes nothing: it runs its steps
+    config = HealConfig(data=corpus, method="tail", tail_layers=1, cutoff_len=32, batch_size=2, grad_accum=1,
+                        lr=3e-2, warmup_steps=0, eval_steps=100, max_steps=3, max_minutes=60.0)
+    _, record = heal_model(make_model("llama", 2), tiny_tokenizer, config, data)
+    assert record["steps"] == 3 and record["stopped"] == "reached --max-steps"
+
+
 def test_schedule_is_linear_warmup_then_linear_decay():
     assert [_schedule(s, 4, 10) for s in (0, 2, 4, 7, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert _schedule(0, 0, 5) == 1.0
@@ -216,6 +235,8 @@ def test_a_heal_stage_becomes_the_recipes_heal_config():
     (["--lr", "-1"], "lr must be a positive finite number"),
     (["--lr", "nan"], "lr must be a positive finite number"),
     (["--max-steps", "0"], "max_steps must be an integer >= 1"),
+    (["--max-minutes", "0"], "max_minutes must be a positive finite number"),
+    (["--max-minutes", "inf"], "max_minutes must be a positive finite number"),
     (["--lora-dropout", "1"], "lora_dropout must be"),
     (["--tail-layers", "9", "--method", "tail"], "tail_layers 9 exceeds the model's 2 decoder layers"),
     (["--lora-targets", "q_proj,qkv_proj"], "LoRA target 'qkv_proj' is not a linear module"),

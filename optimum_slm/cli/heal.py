@@ -39,6 +39,9 @@ def heal_options(func):
                      help="Seed of the validation split."),
         click.option("--epochs", type=float, default=d.epochs, show_default=True, help="Passes over the data."),
         click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps."),
+        click.option("--max-minutes", type=float, default=None,
+                     help="Stop after the step that reaches this many minutes of training (its evaluations "
+                          "included); that step is evaluated and the best evaluation kept."),
         click.option("--lr", type=float, default=None,
                      help="Peak learning rate [default: 1e-4 for lora, 1e-5 for tail]."),
         click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
@@ -70,7 +73,7 @@ def heal_options(func):
 
 #: HealConfig fields the command passes through under the same name
 CONFIG_FIELDS = ("data", "method", "data_format", "text_field", "cutoff_len", "val_size", "val_seed", "epochs",
-                 "max_steps", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "eval_steps",
+                 "max_steps", "max_minutes", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "eval_steps",
                  "patience", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "tail_layers", "seed")
 
 

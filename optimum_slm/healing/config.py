@@ -42,7 +42,10 @@ class HealConfig:
     the fields of the first row. ``val_size`` examples (sequences for text) are held out with ``val_seed`` and
     evaluated every ``eval_steps`` optimizer steps; training stops when ``patience`` evaluations in a row fail to
     beat the best (0: never stop early), and the best weights are kept. ``max_steps`` caps the optimizer steps of
-    ``epochs`` passes over the data. One optimizer step sees ``batch_size * grad_accum`` sequences.
+    ``epochs`` passes over the data; ``max_minutes`` caps the training's wall time (the run stops after the step that
+reaches it, evaluates that step unless it just did, and keeps the best evaluation as always: a budget in minutes is
+what a user on a CPU or a shared GPU can plan by, where a step count is not). One optimizer step sees
+``batch_size * grad_accum`` sequences.
     """
 
     data: str | None = None
@@ -55,6 +58,7 @@ class HealConfig:
     seed: int = 42
     epochs: float = 2.0
     max_steps: int | None = None
+    max_minutes: float | None = None
     lr: float | None = None
     batch_size: int = 4
     grad_accum: int = 16
@@ -89,7 +93,8 @@ class HealConfig:
                 bound = f" >= {low}" if low is not None else ""
                 raise HealError(f"heal {name} must be an integer{bound}, got {value!r}")
         positive = (("epochs", self.epochs), ("lora_alpha", self.lora_alpha), ("max_grad_norm", self.max_grad_norm))
-        for name, value in positive + ((("lr", self.lr),) if self.lr is not None else ()):
+        given = (("lr", self.lr), ("max_minutes", self.max_minutes))
+        for name, value in positive + tuple(item for item in given if item[1] is not None):
             if not _finite(value) or value <= 0:
                 raise HealError(f"heal {name} must be a positive finite number, got {value!r}")
         for name, value, high in (("lora_dropout", self.lora_dropout, 1.0), ("weight_decay", self.weight_decay, None)):

@@ -111,6 +111,8 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
     best, best_step, best_state, worse, last_val = before, 0, snapshot(), 0, before
     step, tokens, stopped, last_loss = 0, 0, "completed", float("nan")
     net.train()
+    # the budget counts training and its evaluations, not the data's loading or the evaluation before training
+    deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes is not None else None
     bar = progress_bar(total=planned, desc=f"heal ({config.method})", unit="step")
     try:
         epoch = 0
@@ -144,7 +146,8 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
                 step += 1
                 last_loss = step_loss
                 bar.update(1)
-                if step % config.eval_steps == 0 or step == planned:
+                out_of_time = deadline is not None and time.perf_counter() >= deadline
+                if step % config.eval_steps == 0 or step == planned or out_of_time:
                     last_val = val = evaluate(f"heal: validation at step {step}")
                     history.append({"step": step, "val_loss": val, "train_loss": step_loss})
                     if val < best:
@@ -156,6 +159,9 @@ def heal_model(model: nn.Module, tokenizer, config: HealConfig, data: HealData |
                                    "loss")
                         break
                 bar.set_postfix(loss=f"{step_loss:.3f}", val=f"{last_val:.3f}", best=f"{best:.3f}")
+                if out_of_time and step < planned:
+                    stopped = f"reached --max-minutes ({config.max_minutes:g}) at step {step}"
+                    break
                 if step >= planned:
                     break
             else:

@@ -288,9 +288,9 @@ def run_heal_row(args, of: str) -> dict[str, Any]:
     model, record = heal_model(model, tokenizer, config)
     started = time.perf_counter()
     ppl = heldout_ppl(model, tokenizer)
-    return {"ppl": ppl, "heal": {k: record[k] for k in record if k in ("steps", "tokens_trained", "seconds", "stopped",
-                                                                      "val_loss_before", "val_loss_best",
-                                                                      "best_step", "planned_steps")},
+    kept = ("steps", "planned_steps", "tokens_trained", "seconds", "stopped", "val_loss_before", "val_loss_best",
+            "best_step")
+    return {"ppl": ppl, "heal": {k: record[k] for k in kept},
             "eval_s": round(time.perf_counter() - started, 1), "layers_after": len(model.model.layers),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
 

@@ -73,8 +73,9 @@ def heal_options(func):
 
 #: HealConfig fields the command passes through under the same name
 CONFIG_FIELDS = ("data", "method", "data_format", "text_field", "cutoff_len", "val_size", "val_seed", "epochs",
-                 "max_steps", "max_minutes", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "eval_steps",
-                 "patience", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "tail_layers", "seed")
+                 "max_steps", "max_minutes", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
+                 "eval_steps", "patience", "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                 "tail_layers", "seed")
 
 
 def describe_run(record: dict[str, Any]) -> str:

@@ -42,10 +42,10 @@ class HealConfig:
     the fields of the first row. ``val_size`` examples (sequences for text) are held out with ``val_seed`` and
     evaluated every ``eval_steps`` optimizer steps; training stops when ``patience`` evaluations in a row fail to
     beat the best (0: never stop early), and the best weights are kept. ``max_steps`` caps the optimizer steps of
-    ``epochs`` passes over the data; ``max_minutes`` caps the training's wall time (the run stops after the step that
-reaches it, evaluates that step unless it just did, and keeps the best evaluation as always: a budget in minutes is
-what a user on a CPU or a shared GPU can plan by, where a step count is not). One optimizer step sees
-``batch_size * grad_accum`` sequences.
+    ``epochs`` passes over the data; ``max_minutes`` caps the training's wall time (the run stops after the step
+    that reaches it, evaluates that step unless it just did, and keeps the best evaluation as always: a budget in
+    minutes is what a user on a CPU or a shared GPU can plan by, where a step count is not). One optimizer step sees
+    ``batch_size * grad_accum`` sequences.
     """
 
     data: str | None = None

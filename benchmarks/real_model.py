@@ -207,9 +207,7 @@ def run_plan_row(args, row: str, spec: dict[str, Any]) -> dict[str, Any]:
     check = probe.run(model)
     record["peak_rss_gb_by_phase"]["check"] = rss.peak_gb(started, time.perf_counter())
     record.update(check_s=round(time.perf_counter() - started, 1), load_s=round(load_s, 1),
-                  check_ppl=check["ppl"], check_base_ppl=check["base_ppl"],
-                  layers_after=len(model.model.layers), params_m=round(sum(p.numel() for p in model.parameters())
-                                                                        / 1e6, 1))
+                  check_ppl=check["ppl"], check_base_ppl=check["base_ppl"], **model_size(model))
     if not spec["streamed"] and not args.timing_only:
         started = time.perf_counter()
         record["ppl"] = heldout_ppl(model, tokenizer)
@@ -237,6 +235,13 @@ def load_row_model(args, of: str):
             raise SystemExit(f"row {of!r} has no saved plan yet: run it first")
         apply_plan(model, CompressionPlan.load(path))
     return model, tokenizer
+
+
+def model_size(model) -> dict[str, Any]:
+    """A row's size columns: decoder layers and millions of parameters (tied embeddings once)."""
+    from optimum_slm.arch.adapter import param_count
+
+    return {"layers_after": len(model.model.layers), "params_m": round(param_count(model) / 1e6, 1)}
 
 
 def lambada_accuracy(model, tokenizer, n: int) -> float:
@@ -291,8 +296,7 @@ def run_heal_row(args, of: str) -> dict[str, Any]:
     kept = ("steps", "planned_steps", "tokens_trained", "seconds", "stopped", "val_loss_before", "val_loss_best",
             "best_step")
     return {"ppl": ppl, "heal": {k: record[k] for k in kept},
-            "eval_s": round(time.perf_counter() - started, 1), "layers_after": len(model.model.layers),
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+            "eval_s": round(time.perf_counter() - started, 1), **model_size(model)}
 
 
 #: seconds per optimizer step of 1 x 4 x 256 tokens (LoRA r=8, fp32, 2 cores), estimated from the forward cost
@@ -312,8 +316,7 @@ def run_one(args, row: str) -> dict[str, Any]:
 
         model, tokenizer = load_model(args.model, dtype="float32")
         started = time.perf_counter()
-        record = {"ppl": heldout_ppl(model, tokenizer), "layers_after": len(model.model.layers),
-                  "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+        record = {"ppl": heldout_ppl(model, tokenizer), **model_size(model)}
         record["eval_s"] = round(time.perf_counter() - started, 1)
     elif spec["kind"] == "plan":
         record = run_plan_row(args, row, spec)

@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             earlier = done.get(row, {})
             if "ppl" not in entry and "ppl" in earlier and entry.get("digest") == earlier.get("digest"):
                 entry["ppl"], entry["ppl_from"] = earlier["ppl"], earlier.get("when")
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)  # a first row need not plan
             with open(jsonl, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
             print(f"   {row}: {json.dumps({k: v for k, v in entry.items() if k != 'correct'})}", flush=True)
